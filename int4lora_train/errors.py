@@ -34,3 +34,7 @@ class DataError(Int4LoraError, ValueError):
 
 class ExportError(Int4LoraError, ValueError):
     """An adapter cannot be exported (or served by vLLM) as configured."""
+
+
+class TrainingError(Int4LoraError, RuntimeError):
+    """Training cannot go on (a non-finite loss or gradient); the message names the step and the last checkpoint."""

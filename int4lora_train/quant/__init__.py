@@ -1,0 +1,50 @@
+"""INT4 weights: the canonical layout, format readers / writers, dequantization, the cached unpacker, the packer."""
+
+from int4lora_train.quant.checkpoint_config import (
+    Int4CheckpointConfig,
+    WeightScheme,
+    awq_config,
+    compressed_tensors_config,
+    gptq_config,
+    parse_quantization_config,
+    read_checkpoint_quant_config,
+)
+from int4lora_train.quant.dequant import dequantize, dequantize_torch
+from int4lora_train.quant.formats import (
+    detect_format,
+    from_awq,
+    from_compressed_tensors,
+    from_gptq,
+    from_uint8,
+    is_int4_module,
+    read_int4_weight,
+    read_module_int4_weight,
+    to_awq,
+    to_compressed_tensors,
+    to_gptq,
+)
+from int4lora_train.quant.layout import Int4Weight
+
+__all__ = [
+    "Int4CheckpointConfig",
+    "Int4Weight",
+    "WeightScheme",
+    "awq_config",
+    "compressed_tensors_config",
+    "dequantize",
+    "dequantize_torch",
+    "detect_format",
+    "from_awq",
+    "from_compressed_tensors",
+    "from_gptq",
+    "from_uint8",
+    "gptq_config",
+    "is_int4_module",
+    "parse_quantization_config",
+    "read_checkpoint_quant_config",
+    "read_int4_weight",
+    "read_module_int4_weight",
+    "to_awq",
+    "to_compressed_tensors",
+    "to_gptq",
+]

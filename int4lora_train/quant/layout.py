@@ -109,6 +109,40 @@ def num_groups(in_features: int, group_size: int) -> int:
     return -(-in_features // group_size)
 
 
+def infer_group_size(in_features: int, groups: int, name: str = "weight") -> int:
+    """The group size that gives ``groups`` scale columns over ``in_features`` columns, when only one plausibly does.
+
+    Every ``gs`` in ``[ceil(in/G), floor((in-1)/(G-1))]`` gives ``ceil(in/gs) == G`` (e.g. in=200, G=2: 100 and
+    128 both fit), so G alone does not determine the group size. Writers use group sizes that divide ``in`` or are
+    powers of two; that range holds at most one of each (it lies within ``[L, 2L)``). When they coincide or only one
+    exists the answer is unambiguous; otherwise this raises and asks for the checkpoint's group size.
+    """
+    if groups == 1:
+        return in_features
+    low = -(-in_features // groups)
+    high = (in_features - 1) // (groups - 1) if groups > 1 else 0
+    if groups < 1 or low > high:
+        raise Int4FormatError(
+            f"{name}: no group size splits in_features={in_features} into {groups} groups; the scales do not "
+            "match the weight."
+        )
+    if low == high:
+        return low
+    plausible = set()
+    if in_features % groups == 0:
+        plausible.add(in_features // groups)
+    power_of_two = 1 << (low - 1).bit_length()
+    if power_of_two <= high:
+        plausible.add(power_of_two)
+    if len(plausible) == 1:
+        return plausible.pop()
+    raise Int4FormatError(
+        f"{name}: cannot tell the group size from the scales alone: in_features={in_features} with {groups} groups "
+        f"fits every group size from {low} to {high} (e.g. {sorted(plausible) or [low, high]}); pass group_size (the "
+        "checkpoint's quantization_config / quantization scheme has it)."
+    )
+
+
 @dataclass(frozen=True)
 class Int4Weight:
     """One linear layer's INT4 weight in the canonical layout (see the module docstring)."""
@@ -130,7 +164,7 @@ class Int4Weight:
         zero_points: torch.Tensor | None = None,
         g_idx: torch.Tensor | None = None,
         name: str = "weight",
-    ) -> "Int4Weight":
+    ) -> Int4Weight:
         """Build and validate a weight, normalising per-tensor / per-channel scales and zero points to ``[out, G]``.
 
         ``group_size`` may be omitted: it is then inferred from the scales (``ceil(in / G)``; ``in`` for G = 1).
@@ -145,9 +179,7 @@ class Int4Weight:
         if not isinstance(scales, torch.Tensor):
             raise Int4FormatError(f"{name}: the weight scale is missing (got {scales!r}); every INT4 weight needs one.")
         if scales.dtype not in FLOAT_DTYPES:
-            raise Int4FormatError(
-                f"{name}: scales must be float16, bfloat16 or float32, got {_describe(scales)}."
-            )
+            raise Int4FormatError(f"{name}: scales must be float16, bfloat16 or float32, got {_describe(scales)}.")
         scales = _as_rows_by_groups(scales, out_features, name, "scales")
         if zero_points is not None:
             if zero_points.dtype not in (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8):
@@ -158,7 +190,10 @@ class Int4Weight:
             zero_points = _as_rows_by_groups(zero_points, out_features, name, "zero_points").to(torch.int8)
         if group_size is None or group_size <= 0:
             groups = scales.shape[1]
-            group_size = in_features if groups == 1 else -(-in_features // groups)
+            # With a g_idx the group size does not affect the values, so an ambiguous one is harmless.
+            group_size = (
+                num_groups(in_features, groups) if g_idx is not None else infer_group_size(in_features, groups, name)
+            )
         weight = cls(
             packed=packed,
             scales=scales,
@@ -202,7 +237,7 @@ class Int4Weight:
         """Bytes actually stored (stride-0 expanded scales count once)."""
         return sum(_stored_bytes(t) for t in self.tensors().values())
 
-    def to(self, device=None) -> "Int4Weight":
+    def to(self, device=None) -> Int4Weight:
         return replace(self, **{k: v.to(device) for k, v in self.tensors().items()})
 
     def validate(self, name: str = "weight") -> None:
@@ -237,10 +272,19 @@ class Int4Weight:
                     f"{name}: g_idx values must lie in [0, {groups - 1}] (scales {tuple(self.scales.shape)}), got "
                     f"[{int(self.g_idx.min())}, {int(self.g_idx.max())}]; -1 means the g_idx was never filled."
                 )
-        if self.zero_points is not None and self.zero_points.shape != self.scales.shape:
-            raise Int4FormatError(
-                f"{name}: zero_points {tuple(self.zero_points.shape)} must match scales {tuple(self.scales.shape)}."
-            )
+        if self.zero_points is not None:
+            if self.zero_points.shape != self.scales.shape:
+                raise Int4FormatError(
+                    f"{name}: zero_points {tuple(self.zero_points.shape)} must match scales {tuple(self.scales.shape)}."
+                )
+            if self.zero_points.numel() and (
+                int(self.zero_points.min()) < -NIBBLE_OFFSET or int(self.zero_points.max()) > NIBBLE_OFFSET
+            ):
+                raise Int4FormatError(
+                    f"{name}: zero_points {tuple(self.zero_points.shape)} range over [{int(self.zero_points.min())}, "
+                    f"{int(self.zero_points.max())}], expected signed INT4 values in [-8, 7] (8 only from GPTQ v1); "
+                    "were they passed still packed, or unsigned (0..15) without subtracting 8?"
+                )
         if not torch.isfinite(self.scales).all():
             bad = (~torch.isfinite(self.scales)).nonzero()[0].tolist()
             raise Int4FormatError(

@@ -1,0 +1,273 @@
+"""``Int4Linear``: a frozen linear layer whose weight stays INT4, dequantized into a temporary on every use.
+
+::
+
+    forward:   W = dequantize(packed, scales, zero_points, g_idx)      [out, in] temporary, compute dtype
+               y = x @ W.T + bias                                      saved for backward: the packed buffers only
+    backward:  W = dequantize(...) again
+               grad_x = grad_y @ W                                     no grad_W: the base is frozen, it has no
+               grad_bias = sum(grad_y)   (only if the bias trains)     weight parameter at all
+
+Peak memory per layer is one dense temporary (the size of the weight in the compute dtype), which lives only during
+the matmul. In *cache* mode the dense weight comes from the unpacker's budgeted LRU cache instead, which trades
+memory (the budget) for the dequantization time.
+
+The compute dtype is the autocast dtype under ``torch.autocast``, else ``compute_dtype`` when given, else the input's
+dtype; without autocast the output has the input's dtype, like ``nn.Linear``.
+
+``Int4Linear`` subclasses ``nn.Linear`` (without calling its constructor) so that everything that selects linear
+layers by type (PEFT's ``target_modules="all-linear"``, training scripts' ``find_all_linear_names``) finds it. It has
+no ``weight`` parameter: asking for one raises :class:`DenseWeightUnavailableError`, which says what to do instead.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.quant.dequant import dequantize
+from int4lora_train.quant.layout import Int4Weight
+
+logger = logging.getLogger(__name__)
+
+MODES = ("on_the_fly", "cache")
+
+
+class DenseWeightUnavailableError(UnsupportedFormatError, AttributeError):
+    """``Int4Linear.weight`` was asked for: the layer keeps no dense weight.
+
+    It is an ``AttributeError`` too, so ``hasattr(layer, "weight")`` and ``getattr(layer, "weight", None)`` keep
+    their meaning (no dense weight) while a direct access explains itself.
+    """
+
+
+@dataclass(frozen=True)
+class _WeightSpec:
+    """The non-tensor half of an INT4 weight plus how to get its dense form (passed through autograd)."""
+
+    in_features: int
+    group_size: int
+    dtype: torch.dtype
+    cache: Any = None  # an INT4Unpacker (cache mode) or None (on the fly)
+    cache_key: str | None = None
+    backend: str | None = None
+
+    def dense(self, packed, scales, zero_points, g_idx) -> torch.Tensor:
+        """The ``[out, in]`` weight in ``self.dtype``: a fresh temporary, or the cache's shared copy."""
+        weight = _int4_weight(packed, scales, zero_points, g_idx, self.in_features, self.group_size)
+        if self.cache is not None:
+            return self.cache.get_dense(self.cache_key, weight, self.dtype)
+        return dequantize(weight, self.dtype, backend=self.backend)
+
+
+class Int4LinearFunction(torch.autograd.Function):
+    """``y = x @ dequantize(W).T + bias`` that saves only the packed weight for backward.
+
+    All floating inputs are already in the compute dtype (:meth:`Int4Linear.forward` casts them, so autograd casts
+    the gradients back). Returns grads for ``x`` and ``bias`` only: the INT4 buffers are data, not parameters.
+    """
+
+    @staticmethod
+    def forward(ctx, x, bias, packed, scales, zero_points, g_idx, spec: _WeightSpec):
+        weight = spec.dense(packed, scales, zero_points, g_idx)
+        ctx.save_for_backward(packed, scales, zero_points, g_idx)
+        ctx.spec = spec
+        ctx.out_features = packed.shape[0]
+        return F.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        packed, scales, zero_points, g_idx = ctx.saved_tensors
+        grad_x = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            weight = ctx.spec.dense(packed, scales, zero_points, g_idx)
+            grad_x = grad_output.to(weight.dtype) @ weight  # [..., out] @ [out, in] -> [..., in]
+        if ctx.needs_input_grad[1]:
+            grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
+        return grad_x, grad_bias, None, None, None, None, None
+
+
+class Int4Linear(nn.Linear):
+    """A frozen INT4 linear layer (see the module docstring).
+
+    Buffers: ``packed`` uint8 ``[out, in/2]``, ``scales`` ``[out, G]`` (``[1, 1]`` for a per-tensor scale),
+    ``zero_points`` int8 ``[out, G]`` or None, ``g_idx`` int32 ``[in]`` or None; ``bias`` is an optional frozen
+    parameter. ``cache`` (an :class:`~int4lora_train.quant.unpacker.INT4Unpacker`) switches to cache mode, keyed by
+    ``cache_key`` (default: a key unique to this layer).
+    """
+
+    def __init__(
+        self,
+        weight: Int4Weight,
+        bias: torch.Tensor | None = None,
+        compute_dtype: torch.dtype | None = None,
+        cache: Any = None,
+        cache_key: str | None = None,
+        backend: str | None = None,
+    ) -> None:
+        nn.Module.__init__(self)  # not nn.Linear.__init__: it would allocate a dense weight
+        self.in_features = weight.in_features
+        self.out_features = weight.out_features
+        self.group_size = weight.group_size
+        self.compute_dtype = compute_dtype
+        self.backend = backend
+        self.register_buffer("packed", weight.packed)
+        # A per-tensor scale arrives as a stride-0 [out, 1] view of one value; store that value ([1, 1]) so that
+        # .to(), state_dict() and load_state_dict() see a plain tensor, and expand it again in int4_weight().
+        self.register_buffer("scales", _compact_rows(weight.scales))
+        zero_points = None if weight.zero_points is None else _compact_rows(weight.zero_points)
+        self.register_buffer("zero_points", zero_points)
+        self.register_buffer("g_idx", weight.g_idx)
+        if bias is not None and not isinstance(bias, nn.Parameter):
+            bias = nn.Parameter(bias, requires_grad=False)
+        if bias is not None:
+            bias.requires_grad_(False)
+            if bias.shape != (self.out_features,):
+                raise UnsupportedFormatError(
+                    f"Int4Linear: bias has shape {tuple(bias.shape)}, expected [{self.out_features}] (out_features)."
+                )
+        self.register_parameter("bias", bias)
+        self.cache = None
+        self.cache_key = None
+        self.set_cache(cache, cache_key)
+
+    # ------------------------------------------------------------------------------------------------ the weight
+
+    def int4_weight(self) -> Int4Weight:
+        """The canonical weight viewing this layer's buffers (no copy; per-tensor scales expanded, stride 0)."""
+        return _int4_weight(self.packed, self.scales, self.zero_points, self.g_idx, self.in_features, self.group_size)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A dense ``[out, in]`` copy of the weight (default dtype: the scales')."""
+        return dequantize(self.int4_weight(), dtype, backend=self.backend)
+
+    @property
+    def qweight(self) -> torch.Tensor:
+        """The packed weight, under the name PEFT (``_replace_module``, ``_get_base_layer_device_and_dtype``) and
+        GPTQ-aware tools look up to find a quantized layer's device; it is the ``packed`` buffer."""
+        return self.packed
+
+    @property
+    def mode(self) -> str:
+        return "cache" if self.cache is not None else "on_the_fly"
+
+    @property
+    def symmetric(self) -> bool:
+        return self.zero_points is None
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the INT4 buffers (and the bias)."""
+        tensors = [self.packed, self.scales, self.zero_points, self.g_idx, self.bias]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def set_cache(self, cache: Any, cache_key: str | None = None) -> None:
+        """Use ``cache`` (an INT4Unpacker with ``get_dense``) for the dense weight, or None for on-the-fly mode."""
+        if cache is not None and not callable(getattr(cache, "get_dense", None)):
+            raise UnsupportedFormatError(
+                f"Int4Linear: cache must be an INT4Unpacker (with get_dense), got {type(cache).__name__}."
+            )
+        self.cache = cache
+        self.cache_key = (cache_key or f"int4linear-{id(self):x}") if cache is not None else None
+
+    # ------------------------------------------------------------------------------------------------ forward
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        autocast = torch.is_autocast_enabled(x.device.type)
+        if autocast:
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = self.compute_dtype or x.dtype
+        spec = _WeightSpec(self.in_features, self.group_size, dtype, self.cache, self.cache_key, self.backend)
+        bias = None if self.bias is None else self.bias.to(dtype)
+        out = Int4LinearFunction.apply(
+            x.to(dtype), bias, self.packed, self.scales, self.zero_points, self.g_idx, spec
+        )
+        return out if autocast else out.to(x.dtype)
+
+    # ------------------------------------------------------------------------------------------------ nn.Linear API
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "weight":
+                raise DenseWeightUnavailableError(
+                    "Int4Linear has no dense `weight`: its weight stays INT4 (buffers packed / scales / "
+                    "zero_points / g_idx). Use `.dequantize(dtype)` for a dense copy. Operations that modify the "
+                    "base weight (merging LoRA, DoRA, PiSSA/OLoRA-style inits) are not supported on the INT4 base; "
+                    "export a merged model with int4lora_train's export instead."
+                ) from None
+            raise
+
+    def reset_parameters(self) -> None:
+        """Nothing to initialise: the INT4 weight is checkpoint data (nn.Linear's init would need a dense weight)."""
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(dtype) / .half() / .float() cast every floating buffer; the scales must keep their dtype because
+        # the dequantized values are defined by rounding in it (bit-exactness with the checkpoint). Probe what fn does
+        # to an empty tensor of the scales' dtype and, if it changes the dtype, move the INT4 buffers by device only.
+        if self.scales.is_meta:
+            return super()._apply(fn, recurse)
+        probe = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device))
+        if probe.dtype == self.scales.dtype:
+            return super()._apply(fn, recurse)
+        protected = {name: self._buffers.pop(name) for name in ("scales",)}
+        try:
+            super()._apply(fn, recurse)
+        finally:
+            for name, tensor in protected.items():
+                self._buffers[name] = tensor.to(device=probe.device) if tensor is not None else None
+        logger.debug("Int4Linear: kept scales in %s while casting the module to %s", self.scales.dtype, probe.dtype)
+        return self
+
+    def extra_repr(self) -> str:
+        groups = "per-channel" if self.group_size >= self.in_features else f"group_size={self.group_size}"
+        if self.scales.shape[0] == 1 and self.out_features > 1:
+            groups = "per-tensor"
+        parts = [
+            f"in_features={self.in_features}",
+            f"out_features={self.out_features}",
+            groups,
+            "sym" if self.zero_points is None else "asym",
+        ]
+        if self.g_idx is not None:
+            parts.append("g_idx")
+        parts += [f"bias={self.bias is not None}", f"scales={str(self.scales.dtype).removeprefix('torch.')}"]
+        parts.append(f"mode={self.mode}")
+        if self.compute_dtype is not None:
+            parts.append(f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}")
+        return ", ".join(parts)
+
+
+def _int4_weight(packed, scales, zero_points, g_idx, in_features: int, group_size: int) -> Int4Weight:
+    """Assemble an Int4Weight from validated buffers without re-validating (this runs on every forward)."""
+    out_features = packed.shape[0]
+    return Int4Weight(
+        packed=packed,
+        scales=_expand_rows(scales, out_features),
+        in_features=in_features,
+        group_size=group_size,
+        zero_points=None if zero_points is None else _expand_rows(zero_points, out_features),
+        g_idx=g_idx,
+    )
+
+
+def _compact_rows(t: torch.Tensor) -> torch.Tensor:
+    """``[out, G]`` whose rows are a stride-0 broadcast of one row -> that row, ``[1, G]``; others unchanged."""
+    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0:
+        return t[:1].contiguous()
+    return t
+
+
+def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """Inverse of :func:`_compact_rows`: ``[1, G]`` -> a stride-0 ``[rows, G]`` view."""
+    if t.shape[0] == 1 and rows != 1:
+        return t.expand(rows, t.shape[1])
+    return t

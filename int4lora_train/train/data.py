@@ -1,0 +1,391 @@
+"""Training data from local files: read records, tokenize with loss masks, pack, collate.
+
+Three formats (``data.format``):
+
+- ``text``: ``{"text": ...}`` records (or the lines of a ``.txt`` file); every token is a target.
+- ``instruction``: ``{"prompt": ..., "completion": ...}``; only the completion (and EOS) is a target.
+- ``chat``: ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template; only assistant
+  turns are targets (from the template's ``{% generation %}`` marks, else by diffing rendered prefixes).
+
+Labels are aligned with ``input_ids`` (the loss shifts them); a label of ``-100`` is not a target. The first label of
+every sample is ``-100`` (nothing precedes it), so samples packed into one row never predict across a boundary;
+``position_ids`` restart at 0 for each packed sample and transformers then keeps attention inside each sample
+(``attention_mask`` stays ``None``). Padding is one more segment with ``-100`` labels.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import random
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DataError
+from .config import DEMO, DataConfig
+
+logger = logging.getLogger(__name__)
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One training row. All three are int32 ``[T]``; packed rows restart ``position_ids`` at each sample."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    position_ids: torch.Tensor
+
+    def __len__(self) -> int:
+        return int(self.input_ids.numel())
+
+    @property
+    def num_targets(self) -> int:
+        return int((self.labels != IGNORE_INDEX).sum())
+
+
+@dataclass
+class DataStats:
+    records: int = 0
+    samples: int = 0
+    dropped_no_target: int = 0
+    truncated: int = 0
+    tokens: int = 0
+    target_tokens: int = 0
+
+
+@dataclass
+class Datasets:
+    train: list[Sample]
+    validation: list[Sample]
+    stats: dict[str, DataStats] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading files
+
+
+@dataclass(frozen=True)
+class Record:
+    value: Any
+    file: str
+    line: int
+
+    @property
+    def where(self) -> str:
+        return f"{self.file}:{self.line}"
+
+
+def read_records(path: str | Path) -> list[Record]:
+    """Records of a ``.jsonl`` (one JSON value per line), ``.json`` (one top-level list) or ``.txt`` file.
+
+    A ``.txt`` line becomes ``{"text": line}``; blank lines are skipped. Each record keeps its file and line.
+
+    Raises:
+        DataError: a missing file, or invalid JSON (naming file and line).
+    """
+    path = Path(path)
+    if str(path) == DEMO:
+        raise DataError("data path 'demo' is the bundled data set; resolve it with int4lora_train.demo first")
+    if not path.is_file():
+        raise DataError(f"data file {path} does not exist (check data.train_files / data.validation_file)")
+    text = path.read_text(encoding="utf-8")
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return list(_jsonl_records(text, str(path)))
+    if suffix == ".json":
+        return list(_json_array_records(text, str(path)))
+    if suffix == ".txt":
+        return [Record({"text": line}, str(path), n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+    raise DataError(f"data file {path}: unknown extension {suffix!r}; use .jsonl, .json or .txt")
+
+
+def _jsonl_records(text: str, file: str) -> Iterator[Record]:
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield Record(json.loads(line), file, number)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}:{number}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+
+
+def _json_array_records(text: str, file: str) -> Iterator[Record]:
+    """Decode a top-level JSON list element by element, so each record knows the line it starts on."""
+    decoder = json.JSONDecoder()
+
+    def fail(pos: int, msg: str) -> DataError:
+        return DataError(f"{file}:{text.count(chr(10), 0, pos) + 1}: {msg}")
+
+    pos = _skip_space(text, 0)
+    if pos >= len(text) or text[pos] != "[":
+        raise fail(pos, "a .json data file must hold one list of records (use .jsonl for one record per line)")
+    pos = _skip_space(text, pos + 1)
+    if pos < len(text) and text[pos] == "]":
+        return
+    while True:
+        try:
+            value, end = decoder.raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{file}:{exc.lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        yield Record(value, file, text.count("\n", 0, pos) + 1)
+        pos = _skip_space(text, end)
+        if pos < len(text) and text[pos] == ",":
+            pos = _skip_space(text, pos + 1)
+            continue
+        if pos < len(text) and text[pos] == "]":
+            return
+        raise fail(pos, "invalid JSON (expected ',' or ']' after a record)")
+
+
+def _skip_space(text: str, pos: int) -> int:
+    while pos < len(text) and text[pos] in " \t\r\n":
+        pos += 1
+    return pos
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tokenizing one record
+
+
+def tokenize_record(record: Record, config: DataConfig, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` of one record in ``config.format`` (untruncated; labels ``-100`` = no loss).
+
+    Raises:
+        DataError: the record lacks the configured field or has the wrong type (naming file and line).
+    """
+    if config.format == "text":
+        text = _field(record, config.text_field, str, "data.text_field")
+        ids = _encode(tokenizer, text, add_special_tokens=True) + _eos(tokenizer)
+        return ids, list(ids)
+    if config.format == "instruction":
+        prompt = _field(record, config.prompt_field, str, "data.prompt_field")
+        completion = _field(record, config.completion_field, str, "data.completion_field")
+        # Encoded apart so the boundary is exact: the prompt never leaks into the targets.
+        prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
+        completion_ids = _encode(tokenizer, completion, add_special_tokens=False) + _eos(tokenizer)
+        return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+    if config.format == "chat":
+        messages = _field(record, config.messages_field, list, "data.messages_field")
+        _check_messages(messages, record)
+        ids, mask = chat_assistant_mask(tokenizer, messages, where=record.where)
+        return ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
+    raise DataError(f"unknown data.format {config.format!r}")
+
+
+def chat_assistant_mask(tokenizer: Any, messages: list[dict], where: str = "") -> tuple[list[int], list[int]]:
+    """Render ``messages`` with the chat template: ``(input_ids, mask)``, mask 1 on assistant-turn tokens.
+
+    Uses the template's ``{% generation %}`` marks when it has them. Otherwise each assistant turn is the tokens
+    between the rendering of the turns before it (with the generation prompt) and the rendering that includes it,
+    which needs a template whose renderings extend each other (most do); one that does not is a DataError.
+    """
+    template = getattr(tokenizer, "chat_template", None)
+    if not template:
+        raise DataError(f"{where}: data.format is chat but the tokenizer has no chat template")
+    if "{% generation %}" in template or "{%- generation %}" in template:
+        encoded = tokenizer.apply_chat_template(
+            messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=True
+        )
+        return list(encoded["input_ids"]), list(encoded["assistant_masks"])
+
+    def render(turns: list[dict], generation_prompt: bool) -> list[int]:
+        out = tokenizer.apply_chat_template(
+            turns, tokenize=True, return_dict=True, add_generation_prompt=generation_prompt
+        )
+        return list(out["input_ids"])
+
+    ids = render(messages, False)
+    mask = [0] * len(ids)
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        start = len(render(messages[:i], True)) if i else 0
+        upto = render(messages[: i + 1], False)
+        if upto != ids[: len(upto)] or start > len(upto):
+            raise DataError(
+                f"{where}: the chat template renders turn {i} differently inside the whole conversation, so the "
+                "assistant tokens cannot be found; add {% generation %} marks to the template"
+            )
+        mask[start : len(upto)] = [1] * (len(upto) - start)
+    return ids, mask
+
+
+def _check_messages(messages: list, record: Record) -> None:
+    for i, message in enumerate(messages):
+        if not isinstance(message, Mapping) or not isinstance(message.get("role"), str):
+            raise DataError(f"{record.where}: message {i} must be an object with a string 'role', got {message!r}")
+        if not isinstance(message.get("content"), str):
+            raise DataError(f"{record.where}: message {i} ({message['role']}) needs a string 'content'")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise DataError(f"{record.where}: the conversation has no assistant turn, so nothing to train on")
+
+
+def _field(record: Record, name: str, kind: type, config_key: str) -> Any:
+    if not isinstance(record.value, Mapping):
+        raise DataError(f"{record.where}: a record must be a JSON object, got {type(record.value).__name__}")
+    if name not in record.value:
+        present = ", ".join(sorted(map(str, record.value))) or "none"
+        raise DataError(f"{record.where}: the record has no '{name}' field (fields: {present}); set {config_key}")
+    value = record.value[name]
+    if not isinstance(value, kind):
+        raise DataError(
+            f"{record.where}: field '{name}' must be a {kind.__name__}, got {type(value).__name__} {value!r:.60}"
+        )
+    return value
+
+
+def _encode(tokenizer: Any, text: str, add_special_tokens: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"])
+
+
+def _eos(tokenizer: Any) -> list[int]:
+    return [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Samples, packing, batches
+
+
+def make_sample(input_ids: Sequence[int], labels: Sequence[int], max_length: int) -> tuple[Sample | None, bool]:
+    """Truncate to ``max_length`` and mask the first label: ``(sample or None if no target is left, truncated)``."""
+    truncated = len(input_ids) > max_length
+    ids = torch.tensor(list(input_ids[:max_length]), dtype=torch.int32)
+    lab = torch.tensor(list(labels[:max_length]), dtype=torch.int32)
+    if lab.numel():
+        lab[0] = IGNORE_INDEX
+    if ids.numel() < 2 or not bool((lab != IGNORE_INDEX).any()):
+        return None, truncated
+    return Sample(ids, lab, torch.arange(ids.numel(), dtype=torch.int32)), truncated
+
+
+def pack_samples(samples: Sequence[Sample], max_length: int) -> list[Sample]:
+    """Concatenate consecutive samples into rows of at most ``max_length`` tokens (order kept, none split)."""
+    rows: list[Sample] = []
+    current: list[Sample] = []
+    length = 0
+    for sample in samples:
+        if current and length + len(sample) > max_length:
+            rows.append(_concat(current))
+            current, length = [], 0
+        current.append(sample)
+        length += len(sample)
+    if current:
+        rows.append(_concat(current))
+    return rows
+
+
+def _concat(parts: list[Sample]) -> Sample:
+    if len(parts) == 1:
+        return parts[0]
+    return Sample(
+        torch.cat([p.input_ids for p in parts]),
+        torch.cat([p.labels for p in parts]),
+        torch.cat([p.position_ids for p in parts]),
+    )
+
+
+def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row: ``input_ids``, ``labels``, ``position_ids``, all int64 ``[B, T]``.
+
+    Padding restarts ``position_ids`` at 0, so it forms its own attention segment and never touches real tokens.
+    """
+    width = max(len(s) for s in samples)
+    batch = len(samples)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)
+    position_ids = torch.arange(width, dtype=torch.long).repeat(batch, 1)
+    for row, sample in enumerate(samples):
+        n = len(sample)
+        input_ids[row, :n] = sample.input_ids
+        labels[row, :n] = sample.labels
+        position_ids[row, :n] = sample.position_ids
+        position_ids[row, n:] = torch.arange(width - n)
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
+
+
+def num_targets(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens that carry a loss in ``batch`` (labels are shifted by one inside the loss)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Whole data sets
+
+
+def build_samples(paths: Sequence[str | Path], config: DataConfig, tokenizer: Any) -> tuple[list[Sample], DataStats]:
+    """Read, tokenize and truncate every record of ``paths`` (unpacked). Samples left without a target are dropped."""
+    stats = DataStats()
+    samples: list[Sample] = []
+    for path in paths:
+        for record in read_records(path):
+            stats.records += 1
+            ids, labels = tokenize_record(record, config, tokenizer)
+            sample, truncated = make_sample(ids, labels, config.max_length)
+            stats.truncated += truncated
+            if sample is None:
+                stats.dropped_no_target += 1
+                continue
+            samples.append(sample)
+    if not samples:
+        raise DataError(
+            f"no usable samples in {', '.join(map(str, paths))} ({stats.records} records; "
+            f"{stats.dropped_no_target} had no target token left after truncation to data.max_length="
+            f"{config.max_length})"
+        )
+    return samples, stats
+
+
+def load_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
+    """Train and validation rows for ``config`` (validation from its file or a seeded split; packed if asked)."""
+    train, train_stats = build_samples(config.train_files, config, tokenizer)
+    if config.validation_file is not None:
+        validation, val_stats = build_samples([config.validation_file], config, tokenizer)
+    elif config.validation_split > 0:
+        train, validation = split_samples(train, config.validation_split, seed)
+        val_stats = DataStats()
+    else:
+        validation, val_stats = [], DataStats()
+    if config.packing:
+        train, validation = pack_samples(train, config.max_length), pack_samples(validation, config.max_length)
+    for name, rows, stats in (("train", train, train_stats), ("validation", validation, val_stats)):
+        stats.samples = len(rows)
+        stats.tokens = sum(len(r) for r in rows)
+        stats.target_tokens = sum(r.num_targets for r in rows)
+        if stats.truncated:
+            logger.warning("%s: %d samples were truncated to data.max_length=%d", name, stats.truncated,
+                           config.max_length)
+        if stats.dropped_no_target:
+            logger.warning("%s: %d samples had no target token after truncation and were dropped", name,
+                           stats.dropped_no_target)
+        logger.info("%s data: %d rows, %d tokens, %d target tokens", name, stats.samples, stats.tokens,
+                    stats.target_tokens)
+    return Datasets(train, validation, {"train": train_stats, "validation": val_stats})
+
+
+def split_samples(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
+    """Hold out ``ceil(fraction * n)`` samples (at least one, leaving at least one) chosen by ``seed``."""
+    if len(samples) < 2:
+        raise DataError("data.validation_split needs at least 2 training samples")
+    order = list(range(len(samples)))
+    random.Random(seed).shuffle(order)
+    count = min(max(1, math.ceil(fraction * len(samples))), len(samples) - 1)
+    held = set(order[:count])
+    return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def fingerprint(samples: Sequence[Sample]) -> str:
+    """A short hash of the rows' tokens and labels (a resumed run checks it sees the same data)."""
+    digest = hashlib.sha256()
+    for sample in samples:
+        digest.update(sample.input_ids.numpy().tobytes())
+        digest.update(sample.labels.numpy().tobytes())
+        digest.update(sample.position_ids.numpy().tobytes())
+    return digest.hexdigest()[:16]

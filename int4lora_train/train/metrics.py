@@ -1,0 +1,139 @@
+"""Metrics: a JSONL tracker for accelerate, reading the log back, and the run summary."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from accelerate.tracking import GeneralTracker
+
+
+class JsonlTracker(GeneralTracker):
+    """An accelerate tracker appending one JSON object per ``log`` call: ``{"step": N, "train/loss": ...}``.
+
+    ``resume_step`` drops records after that step first, so a resumed run's log reads as if never interrupted.
+    """
+
+    name = "jsonl"
+    requires_logging_directory = False
+    main_process_only = True
+
+    def __init__(self, path: str | Path, resume_step: int | None = None):
+        super().__init__()
+        self.path = Path(path)
+        self.resume_step = resume_step
+        self._file = None
+
+    def start(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.resume_step is None:
+            self.path.write_text("", encoding="utf-8")
+        else:
+            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= self.resume_step]
+            self.path.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+        self._file = self.path.open("a", encoding="utf-8")
+
+    @property
+    def tracker(self):
+        return self._file
+
+    def store_init_configuration(self, values: dict) -> None:
+        """The resolved config is already ``config.yaml`` in the run directory."""
+
+    def log(self, values: dict, step: int | None = None, **kwargs) -> None:
+        if self._file is None:
+            self.start()
+        record = {"step": step, **{k: _jsonable(v) for k, v in values.items()}}
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a metrics JSONL file (``[]`` if it does not exist)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def _jsonable(value: Any) -> Any:
+    if hasattr(value, "item"):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def perplexity(loss: float) -> float:
+    """``exp(loss)``, ``inf`` where that overflows."""
+    try:
+        return math.exp(loss)
+    except OverflowError:
+        return math.inf
+
+
+@dataclass
+class RunSummary:
+    """What a run did and where its outputs are (``summary.json``)."""
+
+    run_dir: str
+    completed: bool
+    steps: int
+    max_steps: int
+    world_size: int
+    elapsed_s: float
+    tokens: int
+    tokens_per_s: float
+    train_loss_first: float | None
+    train_loss_final: float | None
+    val_loss_initial: float | None
+    val_loss: float | None
+    val_ppl: float | None
+    resumed_from: str | None
+    last_checkpoint: str | None
+    adapter_dir: str | None
+    metrics_file: str
+    tensorboard_dir: str | None
+    loss_plot: str | None
+    ranks_in_sync: bool | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: _jsonable(v) for k, v in asdict(self).items()}
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n", encoding="utf-8")
+
+    def format(self) -> str:
+        """A few human lines (the CLI prints this)."""
+
+        def num(value: float | None, spec: str = ".4f") -> str:
+            return "n/a" if value is None else format(value, spec)
+
+        state = "finished" if self.completed else f"stopped early (resume with train.resume=latest)"
+        lines = [
+            f"Run {state}: {self.steps}/{self.max_steps} steps on {self.world_size} process(es) in "
+            f"{self.elapsed_s:.1f} s, {self.tokens:,} tokens, {self.tokens_per_s:,.0f} tokens/s",
+            f"  train loss  {num(self.train_loss_first)} -> {num(self.train_loss_final)}",
+        ]
+        if self.val_loss is not None:
+            start = f"{num(self.val_loss_initial)} -> " if self.val_loss_initial is not None else ""
+            lines.append(f"  val loss    {start}{num(self.val_loss)}   (perplexity {num(self.val_ppl, '.2f')})")
+        if self.resumed_from:
+            lines.append(f"  resumed from {self.resumed_from}")
+        lines.append(f"  adapter     {self.adapter_dir or 'not exported'}")
+        lines.append(f"  metrics     {self.metrics_file}")
+        if self.loss_plot:
+            lines.append(f"  loss plot   {self.loss_plot}")
+        if self.tensorboard_dir:
+            lines.append(f"  tensorboard {self.tensorboard_dir}")
+        if self.last_checkpoint:
+            lines.append(f"  checkpoint  {self.last_checkpoint}")
+        return "\n".join(lines)

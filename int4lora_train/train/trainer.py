@@ -1,0 +1,436 @@
+"""The Trainer: runs a :class:`~int4lora_train.train.module.LoraModule` on accelerate.
+
+One optimizer step consumes a *global batch* of ``micro_batch_size x gradient_accumulation_steps x processes``
+rows. Which rows is a pure function of ``(seed, step)`` (:class:`BatchPlan`): each epoch is a seeded permutation
+and step ``s`` takes the ``s``-th slice of it, each process its own micro-batches. So a run resumed from a
+checkpoint only needs the step counter to see the same data, and a 2-process run sees the same global batches as a
+1-process run with twice the micro-batch.
+
+Per step: every micro-batch's loss is divided by the step's target-token count (all processes), gradients sync
+only on the last micro-batch (``no_sync`` before), then clip, AdamW, scheduler. A non-finite loss stops the run
+with :class:`~int4lora_train.errors.TrainingError` before the optimizer touches the weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.util
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.tracking import TensorBoardTracker
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
+
+from ..errors import CheckpointError, ConfigError, TrainingError
+from . import checkpoint as ckpt
+from .config import TrainConfig
+from .data import Sample, collate, fingerprint, num_targets
+from .metrics import JsonlTracker, perplexity
+from .module import LOSS_NORMALIZER, LoraModule
+
+logger = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TENSORBOARD_DIR = "tb"
+CHECKPOINTS_DIR = "checkpoints"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """Which training rows each process uses at each step: a pure function of ``(seed, step)``."""
+
+    num_rows: int
+    micro_batch_size: int
+    accumulation_steps: int
+    world_size: int
+    seed: int
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation_steps * self.world_size
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_rows // self.global_batch_size
+
+    def epoch_order(self, epoch: int) -> torch.Tensor:
+        """The permutation of all rows used in ``epoch`` (int64 ``[num_rows]``)."""
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        return torch.randperm(self.num_rows, generator=generator)
+
+    def micro_batches(self, step: int, rank: int) -> list[list[int]]:
+        """Row indices of ``rank``'s micro-batches at ``step`` (0-based), one list per accumulation step."""
+        epoch, offset = divmod(step, self.steps_per_epoch)
+        rows = self.epoch_order(epoch)[offset * self.global_batch_size : (offset + 1) * self.global_batch_size]
+        size = self.micro_batch_size
+        chunks = [k * self.world_size + rank for k in range(self.accumulation_steps)]
+        return [rows[c * size : (c + 1) * size].tolist() for c in chunks]
+
+
+@dataclass
+class TrainState:
+    """Counters a checkpoint restores (all JSON-exact)."""
+
+    step: int = 0
+    tokens: int = 0
+    window_loss: float = 0.0
+    window_steps: int = 0
+    train_loss_first: float | None = None
+    train_loss_last: float | None = None
+    val_loss_initial: float | None = None
+    val_loss: float | None = None
+
+
+@dataclass
+class FitResult:
+    completed: bool
+    steps: int
+    max_steps: int
+    world_size: int
+    elapsed_s: float
+    tokens: int
+    tokens_per_s: float
+    train_loss_first: float | None
+    train_loss_final: float | None
+    val_loss_initial: float | None
+    val_loss: float | None
+    val_ppl: float | None
+    resumed_from: str | None
+    last_checkpoint: str | None
+    ranks_in_sync: bool | None
+
+
+class Trainer:
+    """Fits a :class:`LoraModule` with the ``train`` settings; owns the accelerator, trackers and checkpoints.
+
+    Creating the Trainer seeds every RNG with ``config.seed``: build the model (LoRA init) after it.
+
+    Args:
+        config: the ``train`` section.
+        run_dir: where ``metrics.jsonl``, ``tb/`` and ``checkpoints/`` go.
+        device: ``auto`` (accelerate's choice: the process's GPU, else CPU) or ``cpu`` / ``cuda``.
+        tensorboard: also log to ``<run_dir>/tb`` (skipped with a warning if tensorboard is not installed).
+        progress_bar: show a tqdm bar on the main process.
+    """
+
+    def __init__(
+        self,
+        config: TrainConfig,
+        run_dir: str | Path,
+        *,
+        device: str = "auto",
+        tensorboard: bool = True,
+        progress_bar: bool = True,
+    ):
+        self.config = config
+        self.run_dir = Path(run_dir)
+        self.progress_bar = progress_bar
+        self.should_stop = False
+        self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
+        trackers: list[Any] = [self.metrics_tracker]
+        self.tensorboard_dir: Path | None = None
+        if tensorboard:
+            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+                trackers.append(TensorBoardTracker(TENSORBOARD_DIR, self.run_dir))
+                self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
+            else:
+                logger.warning("tensorboard is not installed; logging to %s only", METRICS_FILE)
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("model.device is cuda but torch sees no CUDA device; use auto or cpu")
+        if config.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
+            raise ConfigError("train.mixed_precision fp16 needs a CUDA device; use bf16 or no on the CPU")
+        self.accelerator = Accelerator(
+            cpu=device == "cpu",
+            mixed_precision=config.mixed_precision,
+            log_with=trackers,
+            # The frozen INT4 buffers never change: broadcasting them every forward would copy the whole model.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+        set_seed(config.seed)
+
+    @property
+    def device(self) -> torch.device:
+        return self.accelerator.device
+
+    @property
+    def checkpoint_root(self) -> Path:
+        return self.run_dir / CHECKPOINTS_DIR
+
+    def plan_for(self, num_rows: int) -> BatchPlan:
+        cfg = self.config
+        plan = BatchPlan(num_rows, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
+                         self.accelerator.num_processes, cfg.seed)
+        if plan.steps_per_epoch == 0:
+            raise ConfigError(
+                f"the training set has {num_rows} rows but one optimizer step needs {plan.global_batch_size} "
+                f"(train.micro_batch_size {cfg.micro_batch_size} x train.gradient_accumulation_steps "
+                f"{cfg.gradient_accumulation_steps} x {plan.world_size} processes); lower them or add data"
+            )
+        return plan
+
+    def max_steps_for(self, plan: BatchPlan) -> int:
+        if self.config.max_steps is not None:
+            return self.config.max_steps
+        return max(1, math.ceil((self.config.epochs or 1.0) * plan.steps_per_epoch))
+
+    # -- fit ---------------------------------------------------------------------------------------------------
+
+    def fit(
+        self,
+        module: LoraModule,
+        train_data: Sequence[Sample],
+        val_data: Sequence[Sample] = (),
+        *,
+        resume_from: str | Path | None = None,
+        pad_token_id: int = 0,
+    ) -> FitResult:
+        """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given."""
+        acc, cfg = self.accelerator, self.config
+        module.trainer = self
+        self.should_stop = False
+        self.pad_token_id = pad_token_id
+        plan = self.plan_for(len(train_data))
+        max_steps = self.max_steps_for(plan)
+        data_id = fingerprint(train_data)
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(module.unwrapped_model)
+        optimizer, scheduler = module.configure_optimizers(max_steps)
+        module.model, optimizer = acc.prepare(module.model, optimizer)
+
+        state = TrainState()
+        if resume_from is not None:
+            state = self._restore(module, optimizer, scheduler, Path(resume_from), plan, max_steps, data_id)
+        self.metrics_tracker.resume_step = state.step if resume_from is not None else None
+        acc.init_trackers("int4lora-train")
+        logger.info(
+            "training %d steps (%d rows, global batch %d = %d x %d x %d processes, %.2f epochs) on %s",
+            max_steps, plan.num_rows, plan.global_batch_size, plan.micro_batch_size, plan.accumulation_steps,
+            plan.world_size, max_steps / plan.steps_per_epoch, acc.device,
+        )
+
+        last_checkpoint = str(resume_from) if resume_from is not None else None
+        session_tokens, session_time = 0, 0.0
+        window_tokens, window_time = 0, 0.0  # throughput since the last log line
+        bar = self._progress(max_steps, state.step)
+        try:
+            if cfg.eval_at_start and val_data and state.step == 0:
+                state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
+            while state.step < max_steps and not self.should_stop:
+                started = time.perf_counter()
+                loss, grad_norm, lr, tokens = self._train_step(module, optimizer, scheduler, plan, train_data,
+                                                               state.step, last_checkpoint)
+                elapsed = time.perf_counter() - started
+                state.step += 1
+                state.tokens += tokens
+                session_tokens += tokens
+                session_time += elapsed
+                window_tokens += tokens
+                window_time += elapsed
+                state.window_loss += loss
+                state.window_steps += 1
+                if state.train_loss_first is None:
+                    state.train_loss_first = loss
+                metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
+                           "train/tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                           "train/epoch": state.step / plan.steps_per_epoch, "train/tokens": state.tokens}
+                final = state.step == max_steps
+                if state.step % cfg.log_every == 0 or final:
+                    window = {**metrics, "train/loss": state.window_loss / state.window_steps,
+                              "train/tokens_per_s": window_tokens / window_time if window_time > 0 else 0.0}
+                    state.train_loss_last = window["train/loss"]
+                    state.window_loss, state.window_steps = 0.0, 0
+                    window_tokens, window_time = 0, 0.0
+                    acc.log(window, step=state.step)
+                    logger.info("step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s", state.step, max_steps,
+                                window["train/loss"], lr, window["train/tokens_per_s"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session_tokens / session_time:.0f}")
+                module.on_train_step_end(state.step, metrics)
+                if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                    state.val_loss = self._evaluate_and_log(module, val_data, state.step)
+                if final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0):
+                    last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
+        finally:
+            bar.close()
+            for tracker in acc.trackers:
+                tracker.finish()
+            acc.trackers = []
+        module.model = acc.unwrap_model(module.model)
+        return FitResult(
+            completed=state.step >= max_steps,
+            steps=state.step,
+            max_steps=max_steps,
+            world_size=plan.world_size,
+            elapsed_s=session_time,
+            tokens=session_tokens,
+            tokens_per_s=session_tokens / session_time if session_time > 0 else 0.0,
+            train_loss_first=state.train_loss_first,
+            train_loss_final=state.train_loss_last,
+            val_loss_initial=state.val_loss_initial,
+            val_loss=state.val_loss,
+            val_ppl=perplexity(state.val_loss) if state.val_loss is not None else None,
+            resumed_from=str(resume_from) if resume_from is not None else None,
+            last_checkpoint=last_checkpoint,
+            ranks_in_sync=self._ranks_in_sync(module) if plan.world_size > 1 else None,
+        )
+
+    def _train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint):
+        """One optimizer step; returns ``(loss, grad_norm, lr, tokens)`` agreed by all processes."""
+        acc = self.accelerator
+        batches = [self._batch([train_data[i] for i in rows]) for rows in plan.micro_batches(step, acc.process_index)]
+        local = torch.tensor([sum(num_targets(b) for b in batches), sum(int(b["tokens"]) for b in batches)],
+                             device=acc.device)
+        global_targets, global_tokens = acc.reduce(local, reduction="sum").tolist()
+        # DDP averages gradients over processes, so each process divides by (global targets / processes).
+        normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
+        module.model.train()
+        step_loss = torch.zeros((), device=acc.device)
+        for k, batch in enumerate(batches):
+            batch[LOSS_NORMALIZER] = normalizer
+            sync = k == len(batches) - 1
+            with contextlib.nullcontext() if sync else acc.no_sync(module.model):
+                loss = module.training_step(batch)
+                acc.backward(loss)
+            step_loss += loss.detach().float()
+        loss_value = float(acc.reduce(step_loss, reduction="sum")) / plan.world_size
+        lr = scheduler.get_last_lr()[0]
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the training loss is {loss_value}", last_checkpoint)
+        max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, scale by exactly 1.0
+        grad_norm = float(acc.clip_grad_norm_([p for _, p in module.trainable_parameters()], max_norm))
+        if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
+            optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
+        optimizer.step()
+        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
+            scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, lr, int(global_tokens)
+
+    def _batch(self, rows: Sequence[Sample]) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_token_id).items()}
+        batch["tokens"] = torch.tensor(sum(len(r) for r in rows))
+        return batch
+
+    def _diverged(self, step: int, what: str, last_checkpoint: str | None) -> TrainingError:
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else (
+            "no checkpoint was written yet (set train.save_every)")
+        return TrainingError(
+            f"step {step}: {what}; training stopped before the optimizer changed the weights, and {where}. "
+            "Lower train.lr, keep train.max_grad_norm set, use bf16 rather than fp16, or check the data."
+        )
+
+    # -- evaluation --------------------------------------------------------------------------------------------
+
+    def evaluate(self, module: LoraModule, val_data: Sequence[Sample]) -> float:
+        """Mean next-token loss over ``val_data`` (rows split across processes; targets summed over all)."""
+        acc = self.accelerator
+        prepared, was_training = module.model, module.model.training
+        module.model = module.unwrapped_model  # no DDP hooks: processes may run different batch counts
+        module.model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=acc.device)
+        try:
+            rows = list(range(acc.process_index, len(val_data), acc.num_processes))
+            size = self.config.micro_batch_size
+            for start in range(0, len(rows), size):
+                batch = self._batch([val_data[i] for i in rows[start : start + size]])
+                loss_sum, count = module.validation_step(batch)
+                totals += torch.stack([loss_sum.double(), count.double()])
+        finally:
+            module.model = prepared
+            module.model.train(was_training)
+        loss_sum, count = acc.reduce(totals, reduction="sum").tolist()
+        return loss_sum / count if count else math.nan
+
+    def _evaluate_and_log(self, module: LoraModule, val_data: Sequence[Sample], step: int) -> float:
+        loss = self.evaluate(module, val_data)
+        self.accelerator.log({"val/loss": loss, "val/ppl": perplexity(loss)}, step=step)
+        logger.info("step %d  validation loss %.4f  perplexity %.2f", step, loss, perplexity(loss))
+        return loss
+
+    # -- checkpoints -------------------------------------------------------------------------------------------
+
+    def _save(self, module, optimizer, scheduler, state, plan, max_steps, data_id) -> Path:
+        acc = self.accelerator
+        checkpoint: dict[str, Any] = {
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "trainer_state": {
+                **asdict(state),
+                "max_steps": max_steps,
+                "global_batch_size": plan.global_batch_size,
+                "world_size": plan.world_size,
+                "seed": plan.seed,
+                "num_rows": plan.num_rows,
+                "data_fingerprint": data_id,
+            },
+        }
+        if acc.scaler is not None:
+            checkpoint["scaler"] = acc.scaler.state_dict()
+        module.on_save_checkpoint(checkpoint)
+        return ckpt.save_checkpoint(
+            self.checkpoint_root, state.step, checkpoint, rank=acc.process_index, is_main=acc.is_main_process,
+            barrier=acc.wait_for_everyone, keep_last=self.config.keep_last,
+        )
+
+    def _restore(self, module, optimizer, scheduler, path, plan, max_steps, data_id) -> TrainState:
+        acc = self.accelerator
+        checkpoint = ckpt.load_checkpoint(path, rank=acc.process_index)
+        saved = checkpoint["trainer_state"]
+        expected = {"max_steps": max_steps, "global_batch_size": plan.global_batch_size, "seed": plan.seed,
+                    "num_rows": plan.num_rows, "data_fingerprint": data_id}
+        for key, value in expected.items():
+            if saved.get(key) != value:
+                raise CheckpointError(
+                    f"cannot resume exactly from {path}: it was written with {key}={saved.get(key)!r}, this run has "
+                    f"{value!r}; use the run's own config.yaml (and data), or start a new run"
+                )
+        module.on_load_checkpoint(checkpoint)
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        if acc.scaler is not None and "scaler" in checkpoint:
+            acc.scaler.load_state_dict(checkpoint["scaler"])
+        if checkpoint["rng"] is not None:
+            ckpt.restore_rng_state(checkpoint["rng"])
+        else:
+            logger.warning("%s has no RNG state for process %d (different process count): dropout will differ",
+                           path, acc.process_index)
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
+        logger.info("resumed from %s at step %d", path, state.step)
+        return state
+
+    # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _progress(self, total: int, initial: int):
+        from tqdm.auto import tqdm
+
+        enabled = self.progress_bar and self.accelerator.is_local_main_process
+        return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+
+    def _ranks_in_sync(self, module: LoraModule) -> bool:
+        """Whether every process holds bit-identical trainable tensors (DDP keeps them so)."""
+        digest = hashlib.sha256()
+        for name, param in module.trainable_parameters():
+            digest.update(name.encode())
+            digest.update(param.detach().float().cpu().numpy().tobytes())
+        mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], device=self.device)
+        gathered = self.accelerator.gather(mine)
+        return bool((gathered == gathered[0]).all())
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Non-reentrant activation checkpointing (needs no input grads, works with frozen INT4 bases)."""
+    if not hasattr(model, "gradient_checkpointing_enable"):
+        raise ConfigError(f"{type(model).__name__} does not support train.gradient_checkpointing")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if hasattr(model, "config"):
+        model.config.use_cache = False
