@@ -24,8 +24,11 @@ from int4lora_train.quant.formats import (
     to_gptq,
 )
 from int4lora_train.quant.layout import Int4Weight
+from int4lora_train.quant.packer import quantize_rtn, save_int4_checkpoint, write_int4_checkpoint
+from int4lora_train.quant.unpacker import INT4Unpacker, get_unpacker
 
 __all__ = [
+    "INT4Unpacker",
     "Int4CheckpointConfig",
     "Int4Weight",
     "WeightScheme",
@@ -38,13 +41,17 @@ __all__ = [
     "from_compressed_tensors",
     "from_gptq",
     "from_uint8",
+    "get_unpacker",
     "gptq_config",
     "is_int4_module",
     "parse_quantization_config",
+    "quantize_rtn",
     "read_checkpoint_quant_config",
     "read_int4_weight",
     "read_module_int4_weight",
+    "save_int4_checkpoint",
     "to_awq",
     "to_compressed_tensors",
     "to_gptq",
+    "write_int4_checkpoint",
 ]

@@ -108,13 +108,13 @@ def from_compressed_tensors(
         )
 
     groups = 1 if scale.numel() == 1 or scale.dim() == 1 else scale.shape[1]
-    zero_points = tensors.get("weight_zero_point")
-    if zero_points is not None:
-        zero_points = _ct_zero_points(zero_points, out_features, groups, name)
     g_idx = tensors.get("weight_g_idx")
     if g_idx is not None:
         g_idx = _check_g_idx(g_idx, in_features, f"{name}.weight_g_idx")
     group_size = _resolve_group_size(group_size, strategy, in_features, groups, g_idx, name)
+    zero_points = tensors.get("weight_zero_point")
+    if zero_points is not None:
+        zero_points = _ct_zero_points(zero_points, out_features, groups, name)
     return Int4Weight.create(
         int32_to_packed(words), scale, in_features, group_size, zero_points=zero_points, g_idx=g_idx, name=name
     )
@@ -164,12 +164,12 @@ def _ct_zero_points(zero_points: torch.Tensor, out_features: int, groups: int, n
 
 
 def _raise_bit_width(name: str, words: torch.Tensor, in_features: int) -> None:
-    for bits in (8, 2, 3, 5, 6, 7, 1):
-        if words.shape[1] == -(-in_features * bits // 32):
-            raise UnsupportedFormatError(
-                f"{name}.weight_packed is {_describe(words)} for in_features={in_features}: that is {bits}-bit "
-                "packing; only 4-bit weights are supported."
-            )
+    # W8A16 is the other width llm-compressor packs; any other mismatch is more likely a corrupt tensor.
+    if words.shape[1] == -(-in_features // 4):
+        raise UnsupportedFormatError(
+            f"{name}.weight_packed is {_describe(words)} for in_features={in_features}: that is 8-bit packing; "
+            "only 4-bit weights are supported."
+        )
     raise Int4FormatError(
         f"{name}.weight_packed is {_describe(words)} but weight_shape has in_features={in_features}; expected "
         f"[{words.shape[0]}, {-(-in_features // 8)}] int32 (8 INT4 values per word)."
@@ -477,9 +477,8 @@ def read_module_int4_weight(module: torch.nn.Module, name: str = "module", schem
                 if isinstance(value, int):
                     params["in_features"] = value
                     break
-        if fmt == GPTQ and params["checkpoint_format"] is None:
-            fmt_attr = getattr(module, "checkpoint_format", None) or getattr(module, "format", None)
-            params["checkpoint_format"] = fmt_attr if fmt_attr in ("gptq", "gptq_v2") else None
+        if fmt == GPTQ:
+            params["checkpoint_format"] = _gptq_zero_convention(module, params["checkpoint_format"])
     if fmt == GPTQ:
         return from_gptq(
             tensors, name, params["group_size"], params["checkpoint_format"] or "gptq", params["in_features"]
@@ -520,6 +519,27 @@ def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     tensors = {key: value.data for key, value in module.named_parameters(recurse=False) if value is not None}
     tensors.update({key: value for key, value in module.named_buffers(recurse=False) if value is not None})
     return tensors
+
+
+def _gptq_zero_convention(module: torch.nn.Module, from_scheme: str | None) -> str | None:
+    """The zero-point convention of a GPTQ module's tensors as they are in memory.
+
+    GPTQModel converts v1 checkpoints to v2 when it loads them and reports which one a module holds through
+    ``qzero_format()`` (1 or 2); that beats the checkpoint's config, which describes the file. Otherwise the
+    scheme, then a ``checkpoint_format`` / ``format`` attribute, decide; None means v1 (AutoGPTQ keeps v1).
+    """
+    qzero_format = getattr(module, "qzero_format", None)
+    if callable(qzero_format):
+        try:
+            version = qzero_format()
+        except TypeError:  # a different signature: not GPTQModel's accessor
+            version = None
+        if version in (1, 2):
+            return "gptq" if version == 1 else "gptq_v2"
+    if from_scheme is not None:
+        return from_scheme
+    attribute = getattr(module, "checkpoint_format", None) or getattr(module, "format", None)
+    return attribute if attribute in ("gptq", "gptq_v2") else None
 
 
 def _module_bits(module: torch.nn.Module, params: dict) -> int | None:
@@ -606,7 +626,8 @@ def _resolve_group_size(
     if group_size is not None:
         if group_size <= 0:
             raise Int4FormatError(f"{name}: group_size must be positive or -1 (per channel), got {group_size}.")
-        if g_idx is None and num_groups(in_features, group_size) != groups:
+        # With or without a g_idx, a writer makes ceil(in / group_size) groups.
+        if num_groups(in_features, group_size) != groups:
             raise Int4FormatError(
                 f"{name}: the scales have {groups} groups, but in_features={in_features} with group_size="
                 f"{group_size} needs {num_groups(in_features, group_size)}; the checkpoint's group_size does not "

@@ -59,6 +59,9 @@ def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
 
 def _little_endian_bytes(words: torch.Tensor) -> torch.Tensor:
     """int32 ``[..., n]`` -> uint8 ``[..., 4n]`` in little-endian byte order, whatever the host's order."""
+    if words.dim() and words.stride(-1) != 1:
+        # contiguous() keeps a size-1 last dim's odd stride (e.g. a transposed [n, 1]); view() needs stride 1.
+        words = words.clone(memory_format=torch.contiguous_format)
     as_bytes = words.contiguous().view(torch.uint8)
     if sys.byteorder == "big":  # pragma: no cover - no big-endian CI machine
         as_bytes = as_bytes.reshape(*words.shape, 4).flip(-1).reshape(*words.shape[:-1], -1).contiguous()

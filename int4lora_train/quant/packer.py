@@ -337,6 +337,11 @@ def _module_tensors(name: str, value, settings: _Settings) -> dict[str, torch.Te
 
 
 def _check_matches_scheme(prefix: str, weight: Int4Weight, settings: _Settings) -> None:
+    if weight.g_idx is not None:
+        raise CheckpointError(
+            f"{prefix}: the weight has an activation-order g_idx; this writer makes checkpoints without act-order "
+            "(desc_act / actorder off), which readers would then ignore. Quantize without act-order."
+        )
     if settings.symmetric and weight.zero_points is not None and settings.format != "awq":
         raise CheckpointError(
             f"{prefix}: the weight has zero points but the checkpoint is written as symmetric; pass symmetric=False."

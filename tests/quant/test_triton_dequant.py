@@ -62,8 +62,11 @@ def random_weight(
     g_idx = None
     if activation_order:
         g_idx = (torch.randperm(in_features, generator=gen) % groups).to(torch.int32)
-    weight = Int4Weight.create(packed, scales.to(scale_dtype), in_features, group_size, zero_points, g_idx)
-    return weight.to(DEVICE)
+    # Move the parts, not the weight: Int4Weight.to() would materialise a per-tensor scale's stride-0 view.
+    packed, scales, zero_points, g_idx = (
+        None if t is None else t.to(DEVICE) for t in (packed, scales, zero_points, g_idx)
+    )
+    return Int4Weight.create(packed, scales.to(scale_dtype), in_features, group_size, zero_points, g_idx)
 
 
 def assert_bit_exact(weight: Int4Weight, config: LaunchConfig | None = None) -> None:
