@@ -41,7 +41,8 @@ _LLAMA_ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj")
 _LLAMA_MLP = ("gate_proj", "up_proj", "down_proj")
 
 ARCHITECTURES: dict[str, ArchitectureSpec] = {
-    name: ArchitectureSpec(name, _LLAMA_ATTENTION, _LLAMA_MLP) for name in ("llama", "mistral", "qwen2", "qwen3", "gemma2")
+    name: ArchitectureSpec(name, _LLAMA_ATTENTION, _LLAMA_MLP)
+    for name in ("llama", "mistral", "qwen2", "qwen3", "gemma2")
 }
 ARCHITECTURES["phi3"] = ArchitectureSpec(
     "phi3",
@@ -92,7 +93,9 @@ def projection_names(model: nn.Module) -> tuple[str, ...]:
         return spec.projections
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = dict.fromkeys(
-        name.rsplit(".", 1)[-1] for name, module in model.named_modules() if isinstance(module, nn.Linear) and module is not head
+        name.rsplit(".", 1)[-1]
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and module is not head
     )
     return tuple(names)
 
@@ -135,7 +138,9 @@ def check_loadable_architecture(model: nn.Module, source: str) -> None:
     3-D expert parameters: their checkpoint tensors (per-expert, often INT4) cannot be mapped onto them."""
     experts = find_fused_expert_modules(model)
     if experts:
-        listed = "; ".join(e.describe() for e in experts[:3]) + (f"; and {len(experts) - 3} more" if len(experts) > 3 else "")
+        listed = "; ".join(e.describe() for e in experts[:3]) + (
+            f"; and {len(experts) - 3} more" if len(experts) > 3 else ""
+        )
         raise UnsupportedFormatError(
             f"{source}: model_type {model_type_of(model)!r} stores MoE experts as fused 3-D parameters ({listed}); "
             "this layout is not supported by the INT4 loader. Supported: dense decoder models "

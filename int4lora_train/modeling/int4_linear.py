@@ -22,6 +22,7 @@ no ``weight`` parameter: asking for one raises :class:`DenseWeightUnavailableErr
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -30,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
 from int4lora_train.quant.dequant import dequantize
 from int4lora_train.quant.layout import Int4Weight
 
@@ -129,7 +130,7 @@ class Int4Linear(nn.Linear):
         if bias is not None:
             bias.requires_grad_(False)
             if bias.shape != (self.out_features,):
-                raise UnsupportedFormatError(
+                raise Int4FormatError(
                     f"Int4Linear: bias has shape {tuple(bias.shape)}, expected [{self.out_features}] (out_features)."
                 )
         self.register_parameter("bias", bias)
@@ -186,9 +187,7 @@ class Int4Linear(nn.Linear):
             dtype = self.compute_dtype or x.dtype
         spec = _WeightSpec(self.in_features, self.group_size, dtype, self.cache, self.cache_key, self.backend)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = Int4LinearFunction.apply(
-            x.to(dtype), bias, self.packed, self.scales, self.zero_points, self.g_idx, spec
-        )
+        out = Int4LinearFunction.apply(x.to(dtype), bias, self.packed, self.scales, self.zero_points, self.g_idx, spec)
         return out if autocast else out.to(x.dtype)
 
     # ------------------------------------------------------------------------------------------------ nn.Linear API
@@ -200,11 +199,23 @@ class Int4Linear(nn.Linear):
             if name == "weight":
                 raise DenseWeightUnavailableError(
                     "Int4Linear has no dense `weight`: its weight stays INT4 (buffers packed / scales / "
-                    "zero_points / g_idx). Use `.dequantize(dtype)` for a dense copy. Operations that modify the "
-                    "base weight (merging LoRA, DoRA, PiSSA/OLoRA-style inits) are not supported on the INT4 base; "
-                    "export a merged model with int4lora_train's export instead."
+                    "zero_points / g_idx); use `.dequantize(dtype)` for a dense copy. Operations that modify the "
+                    "base weight (merging LoRA, DoRA, PiSSA/OLoRA-style inits) are not supported on an INT4 base; "
+                    "export a merged model with int4lora_train's export instead. If PEFT is wrapping this layer in "
+                    "its dense lora.Linear, register the INT4 LoRA layer: import int4lora_train.modeling (installs "
+                    "the dispatch) or call int4lora_train.modeling.register_int4_lora(lora_config)."
                 ) from None
             raise
+
+    def __deepcopy__(self, memo):
+        # The cache is shared by the copies, not copied: it is one budget for a whole model (and holds a lock).
+        if self.cache is not None:
+            memo.setdefault(id(self.cache), self.cache)
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        for key, value in self.__dict__.items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        return new
 
     def reset_parameters(self) -> None:
         """Nothing to initialise: the INT4 weight is checkpoint data (nn.Linear's init would need a dense weight)."""

@@ -16,6 +16,7 @@ same for a dense model, quantizing in memory with the toolkit's RTN packer (test
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 from collections.abc import Iterable
@@ -134,14 +135,19 @@ def convert_to_int4(
     earlier = _earlier_entries(model)
     for name, module in list(model.named_modules()):
         if isinstance(module, Int4Linear):  # converted before (a second call is a no-op for it)
-            report.converted.append(earlier.get(name) or _converted_entry(name, "int4linear", module.int4_weight()))
+            report.converted.append(earlier.get(name) or converted_entry(name, "int4linear", module.int4_weight()))
             continue
         scheme = quant_config.scheme_for(name, module) if quant_config is not None else None
+        if scheme is None and quant_config is not None and not isinstance(module, nn.Linear):
+            # GPTQ / AWQ quant-linear classes (QuantLinear, WQLinear_GEMM) stand in for the nn.Linear the config's
+            # "Linear" target meant; ignore entries still apply by name.
+            scheme = quant_config.scheme_for(name, "Linear")
         weight = read_module_int4_weight(module, name, scheme)
         if weight is None:
             if isinstance(module, nn.Linear):
-                report.left_dense.append(DenseModule(name, _dense_reason(name, module, quant_config, unignored),
-                                                     _weight_shape(module)))
+                report.left_dense.append(
+                    DenseModule(name, dense_reason(name, module, quant_config, unignored), _weight_shape(module))
+                )
             continue
         if quant_config is not None and scheme is None:
             raise CheckpointError(
@@ -151,7 +157,7 @@ def convert_to_int4(
             )
         source = detect_format(module_tensors(module)) or "int4"
         _replace(model, name, _make_linear(name, weight, _bias_of(module), compute_dtype, cache, backend))
-        report.converted.append(_converted_entry(name, source, weight))
+        report.converted.append(converted_entry(name, source, weight))
     _record(model, report, quant_config)
     logger.info("%s", report.summary())
     return report
@@ -190,17 +196,41 @@ def quantize_model_rtn(
         if not isinstance(module, nn.Linear) or isinstance(module, Int4Linear):
             continue
         if quant_config.scheme_for(name, module) is None:
-            report.left_dense.append(DenseModule(name, _dense_reason(name, module, quant_config, unignored),
-                                                 _weight_shape(module)))
+            report.left_dense.append(
+                DenseModule(name, dense_reason(name, module, quant_config, unignored), _weight_shape(module))
+            )
             continue
         dense = module.weight.detach()
-        weight = quantize_rtn(dense, group_size=group_size, symmetric=symmetric, strategy=strategy,
-                              scale_dtype=scale_dtype)
+        weight = quantize_rtn(
+            dense, group_size=group_size, symmetric=symmetric, strategy=strategy, scale_dtype=scale_dtype
+        )
         _replace(model, name, _make_linear(name, weight, _bias_of(module), compute_dtype, cache, backend))
-        report.converted.append(_converted_entry(name, "rtn", weight))
+        report.converted.append(converted_entry(name, "rtn", weight))
     _record(model, report, quant_config)
     logger.info("%s", report.summary())
     return report
+
+
+def dequantized_copy(model: nn.Module, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A deep copy of ``model`` with every :class:`Int4Linear` replaced by an ``nn.Linear`` holding its dequantized
+    weight in ``dtype`` (same names, same bias): the dense model the INT4 one computes, for references and debugging.
+    Needs the dense memory; the original model is not changed."""
+    dense = copy.deepcopy(model)
+    for name, module in list(dense.named_modules()):
+        if isinstance(module, Int4Linear):
+            linear = nn.Linear(
+                module.in_features,
+                module.out_features,
+                bias=module.bias is not None,
+                device=module.packed.device,
+                dtype=dtype,
+            )
+            linear.weight.data.copy_(module.dequantize(dtype))
+            if module.bias is not None:
+                linear.bias.data.copy_(module.bias.detach())
+            linear.requires_grad_(False)
+            _replace(dense, name, linear)
+    return dense
 
 
 def make_cache(mode: str, cache_max_bytes: int | None):
@@ -253,7 +283,8 @@ def _bias_of(module: nn.Module) -> torch.Tensor | None:
     return None
 
 
-def _converted_entry(name: str, source: str, weight: Int4Weight) -> ConvertedModule:
+def converted_entry(name: str, source: str, weight: Int4Weight) -> ConvertedModule:
+    """The report entry of a module converted from ``source`` (a format name)."""
     return ConvertedModule(
         name=name,
         source_format=source,
@@ -271,7 +302,10 @@ def _earlier_entries(model: nn.Module) -> dict[str, ConvertedModule]:
     return {m.name: m for m in previous.converted} if isinstance(previous, SurgeryReport) else {}
 
 
-def _dense_reason(name, module, quant_config, unignored) -> str:
+def dense_reason(name: str, module: nn.Module, quant_config, unignored=None) -> str:
+    """Why a linear stays dense; ``unignored`` is ``quant_config`` without its ignore list."""
+    if quant_config is not None and unignored is None:
+        unignored = dataclasses.replace(quant_config, ignore=())
     if quant_config is None:
         return "dense weight, no INT4 tensors"
     if unignored.scheme_for(name, module) is not None:
