@@ -244,7 +244,7 @@ def _export(
     warns += module_warnings
 
     folded: dict[str, float] = {}
-    if not problems and ranks:
+    if ranks and config.get("r") and config.get("lora_alpha") is not None:
         factors = vllm_rules.mis_scaled_modules(config, ranks)
         if factors and not fold_scaling:
             problems.append(_mis_scaled_message(config, ranks, factors))
@@ -268,7 +268,10 @@ def _export(
         config["base_model_name_or_path"] = str(base_model_dir)
 
     _write_atomically(out_dir, config, kept, identity, overwrite)
-    base_for_commands = str(base_model_dir or config.get("base_model_name_or_path") or "<INT4_BASE_MODEL_DIR>")
+    recorded_base = identity.base_model if identity is not None else None
+    base_for_commands = str(
+        base_model_dir or recorded_base or config.get("base_model_name_or_path") or "<INT4_BASE_MODEL_DIR>"
+    )
     report = ExportReport(
         out_dir=out_dir,
         r=int(config["r"]),
@@ -296,7 +299,8 @@ def _reconcile_base(recorded: BaseIdentity | None, base_model_dir: Path) -> Base
         problems = compare_identities(recorded, actual)
         if problems:
             raise ExportError(
-                f"the adapter was trained on a different INT4 base than {base_model_dir}: " + "; ".join(problems)
+                f"the adapter was trained on a different INT4 base than {base_model_dir}: "
+                + "; ".join(problems)
                 + ". Serve it on the base it was trained on, or retrain on this one."
             )
     return actual
@@ -324,7 +328,9 @@ def _parse_tensors(tensors: Mapping[str, torch.Tensor]) -> tuple[dict, list[str]
         a = found.get("lora_A", found.get("lora_embedding_A"))
         b = found.get("lora_B", found.get("lora_embedding_B"))
         if a is None or b is None:
-            problems.append(f"module {module!r} has only {sorted(found)}; LoRA needs both A and B. Re-save the adapter.")
+            problems.append(
+                f"module {module!r} has only {sorted(found)}; LoRA needs both A and B. Re-save the adapter."
+            )
             continue
         if a.dim() != 2 or b.dim() != 2 or a.shape[0] != b.shape[1]:
             problems.append(
@@ -381,6 +387,7 @@ def _write_atomically(
     try:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        os.chmod(tmp / ADAPTER_WEIGHTS, 0o644)
         if identity is not None:
             write_sidecar(identity, tmp)
         replace_dir(tmp, out_dir, overwrite)
@@ -445,3 +452,19 @@ def check_base_fingerprint(model: torch.nn.Module, adapter_dir: str | Path, stri
             raise CheckpointError(message)
         warnings.warn(message, BaseMismatchWarning, stacklevel=2)
     return problems
+
+
+def load_adapter(
+    model: torch.nn.Module,
+    adapter_dir: str | Path,
+    *,
+    strict: bool = False,
+    adapter_name: str = "default",
+    is_trainable: bool = False,
+):
+    """Load a PEFT adapter onto an INT4 ``model`` after checking the base it was trained on
+    (:func:`check_base_fingerprint`: a :class:`BaseMismatchWarning`, or with ``strict`` an error); a ``PeftModel``."""
+    from int4lora_train.modeling.peft_integration import load_adapter as peft_load_adapter
+
+    check_base_fingerprint(model, adapter_dir, strict=strict)
+    return peft_load_adapter(model, str(adapter_dir), adapter_name=adapter_name, is_trainable=is_trainable)

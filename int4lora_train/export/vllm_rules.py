@@ -112,7 +112,9 @@ def config_violations(config: Mapping) -> list[str]:
         return problems
     for field in ("r", "lora_alpha", "target_modules"):
         if config.get(field) in (None, ""):
-            problems.append(f"{field} is missing; vLLM requires r, lora_alpha and target_modules in adapter_config.json.")
+            problems.append(
+                f"{field} is missing; vLLM requires r, lora_alpha and target_modules in adapter_config.json."
+            )
     if config.get("use_dora"):
         problems.append("use_dora=True: vLLM does not support DoRA. Train with use_dora=False.")
     if config.get("modules_to_save"):

@@ -8,9 +8,9 @@ toolkit's own.
 
 Request (JSON)::
 
-    {"model": "/path/base", "adapter": "/path/adapter" | null, "max_lora_rank": 16, "dtype": "float16",
+    {"model": "/path/base", "adapters": {"name": "/path/adapter", ...}, "max_lora_rank": 16, "dtype": "float16",
      "max_model_len": 512, "max_tokens": 8, "logprobs": 20,            # -1 = the whole vocabulary
-     "prompts": [[token ids], ...], "modes": ["base", "adapter"]}
+     "prompts": [[token ids], ...], "modes": ["base", "name", ...]}      # "base" = no LoRA
 
 Output (JSON)::
 
@@ -18,7 +18,7 @@ Output (JSON)::
      "results": {"base": [{"prompt_token_ids": [...], "token_ids": [...],
                            "logprobs": [{"<id>": lp, ...} per generated token],
                            "prompt_logprobs": [null, {"<id>": lp, ...} per later prompt token]}, ...],
-                 "adapter": [...]}}
+                 "<adapter name>": [...]}}
 
 Engine settings follow ../shared/VLLM_CPU.md: ``enforce_eager``, ``max_num_seqs=1`` (``prompt_logprobs`` together
 with LoRA crashes vLLM when more than one request is in a step: vLLM issues #16668, #29955), the engine in-process
@@ -39,8 +39,6 @@ ENGINE_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "0",
 }
-LORA_NAME = "adapter"
-LORA_INT_ID = 1
 
 
 def _logprob_dict(position) -> dict[str, float] | None:
@@ -60,10 +58,11 @@ def run(request: dict) -> dict:
     from vllm.inputs import TokensPrompt
     from vllm.lora.request import LoRARequest
 
-    adapter = request.get("adapter")
-    modes = request.get("modes") or (["base", "adapter"] if adapter else ["base"])
-    if "adapter" in modes and not adapter:
-        raise SystemExit("vllm_worker: mode 'adapter' needs an adapter directory in the request")
+    adapters = dict(request.get("adapters") or {})
+    modes = request.get("modes") or ["base", *adapters]
+    unknown = [m for m in modes if m != "base" and m not in adapters]
+    if unknown:
+        raise SystemExit(f"vllm_worker: modes {unknown} name no adapter in the request (adapters: {sorted(adapters)})")
     engine_args = dict(
         model=request["model"],
         dtype=request.get("dtype", "float16"),
@@ -73,8 +72,10 @@ def run(request: dict) -> dict:
         max_logprobs=-1,
         seed=0,
     )
-    if adapter:
+    if adapters:
         engine_args.update(enable_lora=True, max_lora_rank=int(request["max_lora_rank"]), max_loras=1)
+    # lora_int_id must be >= 1 and unique per adapter.
+    lora_requests = {name: LoRARequest(name, i, path) for i, (name, path) in enumerate(sorted(adapters.items()), 1)}
     started = time.perf_counter()
     llm = LLM(**engine_args)
     load_seconds = time.perf_counter() - started
@@ -93,7 +94,7 @@ def run(request: dict) -> dict:
     seconds: dict[str, float] = {}
     for mode in modes:
         mode_started = time.perf_counter()
-        lora_request = LoRARequest(LORA_NAME, LORA_INT_ID, adapter) if mode == "adapter" else None
+        lora_request = lora_requests.get(mode)
         outputs = []
         # One prompt per generate() call: with max_num_seqs=1 vLLM runs them one at a time anyway, and this keeps
         # the prompt_logprobs + LoRA path on the single-request code path that works.

@@ -1,0 +1,144 @@
+"""The parity comparison itself, without vLLM: logprob differences, greedy checks, the adapter's effect, and
+``verify_with_vllm`` / its CLI entry end to end against a stand-in for the vLLM worker."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from int4lora_train.errors import ExportError
+from int4lora_train.export import export_adapter, verify
+from int4lora_train.export.verify import adapter_effect, compare_logprobs, find_vllm_python
+
+
+def _vllm_like(reference: torch.Tensor, prompt_len: int, generated: list[int], top: int = -1) -> dict:
+    """What the worker reports, computed from ``reference`` [len, vocab] log-softmax rows."""
+
+    def entry(row: int) -> dict[str, float]:
+        values = reference[row]
+        ids = range(values.numel()) if top < 0 else values.topk(top).indices.tolist()
+        return {str(i): float(values[i]) for i in ids}
+
+    return {
+        "prompt_token_ids": list(range(prompt_len)),
+        "token_ids": generated,
+        "prompt_logprobs": [None] + [entry(i - 1) for i in range(1, prompt_len)],
+        "logprobs": [entry(prompt_len - 1 + j) for j in range(len(generated))],
+    }
+
+
+def _reference(length: int = 7, vocab: int = 11, seed: int = 0) -> torch.Tensor:
+    return (torch.randn(length, vocab, generator=torch.Generator().manual_seed(seed)) * 3).log_softmax(-1)
+
+
+def test_identical_logprobs_and_greedy_tokens_pass():
+    reference = _reference()
+    greedy = reference[3:].argmax(-1).tolist()
+    row = compare_logprobs(reference, 4, _vllm_like(reference, 4, greedy), "base", 0)
+    assert (row.max_abs_diff, row.greedy_match, row.compared) == (0.0, True, 11 * (3 + 4))
+    assert row.min_margin > 0
+
+
+def test_a_moved_logprob_and_a_different_token_are_caught():
+    reference = _reference()
+    greedy = reference[3:].argmax(-1).tolist()
+    result = _vllm_like(reference, 4, greedy)
+    token = next(iter(result["logprobs"][1]))
+    result["logprobs"][1][token] += 0.25
+    result["token_ids"] = greedy[:2] + [(greedy[2] + 1) % 11]
+    row = compare_logprobs(reference, 4, result, "adapter", 0)
+    assert row.max_abs_diff == pytest.approx(0.25, abs=1e-6)
+    assert not row.greedy_match
+
+
+def test_a_different_token_within_twice_the_tolerance_is_a_near_tie_not_a_failure():
+    reference = _reference()
+    runner_up = int(reference[4].topk(2).indices[1])
+    best = float(reference[4].max())
+    reference[4, runner_up] = best - 0.015  # 1.5x the tolerance below the argmax: rounding may flip it
+    reference[4] = reference[4].log_softmax(-1)
+    generated = reference[3:].argmax(-1).tolist()
+    generated[1] = runner_up
+    row = compare_logprobs(reference, 4, _vllm_like(reference, 4, generated), "base", 0, tolerance=1e-2)
+    assert (row.greedy_match, row.near_ties, row.greedy_status) == (False, 1, "tie")
+    strict = compare_logprobs(reference, 4, _vllm_like(reference, 4, generated), "base", 0, tolerance=1e-3)
+    assert strict.greedy_status == "DIFF"
+    report = verify.ParityReport("m", {}, "float16", "float32", 1e-2, [row])
+    assert report.passed and not report.greedy_identical and "near-tie" in report.format_table()
+
+
+def test_top_k_results_and_impossible_tokens_are_compared_where_reported():
+    reference = _reference()
+    result = _vllm_like(reference, 4, reference[3:].argmax(-1).tolist(), top=3)
+    result["prompt_logprobs"][2]["5"] = -math.inf  # vLLM's -inf for a token it rules out: not a number to compare
+    row = compare_logprobs(reference, 4, result, "base", 0)
+    assert row.max_abs_diff < 1e-6 and row.compared >= 3 * 6
+
+
+def test_adapter_effect_is_the_largest_prompt_logprob_change():
+    reference, other = _reference(seed=0), _reference(seed=1)
+    base, adapted = _vllm_like(reference, 5, []), _vllm_like(other, 5, [])
+    expected = float((reference[:4] - other[:4]).abs().max())
+    assert adapter_effect(base, adapted) == pytest.approx(expected, rel=1e-6)
+    assert adapter_effect(base, base) == 0.0
+
+
+def test_missing_vllm_is_a_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(verify, "VLLM_VENV", "no-such-venv")
+    monkeypatch.delenv("INT4LORA_VLLM_PYTHON", raising=False)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(verify.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(ExportError, match="setup_vllm_cpu.sh"):
+        find_vllm_python()
+    with pytest.raises(ExportError, match="missing-python does not exist"):
+        find_vllm_python(tmp_path / "missing-python")
+
+
+class _ToolkitAsVllm:
+    """Stands in for the vLLM worker: answers each request with the toolkit's own greedy logprobs (top 5)."""
+
+    def __init__(self, model_dir):
+        from int4lora_train.modeling import load_int4_model
+        from int4lora_train.modeling.peft_integration import load_adapter
+
+        self.model_dir = model_dir
+        self.load_int4_model, self.load_adapter = load_int4_model, load_adapter
+        self.requests = []
+
+    @torch.no_grad()
+    def __call__(self, request, vllm_python=None, timeout=900):
+        self.requests.append(request)
+        model = self.load_int4_model(self.model_dir, dtype=torch.float32)
+        for name, path in request["adapters"].items():
+            model = self.load_adapter(model, path, adapter_name=name)
+        results = {}
+        for mode in request["modes"]:
+            outputs = []
+            for prompt in request["prompts"]:
+                ids = list(prompt)
+                for _ in range(request["max_tokens"]):
+                    ids.append(
+                        int(verify.reference_logprobs(model, ids, None if mode == "base" else mode)[-1].argmax())
+                    )
+                reference = verify.reference_logprobs(model, ids, None if mode == "base" else mode)
+                outputs.append(_vllm_like(reference, len(prompt), ids[len(prompt) :], top=5))
+                outputs[-1]["prompt_token_ids"] = list(prompt)
+            results[mode] = outputs
+        return {"vllm_version": "stand-in", "results": results}
+
+
+def test_verify_with_vllm_runs_the_whole_check(lora_model, tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    export_adapter(lora_model, tmp_path / "adapter", base_model_dir=tiny_checkpoint)
+    fake = _ToolkitAsVllm(tiny_checkpoint)
+    monkeypatch.setattr(verify, "run_vllm_worker", fake)
+    status = verify.main([str(tiny_checkpoint), str(tmp_path / "adapter"), "--prompt", "Hello", "--max-tokens", "3"])
+    table = capsys.readouterr().out
+    assert status == 0 and "PASS" in table and "stand-in" in table
+    (request,) = fake.requests
+    assert request["prompts"] == [list(b"Hello")] and request["modes"] == ["base", "adapter"]
+    assert request["max_lora_rank"] == 8 and request["dtype"] == "float16"
+    report = verify.verify_with_vllm(tiny_checkpoint, tmp_path / "adapter", [[257, 65, 66]], max_tokens=2)
+    assert report.passed and report.max_abs_diff() < 1e-5 and len(report.rows) == 2
+    assert report.adapter_effect["adapter"] > 1e-2  # measured inside the stand-in, on two prompt positions
