@@ -30,9 +30,7 @@ import json
 import logging
 import math
 import os
-import shutil
 import tempfile
-import uuid
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -40,6 +38,7 @@ from pathlib import Path
 
 import torch
 
+from int4lora_train.atomic import atomic_directory
 from int4lora_train.errors import CheckpointError, ExportError
 from int4lora_train.export import vllm_rules
 from int4lora_train.export.fingerprint import (
@@ -382,33 +381,13 @@ def _write_atomically(
     """Write into a temporary sibling of ``out_dir``, then rename; an old ``out_dir`` goes only after that."""
     from safetensors.torch import save_file
 
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    if out_dir.exists() and not overwrite:
+        raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
+    with atomic_directory(out_dir, overwrite) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        os.chmod(tmp / ADAPTER_WEIGHTS, 0o644)
         if identity is not None:
             write_sidecar(identity, tmp)
-        replace_dir(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def replace_dir(tmp: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished ``tmp`` to ``out_dir``; an existing ``out_dir`` is moved aside first and deleted last,
-    so at every moment one complete directory exists."""
-    if out_dir.exists():
-        if not overwrite:
-            raise ExportError(f"{out_dir} already exists; pass overwrite=True to replace it.")
-        old = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(tmp, out_dir)
-    os.chmod(out_dir, 0o755)  # mkdtemp makes 0700 directories; an export is meant to be shared and served
 
 
 def _jsonable(value):

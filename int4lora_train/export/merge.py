@@ -20,8 +20,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,7 +27,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from int4lora_train.atomic import atomic_directory
 from int4lora_train.errors import ExportError
+from int4lora_train.quant.packer import ShardWriter
 
 logger = logging.getLogger(__name__)
 
@@ -252,14 +252,9 @@ def merge_to_dense(
 ) -> Path:
     """Write the model with its LoRA merged as a dense checkpoint in ``dtype`` that transformers loads with
     ``AutoModelForCausalLM.from_pretrained(out_dir)``; returns ``out_dir``."""
-    from int4lora_train.quant.packer import _move_into_place, _refuse_existing, _ShardWriter
-
     base = _base_model(model)
-    out_dir = Path(out_dir)
-    _refuse_existing(out_dir, overwrite)
-    tmp = _temporary_sibling(out_dir)
-    try:
-        writer = _ShardWriter(tmp, max_shard_bytes)
+    with atomic_directory(out_dir, overwrite) as tmp:
+        writer = ShardWriter(tmp, max_shard_bytes)
         for item in iter_merged_tensors(model, adapter_names):
             tensor = item.tensor.to(dtype) if item.tensor.is_floating_point() else item.tensor
             writer.add({item.key: tensor})
@@ -267,10 +262,6 @@ def merge_to_dense(
         config = _plain_config(base, dtype)
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str) + "\n")
         _save_extras(base, tmp, tokenizer)
-        _move_into_place(tmp, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     logger.info("wrote the dense merged checkpoint (%s) to %s", dtype, out_dir)
     return out_dir
 
@@ -453,10 +444,3 @@ def _save_extras(base: nn.Module, directory: Path, tokenizer) -> None:
     generation_config = getattr(base, "generation_config", None)
     if generation_config is not None:
         generation_config.save_pretrained(directory)
-
-
-def _temporary_sibling(out_dir: Path) -> Path:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir()
-    return tmp

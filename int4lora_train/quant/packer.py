@@ -16,13 +16,12 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import uuid
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
 
+from int4lora_train.atomic import atomic_directory
 from int4lora_train.errors import CheckpointError, Int4FormatError, UnsupportedFormatError
 from int4lora_train.quant.checkpoint_config import (
     STRATEGIES,
@@ -203,14 +202,9 @@ def write_int4_checkpoint(
     ignore = tuple(ignore)
     block = quantization_config_for(format, group_size, symmetric, strategy, ignore, checkpoint_format)
     parse_quantization_config(block, source="write_int4_checkpoint")  # the block must be one we can read back
-    out_dir = Path(out_dir)
-    _refuse_existing(out_dir, overwrite)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
-    tmp_dir.mkdir()
-    try:
-        writer = _ShardWriter(tmp_dir, max_shard_bytes)
-        settings = _Settings(format, group_size, symmetric, strategy, checkpoint_format)
+    settings = _Settings(format, group_size, symmetric, strategy, checkpoint_format)
+    with atomic_directory(out_dir, overwrite) as tmp_dir:
+        writer = ShardWriter(tmp_dir, max_shard_bytes)
         for name, value in named_tensors:
             writer.add(_module_tensors(name, value, settings))
         writer.finish()
@@ -219,10 +213,6 @@ def write_int4_checkpoint(
             tokenizer.save_pretrained(tmp_dir)
         if generation_config is not None:
             generation_config.save_pretrained(tmp_dir)
-        _move_into_place(tmp_dir, out_dir, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-        raise
     logger.info("wrote %s checkpoint to %s (%d shard(s))", format, out_dir, writer.num_shards)
     return out_dir
 
@@ -257,8 +247,11 @@ def save_int4_checkpoint(
     dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
     generation_config = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)()
+    config = model.config.to_dict()
+    # from_config() leaves architectures unset; vLLM and AutoModel pick the model class from it.
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
     return write_int4_checkpoint(
-        model.config,
+        config,
         _model_stream(model, quantized, group_size, symmetric, strategy),
         out_dir,
         format=format,
@@ -356,8 +349,9 @@ def _check_matches_scheme(prefix: str, weight: Int4Weight, settings: _Settings) 
         )
 
 
-class _ShardWriter:
-    """Accumulates tensors and flushes a safetensors shard when the next module would overflow it."""
+class ShardWriter:
+    """Writes safetensors shards into a directory: accumulates tensors and flushes a shard when the next module
+    would overflow ``max_shard_bytes``; :meth:`finish` names the shards and writes the index."""
 
     def __init__(self, directory: Path, max_shard_bytes: int | None):
         if max_shard_bytes is not None and max_shard_bytes <= 0:
@@ -423,28 +417,3 @@ def _write_config(directory: Path, config, block: dict, dtype: torch.dtype | Non
         # transformers 5 reads "dtype", 4.x (and older vLLM) "torch_dtype"; both name the non-quantized tensors' dtype.
         data["dtype"] = data["torch_dtype"] = str(dtype).removeprefix("torch.")
     (directory / "config.json").write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
-
-
-def _refuse_existing(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise CheckpointError(f"{out_dir} exists and is not a directory; choose another output path.")
-    if out_dir.is_dir() and any(out_dir.iterdir()) and not overwrite:
-        raise CheckpointError(
-            f"{out_dir} already exists and is not empty; pass overwrite=True to replace it, or choose another path."
-        )
-
-
-def _move_into_place(tmp_dir: Path, out_dir: Path, overwrite: bool) -> None:
-    """Rename the finished directory onto ``out_dir``; an old one is moved aside first and removed only after."""
-    backup = None
-    if out_dir.exists():
-        if any(out_dir.iterdir()):
-            if not overwrite:  # it appeared while we were writing
-                raise CheckpointError(f"{out_dir} appeared while the checkpoint was being written; not replacing it.")
-            backup = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
-            out_dir.rename(backup)
-        else:
-            out_dir.rmdir()
-    tmp_dir.rename(out_dir)
-    if backup is not None:
-        shutil.rmtree(backup)
