@@ -1,7 +1,10 @@
 """GPU benchmark of the fused INT4 dequantization kernel against a device-to-device copy and the prototype.
 
-    PYTHONPATH=. python benchmarks/dequant.py                   # the table (Llama-3-8B projection shapes)
-    PYTHONPATH=. python benchmarks/dequant.py --check --sweep   # + bit-exactness on the GPU, + tile-shape sweep
+    PYTHONPATH=. python3 benchmarks/dequant.py                      # the table (Llama-3-8B projection shapes)
+    PYTHONPATH=. python3 benchmarks/dequant.py --sweep --variants   # + tile-shape sweep, + other weight kinds
+    PYTHONPATH=. python3 benchmarks/dequant.py --check --no-table   # bit-exactness against the torch path, on the GPU
+
+BENCHMARKS.md records the results and the exact commands.
 
 Bandwidth counts bytes read plus bytes written, for every row of the table:
 
@@ -9,9 +12,18 @@ Bandwidth counts bytes read plus bytes written, for every row of the table:
 * fused kernel: reads the packed bytes, the scales (and zero points), writes the ``[out, in]`` output;
 * prototype: the same useful bytes as the fused kernel (its extra traffic is its own cost).
 
-Times are medians of ``triton.testing.do_bench`` (warm-up first; the L2 cache is flushed before every repetition,
-so a weight that fits in L2 is not timed from it). The prototype is the algorithm of the unmerged vLLM
-``INT4Unpacker`` (../shared/PEFT_VLLM.md section 2.4), re-implemented in :func:`prototype_dequant`.
+Two timings of every operation, both medians after warm-up:
+
+* steady state (the table's main columns): the operation runs over K rotating sets of buffers (K * bytes >= 4x the
+  L2 cache, so no input is still cached from its last use), captured in one CUDA graph and replayed back to back;
+  time per call = replay time / K. No launch gaps, no cache flush; each call pays for writing back its own output,
+  as a dequantization followed by other work in a training step does.
+* single launch, cold L2: one call captured alone in a CUDA graph (host-side launch cost stays out), timed by
+  ``triton.testing.do_bench``, which zeroes a 256 MB buffer before every repetition. The L2 then starts full of
+  dirty lines that the timed call must write back, a fixed cost of a few us that weighs most on the shortest calls.
+
+The prototype is the algorithm of the unmerged vLLM ``INT4Unpacker`` (../shared/PEFT_VLLM.md section 2.4),
+re-implemented in :func:`prototype_dequant`.
 """
 
 from __future__ import annotations
@@ -19,8 +31,12 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import random
+import re
+import statistics
 import sys
+import time
 
 import torch
 import triton
@@ -28,7 +44,7 @@ import triton.testing
 
 from int4lora_train.quant.dequant import dequantize_torch
 from int4lora_train.quant.layout import Int4Weight
-from int4lora_train.quant.triton_dequant import DEFAULT_CONFIG, LaunchConfig, launch_dequant
+from int4lora_train.quant.triton_dequant import LaunchConfig, config_for, launch_dequant
 
 LLAMA3_8B_SHAPES = {  # (out, in) of the projections; q/k/v and gate/up are fused as vLLM serves them
     "qkv_proj": (6144, 4096),
@@ -37,22 +53,20 @@ LLAMA3_8B_SHAPES = {  # (out, in) of the projections; q/k/v and gate/up are fuse
     "down_proj": (4096, 14336),
 }
 
-SWEEP_BLOCKS = [  # (block_n, block_k, num_warps)
-    (8, 128, 4),
-    (16, 128, 4),
-    (32, 128, 4),
-    (32, 128, 8),
-    (64, 128, 8),
-    (8, 256, 4),
-    (16, 256, 4),
-    (16, 256, 8),
-    (32, 256, 8),
-    (64, 256, 8),
-    (4, 512, 4),
+SWEEP_BLOCKS = [  # (block_n, block_k, num_warps); the library picks 16x1024x8 or 4x2048x8 (config_for)
     (8, 512, 4),
-    (16, 512, 8),
     (4, 1024, 4),
+    (4, 2048, 8),
+    (2, 2048, 4),
+    (64, 256, 8),
+    (32, 256, 8),
+    (16, 256, 4),
+    (16, 512, 8),
+    (32, 512, 8),
     (8, 1024, 8),
+    (16, 1024, 8),
+    (8, 2048, 8),
+    (128, 128, 8),
 ]
 
 
@@ -99,13 +113,75 @@ def prototype_dequant(
     weight = (unpacked.to(torch.int8) - 8).to(dtype)
     if zero_points is not None:
         zp = zero_points.unsqueeze(2).repeat(1, 1, group_size).view(out_features, -1)
-        weight = weight - zp.to(dtype)
+        weight = weight - zp[:, : packed_cols * 2].to(dtype)
     expanded_scales = scales.unsqueeze(2).repeat(1, 1, group_size).view(out_features, -1)
-    return weight * expanded_scales.to(dtype)
+    return weight * expanded_scales[:, : packed_cols * 2].to(dtype)
 
 
-def median_ms(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=25, rep=250, return_mode="median")
+def cold_us(fn, args: tuple) -> float:
+    """Single launch, cold L2 (see the module docstring): ``fn(*args)`` captured alone in a CUDA graph (so host-side
+    launch cost cannot leave the GPU idle inside the timed region), timed by ``do_bench``."""
+    graph = capture(fn, [args])
+    us = 1e3 * triton.testing.do_bench(graph.replay, warmup=25, rep=250, return_mode="median")
+    del graph
+    torch.cuda.synchronize()
+    return us
+
+
+def capture(fn, arg_sets: list[tuple]) -> torch.cuda.CUDAGraph:
+    """One CUDA graph of ``fn(*args)`` for every args in ``arg_sets``, after a warm-up run outside the capture."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up (compilation, allocator) outside the capture
+        for args in arg_sets:
+            fn(*args)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for args in arg_sets:
+            fn(*args)
+    return graph
+
+
+def rotating_sets(bytes_per_call: int) -> int:
+    """How many buffer sets make one pass over them move at least 4x the L2 cache (and never fewer than 2)."""
+    l2_bytes = torch.cuda.get_device_properties(0).L2_cache_size
+    return max(2, math.ceil(4 * l2_bytes / bytes_per_call))
+
+
+def steady_state_us(fn, arg_sets: list[tuple], replays: int = 50, trials: int = 7) -> float:
+    """Median microseconds per call of ``fn(*args)`` over the rotating ``arg_sets``, captured in one CUDA graph
+    and replayed back to back (see the module docstring)."""
+    graph = capture(fn, arg_sets)
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(trials):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(1e3 * start.elapsed_time(end) / (replays * len(arg_sets)))
+    del graph
+    torch.cuda.synchronize()
+    return statistics.median(times)
+
+
+def host_overhead_us(calls: int = 2000) -> float:
+    """Host time of one ``launch_dequant`` call (argument checks + Triton launch), on a small weight."""
+    weight = random_weight(256, 256, 128)
+    out = torch.empty(weight.shape, dtype=torch.bfloat16, device="cuda")
+    for _ in range(50):
+        launch_dequant(weight, torch.bfloat16, out)
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        launch_dequant(weight, torch.bfloat16, out)
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return 1e6 * elapsed / calls
 
 
 def peak_bytes(fn) -> int:
@@ -137,7 +213,7 @@ def check_bit_exact(random_cases: int, seed: int = 0) -> list[str]:
     unwritten element fails. Returns the failures."""
     rng = random.Random(seed)
     floats = [torch.float16, torch.bfloat16, torch.float32]
-    configs = [DEFAULT_CONFIG] + [LaunchConfig(*b) for b in SWEEP_BLOCKS[:6]] + [LaunchConfig(16, 256, 4, False)]
+    configs = [None, LaunchConfig(8, 128, 4, word_loads=False), LaunchConfig(4, 2048, 8), LaunchConfig(16, 1024, 8)]
     cases = []
     for (out_features, in_features), symmetric in itertools.product(LLAMA3_8B_SHAPES.values(), (True, False)):
         cases.append(dict(out_features=out_features, in_features=in_features, group_size=128, symmetric=symmetric))
@@ -178,94 +254,130 @@ def check_bit_exact(random_cases: int, seed: int = 0) -> list[str]:
 
 
 def sweep(group_size: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
-    """Median time (us) of every tile shape / load mode on every shape."""
-    configs = [LaunchConfig(bn, bk, w, words) for (bn, bk, w), words in itertools.product(SWEEP_BLOCKS, (True, False))]
-    configs += [LaunchConfig(16, 128, 4, True, True), LaunchConfig(16, 256, 4, True, True)]
+    """Steady-state time (us) of every tile shape / load mode on every shape."""
+    configs = [LaunchConfig(bn, bk, w) for bn, bk, w in SWEEP_BLOCKS]
+    configs += [LaunchConfig(bn, bk, w, word_loads=False) for bn, bk, w in SWEEP_BLOCKS[:3]]
     results: dict[str, dict[str, float]] = {}
     for name, (out_features, in_features) in LLAMA3_8B_SHAPES.items():
-        weight = random_weight(out_features, in_features, group_size)
-        out = torch.empty(weight.shape, dtype=dtype, device="cuda")
+        first = random_weight(out_features, in_features, group_size)
+        count = rotating_sets(bytes_moved(first, dtype))
+        weights = [first] + [random_weight(out_features, in_features, group_size, seed=i) for i in range(1, count)]
+        arg_sets = [(w, torch.empty(w.shape, dtype=dtype, device="cuda")) for w in weights]
         for config in configs:
-            us = 1e3 * median_ms(lambda c=config, w=weight, o=out: launch_dequant(w, dtype, o, c))
+            us = steady_state_us(lambda w, o, c=config: launch_dequant(w, dtype, o, c), arg_sets)
             results.setdefault(config_name(config), {})[name] = us
+        del weights, arg_sets, first
+        torch.cuda.empty_cache()
     names = list(LLAMA3_8B_SHAPES)
-    print(f"\nsweep: median us per shape (bf16 out, group {group_size}); total = sum over the four shapes")
+    print(f"\nsweep: steady-state us per call (bf16 out, group {group_size}); total = sum over the four shapes")
     print(f"{'config':<28}" + "".join(f"{n:>14}" for n in names) + f"{'total':>10}")
     for config, row in sorted(results.items(), key=lambda item: sum(item[1].values())):
         print(f"{config:<28}" + "".join(f"{row[n]:>14.1f}" for n in names) + f"{sum(row.values()):>10.1f}")
     return results
 
 
-def config_name(config: LaunchConfig) -> str:
-    name = f"{config.block_n}x{config.block_k}/w{config.num_warps}/{'words' if config.word_loads else 'bytes'}"
-    return name + ("/intround" if config.integer_rounding else "")
+def parse_config(text: str) -> LaunchConfig:
+    """``"8x512x4"`` (block_n x block_k x num_warps) -> LaunchConfig."""
+    block_n, block_k, num_warps = (int(part) for part in text.split("x"))
+    return LaunchConfig(block_n, block_k, num_warps)
 
 
-def measure_shape(out_features: int, in_features: int, group_size: int, dtype: torch.dtype, config: LaunchConfig):
-    """One row of the table: copy, fused kernel (twice, and with its own allocation) and prototype, one shape."""
-    weight = random_weight(out_features, in_features, group_size)
-    out = torch.empty(weight.shape, dtype=dtype, device="cuda")
-    src = torch.randn(weight.shape, device="cuda").to(dtype)
-    out_bytes = out.numel() * dtype.itemsize
-
-    def run_fused(buffer=out):
-        return launch_dequant(weight, dtype, buffer, config)
-
-    def run_prototype():
-        return prototype_dequant(weight.packed[:, : -(-in_features // 2)], weight.scales, None, group_size, dtype)
-
-    copy_us = 1e3 * median_ms(lambda: out.copy_(src))
-    fused_us = 1e3 * median_ms(run_fused)
-    fused_again_us = 1e3 * median_ms(run_fused)
-    alloc_us = 1e3 * median_ms(lambda: run_fused(None))
-    prototype_us = 1e3 * median_ms(run_prototype)
-    moved = bytes_moved(weight, dtype)
-    copy_gbs = 2 * out_bytes / copy_us / 1e3
-    fused_gbs = moved / fused_us / 1e3
-    return dict(
-        out=out_features,
-        inp=in_features,
-        bytes_moved=moved,
-        copy_us=copy_us,
-        copy_gbs=copy_gbs,
-        fused_us=fused_us,
-        fused_again_us=fused_again_us,
-        fused_alloc_us=alloc_us,
-        fused_gbs=fused_gbs,
-        pct_of_copy=100 * fused_gbs / copy_gbs,
-        prototype_us=prototype_us,
-        prototype_gbs=moved / prototype_us / 1e3,
-        speedup=prototype_us / fused_us,
-        prototype_peak_x_out=peak_bytes(run_prototype) / out_bytes,
-        fused_peak_x_out=peak_bytes(lambda: run_fused(None)) / out_bytes,
-        prototype_bit_exact=torch.equal(bits(run_prototype()), bits(dequantize_torch(weight, dtype))),
-    )
+def config_name(config: LaunchConfig | None) -> str:
+    """``16x1024/w8/words``; ``auto`` for the library's own choice (:func:`config_for`)."""
+    if config is None:
+        return "auto"
+    return f"{config.block_n}x{config.block_k}/w{config.num_warps}/{'words' if config.word_loads else 'bytes'}"
 
 
-def table(group_size: int, dtype: torch.dtype, config: LaunchConfig) -> list[dict]:
+def measure_shape(
+    out_features: int, in_features: int, group_size: int, dtype: torch.dtype, configs: list[LaunchConfig]
+) -> dict:
+    """One shape: copy and prototype, and the fused kernel with each config; steady state and single launch."""
+    first = random_weight(out_features, in_features, group_size)
+    moved = bytes_moved(first, dtype)
+    weights = [first] + [
+        random_weight(out_features, in_features, group_size, seed=i) for i in range(1, rotating_sets(moved))
+    ]
+    outs = [torch.empty(first.shape, dtype=dtype, device="cuda") for _ in weights]
+    copy_sets = [(o, torch.randn(first.shape, device="cuda").to(dtype)) for o in outs]
+    out_bytes = outs[0].numel() * dtype.itemsize
+
+    def prototype(weight):
+        packed = weight.packed[:, : -(-in_features // 2)]
+        return prototype_dequant(packed, weight.scales, weight.zero_points, group_size, dtype)
+
+    def copy(dst, src):
+        return dst.copy_(src)
+
+    row = dict(out=out_features, inp=in_features, bytes_moved=moved, rotating_sets=len(weights), fused={})
+    row["auto_config"] = config_name(config_for(first))
+    for label, fn, arg_sets in [("copy", copy, copy_sets), ("prototype", prototype, [(w,) for w in weights])]:
+        row[f"{label}_us"] = steady_state_us(fn, arg_sets)
+        row[f"{label}_cold_us"] = cold_us(fn, arg_sets[0])
+    row["copy_gbs"] = 2 * out_bytes / row["copy_us"] / 1e3
+    row["prototype_peak_x_out"] = peak_bytes(lambda: prototype(first)) / out_bytes
+    row["prototype_bit_exact"] = torch.equal(bits(prototype(first)), bits(dequantize_torch(first, dtype)))
+    for config in configs:
+
+        def fused(weight, out=None, config=config):
+            return launch_dequant(weight, dtype, out, config)
+
+        us = steady_state_us(fused, list(zip(weights, outs)))
+        fused_cold_us = cold_us(fused, (first, outs[0]))
+        row["fused"][config_name(config)] = dict(
+            us=us,
+            again_us=steady_state_us(fused, list(zip(weights, outs))),
+            gbs=moved / us / 1e3,
+            pct_of_copy=100 * (moved / us) / (2 * out_bytes / row["copy_us"]),
+            speedup=row["prototype_us"] / us,
+            cold_us=fused_cold_us,
+            cold_pct_of_copy=100 * (moved / fused_cold_us) / (2 * out_bytes / row["copy_cold_us"]),
+            cold_speedup=row["prototype_cold_us"] / fused_cold_us,
+            peak_x_out=peak_bytes(lambda fused=fused: fused(first)) / out_bytes,
+        )
+    return row
+
+
+def table(group_size: int, dtype: torch.dtype, configs: list[LaunchConfig]) -> list[dict]:
+    """The Llama-3-8B table for each config (the first is the library's default)."""
     rows = []
     for name, (out_features, in_features) in LLAMA3_8B_SHAPES.items():
-        rows.append(dict(shape=name, **measure_shape(out_features, in_features, group_size, dtype, config)))
+        rows.append(dict(shape=name, **measure_shape(out_features, in_features, group_size, dtype, configs)))
         torch.cuda.empty_cache()
-    print(f"\nconfig {config_name(config)}; group {group_size}; {dtype} out; symmetric bf16 scales")
-    print(
-        "| shape (out x in) | copy us | copy GB/s | fused us | fused GB/s | % of copy | prototype us | speedup "
-        "| prototype peak / out |"
-    )
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for r in rows:
+    for config in configs:
+        key = config_name(config)
+        print(f"\nconfig {key}; group {group_size}; {dtype} out; symmetric bf16 scales")
+        print("steady state (rotating buffers, CUDA graph):")
         print(
-            f"| {r['shape']} {r['out']}x{r['inp']} | {r['copy_us']:.1f} | {r['copy_gbs']:.0f} | {r['fused_us']:.1f} "
-            f"| {r['fused_gbs']:.0f} | {r['pct_of_copy']:.1f}% | {r['prototype_us']:.1f} | {r['speedup']:.1f}x "
-            f"| {r['prototype_peak_x_out']:.2f}x |"
+            "| shape (out x in) | copy us | copy GB/s | fused us | fused GB/s | % of copy | prototype us | speedup "
+            "| prototype peak / out |"
         )
-    for label, key in [
-        ("repeat of the fused timing (us)", "fused_again_us"),
-        ("fused with its own output allocation (us)", "fused_alloc_us"),
-        ("fused peak / out", "fused_peak_x_out"),
-        ("prototype bit-exact", "prototype_bit_exact"),
-    ]:
-        print(f"{label}: " + ", ".join(f"{r[key]:.2f}" if isinstance(r[key], float) else str(r[key]) for r in rows))
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for r in rows:
+            f = r["fused"][key]
+            print(
+                f"| {r['shape']} {r['out']}x{r['inp']} | {r['copy_us']:.1f} | {r['copy_gbs']:.0f} | {f['us']:.1f} "
+                f"| {f['gbs']:.0f} | {f['pct_of_copy']:.1f}% | {r['prototype_us']:.1f} | {f['speedup']:.1f}x "
+                f"| {r['prototype_peak_x_out']:.2f}x |"
+            )
+        print("single launch, cold L2 (do_bench):")
+        print("| shape | copy us | fused us | % of copy | prototype us | speedup |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for r in rows:
+            f = r["fused"][key]
+            print(
+                f"| {r['shape']} | {r['copy_cold_us']:.1f} | {f['cold_us']:.1f} | {f['cold_pct_of_copy']:.1f}% "
+                f"| {r['prototype_cold_us']:.1f} | {f['cold_speedup']:.1f}x |"
+            )
+        print(
+            "repeat of the steady-state fused timing (us): "
+            + ", ".join(f"{r['fused'][key]['again_us']:.1f}" for r in rows)
+        )
+        print("fused peak / out: " + ", ".join(f"{r['fused'][key]['peak_x_out']:.2f}" for r in rows))
+    print("\nauto config per shape: " + ", ".join(f"{r['shape']} {r['auto_config']}" for r in rows))
+    print("rotating buffer sets: " + ", ".join(str(r["rotating_sets"]) for r in rows))
+    print("prototype bit-exact with dequantize_torch: " + ", ".join(str(r["prototype_bit_exact"]) for r in rows))
+    print(f"host time of one launch_dequant call: {host_overhead_us():.1f} us")
     return rows
 
 
@@ -300,11 +412,36 @@ def variants(config: LaunchConfig) -> list[dict]:
 
 
 def measure_variant(weight: Int4Weight, dtype: torch.dtype, config: LaunchConfig) -> dict:
-    out = torch.empty(weight.shape, dtype=dtype, device="cuda")
-    src = torch.empty_like(out).uniform_()
-    copy_gbs = 2 * out.numel() * dtype.itemsize / median_ms(lambda: out.copy_(src)) / 1e6
-    fused_us = 1e3 * median_ms(lambda: launch_dequant(weight, dtype, out, config))
-    return dict(fused_us=fused_us, fused_gbs=bytes_moved(weight, dtype) / fused_us / 1e3, copy_gbs=copy_gbs)
+    """Steady-state fused time and copy bandwidth of the same output (the weight rotates with copies of itself)."""
+    count = rotating_sets(bytes_moved(weight, dtype))
+    weights = [weight] + [Int4Weight(**{**weight.__dict__, "packed": weight.packed.clone()}) for _ in range(count - 1)]
+    outs = [torch.empty(weight.shape, dtype=dtype, device="cuda") for _ in weights]
+    copy_sets = [(o, torch.empty_like(o).uniform_()) for o in outs]
+    copy_us = steady_state_us(lambda dst, src: dst.copy_(src), copy_sets)
+    fused_us = steady_state_us(lambda w, o: launch_dequant(w, dtype, o, config), list(zip(weights, outs)))
+    return dict(
+        fused_us=fused_us,
+        fused_gbs=bytes_moved(weight, dtype) / fused_us / 1e3,
+        copy_gbs=2 * outs[0].numel() * dtype.itemsize / copy_us / 1e3,
+    )
+
+
+def compiled_resources() -> list[str]:
+    """Tile shape, output dtype, warps, registers per thread and spills of every compiled kernel variant (registers
+    bound how many programs share a multiprocessor, hence whether a small weight fits in one wave)."""
+    from int4lora_train.quant.triton_dequant import _dequant_kernel
+
+    lines = []
+    for caches in getattr(_dequant_kernel, "device_caches", {}).values():
+        for kernel in caches[0].values():
+            shapes = re.findall(r"tt.store .*?tensor<(\d+x\d+)x!tt.ptr<(\w+)>", kernel.asm.get("ttgir", ""))
+            tile = "x".join(shapes[0]) if shapes else "?"
+            lines.append(
+                f"{tile}/w{kernel.metadata.num_warps}: {getattr(kernel, 'n_regs', '?')} registers, "
+                f"{getattr(kernel, 'n_spills', '?')} spills, "
+                f"{kernel.metadata.shared} B shared"
+            )
+    return sorted(set(lines))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -313,7 +450,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--check-cases", type=int, default=120, help="random weights for --check")
     parser.add_argument("--sweep", action="store_true", help="time every tile shape / load mode")
     parser.add_argument("--variants", action="store_true", help="time other weight kinds on the down_proj shape")
+    parser.add_argument("--no-table", action="store_true", help="skip the main table")
     parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument(
+        "--configs",
+        default="",
+        help="extra configs for the table besides the library's choice, comma-separated, e.g. 8x512x4,4x2048x8",
+    )
     parser.add_argument("--json", help="write every measurement to this file")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -329,8 +472,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.sweep:
         report["sweep"] = sweep(args.group_size, torch.bfloat16)
     if args.variants:
-        report["variants"] = variants(DEFAULT_CONFIG)
-    report["table"] = table(args.group_size, torch.bfloat16, DEFAULT_CONFIG)
+        report["variants"] = variants(None)
+    if not args.no_table:
+        extra = [parse_config(text) for text in args.configs.split(",") if text]
+        report["table"] = table(args.group_size, torch.bfloat16, [None, *extra])
+    report["kernels"] = compiled_resources()
+    print("\ncompiled variants: " + "; ".join(report["kernels"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(report, f, indent=1, default=str)

@@ -1,24 +1,24 @@
 """Fused INT4 dequantization in one Triton pass: packed bytes + scales (+ zero points, + g_idx) -> dense ``[out, in]``.
 
 Each program owns a ``[BLOCK_N, BLOCK_K]`` tile of the output. It reads the tile's ``BLOCK_K / 2`` packed bytes per
-row once, splits every byte into its even (low nibble) and odd (high nibble) column, applies the scale (and zero
-point) of each column's group, interleaves the two halves back with ``tl.join`` and writes the tile with wide
-stores. Nothing but the output is written to device memory, so the kernel moves ``in/2 + in * itemsize`` bytes per
-row plus the scales: about 5/4 of a device-to-device copy of the output's bytes in, 1 out.
+row once (as int32 words where the rows are word-padded, as compressed-tensors' are; else as bytes), splits them into
+nibbles in column order, applies each column's group scale (and zero point) and writes the tile with 16-byte stores.
+Only the output is written to device memory: per row the kernel reads ``in / 2`` bytes plus the scales and writes
+``in * itemsize`` bytes; for a bf16 output that is 5/8 of the traffic of a device-to-device copy of the output.
 
 The arithmetic is the toolkit's bit-exact rule (see :mod:`int4lora_train.quant.dequant`): ``(q - zp) * scale`` in
-fp32, rounded once (to nearest even) to the scale's dtype, then cast to the output dtype.
+fp32, rounded once (to nearest, ties to even) to the scale's dtype, then cast to the output dtype.
 
-Groups come in four flavours, chosen at compile time so the common case does no per-element gathers:
+How a tile meets the groups is chosen on the host, so the common case loads one scale per row and group:
 
-* one group per row (per-channel / per-tensor scales): one scale per row, broadcast;
-* contiguous groups that a whole tile lies in (``group_size % BLOCK_K == 0``): one scale per row and tile;
-* other contiguous groups of even size: the two nibbles of a byte share a group, so one gathered scale per byte;
-* ``g_idx`` (activation order) or an odd group size: one gathered scale per column.
+* the tile lies in one group (per-channel / per-tensor scales, or ``group_size % BLOCK_K == 0``): one scale per row;
+* whole groups inside the tile (``BLOCK_K % group_size == 0``): the tile is viewed as ``[rows, groups, group_size]``;
+* ``g_idx`` (activation order) or groups that straddle tiles: one gathered scale per column.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from dataclasses import dataclass
@@ -37,16 +37,33 @@ logger = logging.getLogger(__name__)
 class LaunchConfig:
     """Tile shape and warps of one launch: a ``[block_n, block_k]`` output tile per program."""
 
-    block_n: int = 8
-    block_k: int = 512
-    num_warps: int = 4
+    block_n: int
+    block_k: int
+    num_warps: int
     word_loads: bool = True  # read int32 words where the rows allow it (else bytes)
-    integer_rounding: bool = False  # forced on under the CPU interpreter
 
 
-# 8 x 512 tiles, 4 warps: each thread reads one 16-byte vector of packed words and writes two 16-byte vectors of
-# bf16 per row pair. Fastest (by ~1%, within noise of 16 x 256 and 4 x 1024) in the sweep of benchmarks/dequant.py.
-DEFAULT_CONFIG = LaunchConfig()
+# Two tile sizes, from the sweep in benchmarks/dequant.py on an H100 (BENCHMARKS.md): a weight whose 16K-output
+# tiles all fit in one wave of resident programs (8 of 256 threads per multiprocessor, which needs <= 32 registers
+# per thread) ran fastest that way, with no partial last wave; larger weights ran fastest with 8K-output tiles of
+# long rows (2048 columns = 4 KB of bf16 per row).
+_SMALL_TILE_OUTPUTS, _SMALL_TILE_MAX_K = 16384, 1024
+_LARGE_TILE_OUTPUTS, _LARGE_TILE_MAX_K = 8192, 2048
+_NUM_WARPS, _PROGRAMS_PER_MULTIPROCESSOR = 8, 8
+
+
+def config_for(weight: Int4Weight) -> LaunchConfig:
+    """The launch configuration :func:`dequantize_triton` uses for ``weight`` (see the tile sizes above)."""
+    out_features, in_features = weight.shape
+    one_wave = _SMALL_TILE_OUTPUTS * _PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(weight.device)
+    small = out_features * in_features <= one_wave
+    tile_outputs, max_block_k = (
+        (_SMALL_TILE_OUTPUTS, _SMALL_TILE_MAX_K) if small else (_LARGE_TILE_OUTPUTS, _LARGE_TILE_MAX_K)
+    )
+    # Narrow layers get shorter, taller tiles rather than masked-off columns.
+    block_k = min(max_block_k, max(8, triton.next_power_of_2(in_features)))
+    return LaunchConfig(block_n=max(1, tile_outputs // block_k), block_k=block_k, num_warps=_NUM_WARPS)
+
 
 _NIBBLE_OFFSET = tl.constexpr(NIBBLE_OFFSET)
 # How a tile's columns map to groups (chosen on the host, see _group_layout).
@@ -60,8 +77,10 @@ _GROUP_FROM_G_IDX = tl.constexpr(3)
 def _round_to(value, dtype: tl.constexpr, INTEGER_ROUNDING: tl.constexpr):
     """fp32 ``value`` rounded to the nearest ``dtype`` value (ties to even), returned as the exact fp32 of it.
 
-    With ``INTEGER_ROUNDING`` bf16 is rounded with integer arithmetic (torch's own formula) instead of a cast:
-    Triton's CPU interpreter truncates fp32 -> bf16 casts, while the GPU's cast rounds to nearest even.
+    The GPU's fp32 -> bf16 cast rounds to nearest even; Triton's CPU interpreter truncates, so there bf16 is rounded
+    with integer arithmetic instead (torch's own formula, for finite values). The GPU keeps the cast: with integer
+    rounding the 4096 x 4096 weight took 17.7 instead of 15.9 us (its 16 x 1024 tiles compile to 32 registers per
+    thread with the cast, the most that lets 8 programs of 256 threads share a multiprocessor).
     """
     if dtype == tl.bfloat16:
         if INTEGER_ROUNDING:
@@ -84,7 +103,7 @@ def _apply_scale(
     if HAS_ZERO_POINTS:
         q = q - zero_point.to(tl.int32)
     value = _round_to(q.to(tl.float32) * scale.to(tl.float32), scale.dtype, INTEGER_ROUNDING)
-    # The second rounding is the cast of a scale-dtype value into out_dtype; the final .to() is then exact.
+    # Casting a scale-dtype value into out_dtype rounds again; after that the final .to() is exact.
     return _round_to(value, out_dtype, INTEGER_ROUNDING).to(out_dtype)
 
 
@@ -154,7 +173,7 @@ def _dequant_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     WORD_LOADS: tl.constexpr,  # read the packed row as int32 words (needs 4-byte aligned, word-padded rows)
-    INTEGER_ROUNDING: tl.constexpr,  # round to bf16 in integers (the CPU interpreter's casts truncate)
+    INTEGER_ROUNDING: tl.constexpr,  # round to bf16 in integers (Triton's CPU interpreter truncates casts)
 ):
     pid_k = tl.program_id(1)
     # Row offsets in int64 once per program (the output may exceed 2**31 elements); tile offsets stay int32.
@@ -230,15 +249,21 @@ def dequantize_triton(
     (shape ``[out, in]``, unit column stride, on the weight's device) and is returned. The weight must live on CUDA,
     or anywhere when ``TRITON_INTERPRET=1`` was set before this module was imported. No host-device synchronisation.
     """
-    return launch_dequant(weight, dtype, out, DEFAULT_CONFIG)
+    return launch_dequant(weight, dtype, out)
 
 
 def launch_dequant(
-    weight: Int4Weight, dtype: torch.dtype | None, out: torch.Tensor | None, config: LaunchConfig
+    weight: Int4Weight,
+    dtype: torch.dtype | None = None,
+    out: torch.Tensor | None = None,
+    config: LaunchConfig | None = None,
 ) -> torch.Tensor:
-    """:func:`dequantize_triton` with an explicit tile shape (used by the tests and the benchmark)."""
+    """:func:`dequantize_triton` with an explicit tile shape (the tests and the benchmark sweep use it)."""
+    config = config or config_for(weight)
     if config.block_k < 8 or config.block_k & (config.block_k - 1) or config.block_n & (config.block_n - 1):
-        raise ValueError(f"block_k must be a power of two >= 8 and block_n a power of two, got {config}")
+        raise UnsupportedFormatError(
+            f"launch config {config}: block_k must be a power of two >= 8 and block_n a power of two"
+        )
     packed, scales, zero_points, g_idx = _checked_tensors(weight)
     out = _output_buffer(weight, dtype, out)
     out_features, in_features = weight.shape
@@ -273,7 +298,7 @@ def launch_dequant(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         WORD_LOADS=word_loads,
-        INTEGER_ROUNDING=config.integer_rounding or _interpreting(),
+        INTEGER_ROUNDING=_interpreting(),
         num_warps=config.num_warps,
     )
     return out
@@ -315,7 +340,10 @@ def _checked_tensors(
     """Cheap metadata checks (no device sync) and the layout the kernel needs: unit column stride for the packed
     bytes, int32 g_idx. Values were validated when the weight was built (:meth:`Int4Weight.create`)."""
     if not isinstance(weight, Int4Weight):
-        raise TypeError(f"dequantize_triton expects an Int4Weight, got {type(weight).__name__}")
+        raise Int4FormatError(
+            f"dequantize_triton expects an Int4Weight, got {type(weight).__name__}; build one with Int4Weight.create() "
+            "or a reader in int4lora_train.quant.formats"
+        )
     packed = weight.packed
     if packed.dtype != torch.uint8 or packed.dim() != 2:
         raise Int4FormatError(
@@ -376,6 +404,14 @@ def _output_buffer(weight: Int4Weight, dtype: torch.dtype | None, out: torch.Ten
             "buffer or a row slice of one"
         )
     return out
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere, i.e. under the CPU interpreter)."""
+    if device.type != "cuda":
+        return 1
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 def _interpreting() -> bool:

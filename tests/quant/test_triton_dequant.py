@@ -131,6 +131,13 @@ def test_every_tile_shape_and_group_path(block: tuple[int, int, int], word_loads
         assert_bit_exact(weight, config)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 3), (13, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_tiny_and_narrow_layers(shape: tuple[int, int]) -> None:
+    # The default tile shape adapts to narrow rows (block_k down to 8 columns); single rows and columns still work.
+    out_features, in_features = shape
+    assert_bit_exact(random_weight(out_features, in_features, None, torch.bfloat16, symmetric=False, seed=12))
+
+
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("magnitude", [1e-7, 3e3], ids=["subnormal", "overflow"])
 def test_extreme_scales_round_like_torch(scale_dtype: torch.dtype, magnitude: float) -> None:
