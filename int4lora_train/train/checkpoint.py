@@ -3,7 +3,8 @@
 A checkpoint is a directory ``<run>/checkpoints/step-N/``:
 
 - ``trainable.safetensors``: the trainable (LoRA) tensors, by parameter name;
-- ``optimizer.pt``: optimizer and LR-scheduler state dicts (read back with ``weights_only=True``);
+- ``optimizer.pt``: optimizer, LR-scheduler (and fp16 grad-scaler) state dicts, read back with
+  ``weights_only=True``;
 - ``rng/rank-R.pt``: each process's Python, NumPy, torch (and CUDA) RNG states;
 - ``trainer_state.json``: step counters and what the run must match to resume exactly.
 
@@ -35,6 +36,7 @@ TENSORS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
+_OPTIMIZER_KEYS = ("optimizer", "scheduler", "scaler")  # what optimizer.pt holds (scaler: fp16 runs only)
 
 
 def list_checkpoints(root: str | Path) -> list[tuple[int, Path]]:
@@ -91,7 +93,8 @@ def save_checkpoint(
     barrier=lambda: None,
     keep_last: int | None = None,
 ) -> Path:
-    """Write ``checkpoint`` (keys ``state_dict``, ``optimizer``, ``scheduler``, ``trainer_state``) as step ``step``.
+    """Write ``checkpoint`` (``state_dict``, ``optimizer``, ``scheduler``, ``trainer_state``, optional ``scaler``)
+    as step ``step``.
 
     Every process calls this (each writes its own RNG state); ``barrier`` synchronises them. Returns the final path.
     """
@@ -107,7 +110,7 @@ def save_checkpoint(
     barrier()
     if is_main:
         save_file(_contiguous(checkpoint["state_dict"]), str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        torch.save({"optimizer": checkpoint["optimizer"], "scheduler": checkpoint["scheduler"]}, tmp / OPTIMIZER_FILE)
+        torch.save({k: checkpoint[k] for k in _OPTIMIZER_KEYS if k in checkpoint}, tmp / OPTIMIZER_FILE)
         # Written last: a directory with trainer_state.json is complete.
         (tmp / STATE_FILE).write_text(json.dumps(checkpoint["trainer_state"], indent=2), encoding="utf-8")
         if final.exists():
@@ -140,13 +143,7 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
     rng_file = path / RNG_DIR / f"rank-{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
-    return {
-        "trainer_state": trainer_state,
-        "state_dict": state_dict,
-        "optimizer": optim["optimizer"],
-        "scheduler": optim["scheduler"],
-        "rng": rng,
-    }
+    return {"trainer_state": trainer_state, "state_dict": state_dict, **optim, "rng": rng}
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

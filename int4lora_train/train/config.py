@@ -41,6 +41,38 @@ SCHEDULERS = (
 """transformers ``get_scheduler`` names that need no extra arguments."""
 
 
+ALIASES = {
+    "learning_rate": "train.lr",
+    "num_epochs": "train.epochs",
+    "num_train_epochs": "train.epochs",
+    "per_device_train_batch_size": "train.micro_batch_size",
+    "batch_size": "train.micro_batch_size",
+    "lr_scheduler": "train.scheduler",
+    "lr_scheduler_type": "train.scheduler",
+    "bf16": "train.mixed_precision",
+    "fp16": "train.mixed_precision",
+    "eval_steps": "train.eval_every",
+    "save_steps": "train.save_every",
+    "logging_steps": "train.log_every",
+    "save_total_limit": "train.keep_last",
+    "resume_from_checkpoint": "train.resume",
+    "lora_r": "lora.r",
+    "rank": "lora.r",
+    "lora_alpha": "lora.alpha",
+    "lora_dropout": "lora.dropout",
+    "lora_target_modules": "lora.target_modules",
+    "sequence_len": "data.max_length",
+    "cutoff_len": "data.max_length",
+    "max_seq_length": "data.max_length",
+    "sample_packing": "data.packing",
+    "val_set_size": "data.validation_split",
+    "base_model": "model.path",
+    "model_name_or_path": "model.path",
+    "output_dir": "output.dir",
+}
+"""Names other trainers (axolotl, LLaMA-Factory, transformers' TrainingArguments) use, for "did you mean"."""
+
+
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None, above: float | None = None):
     """A dataclass field with its help text and an inclusive range (``above`` = exclusive lower bound)."""
     metadata = {"help": help, "min": min, "max": max, "above": above}
@@ -54,9 +86,11 @@ class ModelConfig:
     path: str = _opt(DEMO, "INT4 checkpoint directory (compressed-tensors W4A16, GPTQ, AWQ) or `demo`.")
     tokenizer: str | None = _opt(None, "Tokenizer directory; default: `model.path`.")
     dtype: Literal["bfloat16", "float16", "float32"] = _opt(
-        "bfloat16", "dtype of the non-INT4 weights (embeddings, norms, lm_head) and of dequantized weights."
+        "bfloat16",
+        "dtype of the dense weights (embeddings, norms, lm_head); INT4 weights are dequantized to the compute "
+        "dtype (this one, or the autocast dtype).",
     )
-    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "`auto`: the accelerator's device (one GPU per process).")
+    device: Literal["auto", "cpu", "cuda"] = _opt("auto", "`auto`: the process's GPU if there is one, else the CPU.")
     mode: Literal["on_the_fly", "cache"] = _opt(
         "on_the_fly", "Dequantize INT4 weights on every forward (`on_the_fly`) or keep them in a budgeted cache."
     )
@@ -86,7 +120,9 @@ class DataConfig:
     format: Literal["text", "instruction", "chat"] = _opt(
         "instruction", "`text` (plain LM), `instruction` (prompt/completion) or `chat` (messages)."
     )
-    max_length: int = _opt(512, "Samples are truncated to this many tokens (packed rows hold at most this many).", min=2)
+    max_length: int = _opt(
+        512, "Samples are truncated to this many tokens (packed rows hold at most this many).", min=2
+    )
     packing: bool = _opt(False, "Pack several short samples into one row (attention stays within each sample).")
     text_field: str = _opt("text", "`text` format: record field holding the text.")
     prompt_field: str = _opt("prompt", "`instruction` format: record field holding the prompt (no loss).")
@@ -110,7 +146,9 @@ class TrainConfig:
     max_grad_norm: float | None = _opt(1.0, "Clip the global gradient norm to this; null = no clipping.", above=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no", "Autocast for the forward pass (accelerate).")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (less memory, ~30% slower).")
-    eval_every: int | None = _opt(None, "Evaluate every N steps (and always at the end); null = only at the end.", min=1)
+    eval_every: int | None = _opt(
+        None, "Evaluate every N steps (and always at the end); null = only at the end.", min=1
+    )
     eval_at_start: bool = _opt(False, "Also evaluate before the first step (the untrained adapter).")
     save_every: int | None = _opt(None, "Write a resumable checkpoint every N steps (and at the end).", min=1)
     keep_last: int | None = _opt(2, "Keep the newest N checkpoints; null = keep all.", min=1)
@@ -124,7 +162,14 @@ class TrainConfig:
 class ExportConfig:
     enabled: bool = _opt(True, "Export the adapter for vLLM at the end of training.")
     dir: str | None = _opt(None, "Adapter directory; default: `<output.dir>/adapter`.")
-    max_lora_rank: int | None = _opt(None, "vLLM `--max-lora-rank` to check against; default: the smallest >= r.", min=1)
+    check_reload: bool = _opt(
+        False,
+        "After exporting, load the adapter with PEFT onto a fresh copy of the INT4 base and check that it "
+        "reproduces the trained model's logits (costs a second copy of the base).",
+    )
+    fold_scaling: bool = _opt(
+        False, "Fold per-module LoRA scales into lora_B (vLLM applies one alpha / r to every module)."
+    )
 
 
 @dataclass
@@ -365,15 +410,22 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
 def _unknown_key_message(cls: type, path: str, key: str, source: str) -> str:
     valid = [f.name for f in dataclasses.fields(cls)]
     full = f"{path}.{key}" if path else key
-    # A right key in the wrong section (`lr` under `lora`) is a common slip: point at where it lives first.
+    # In order: the right key in the wrong section (`lr` under `lora`), another trainer's name for a key
+    # (`learning_rate`), a typo of a key of this section, a typo of another trainer's name.
     elsewhere = [k for k, *_ in _walk_fields(RunConfig, "") if k.rsplit(".", 1)[-1] == key]
     close = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+    close_alias = difflib.get_close_matches(key, list(ALIASES), n=1, cutoff=0.8)
     if elsewhere:
-        suggestion = f"did you mean '{elsewhere[0]}'?"
+        target = elsewhere[0]
+    elif key in ALIASES:
+        target = ALIASES[key]
     elif close:
-        suggestion = f"did you mean '{path}.{close[0]}'?" if path else f"did you mean '{close[0]}'?"
+        target = f"{path}.{close[0]}" if path else close[0]
+    elif close_alias:
+        target = ALIASES[close_alias[0]]
     else:
-        suggestion = "no close match"
+        target = None
+    suggestion = f"did you mean '{target}'?" if target else "no close match"
     where = f"section '{path}'" if path else "the top level"
     return f"{source}: unknown key '{full}' in {where}; {suggestion} (valid keys: {', '.join(valid)})"
 

@@ -360,13 +360,16 @@ def load_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
         stats.tokens = sum(len(r) for r in rows)
         stats.target_tokens = sum(r.num_targets for r in rows)
         if stats.truncated:
-            logger.warning("%s: %d samples were truncated to data.max_length=%d", name, stats.truncated,
-                           config.max_length)
+            logger.warning(
+                "%s: %d samples were truncated to data.max_length=%d", name, stats.truncated, config.max_length
+            )
         if stats.dropped_no_target:
-            logger.warning("%s: %d samples had no target token after truncation and were dropped", name,
-                           stats.dropped_no_target)
-        logger.info("%s data: %d rows, %d tokens, %d target tokens", name, stats.samples, stats.tokens,
-                    stats.target_tokens)
+            logger.warning(
+                "%s: %d samples had no target token after truncation and were dropped", name, stats.dropped_no_target
+            )
+        logger.info(
+            "%s data: %d rows, %d tokens, %d target tokens", name, stats.samples, stats.tokens, stats.target_tokens
+        )
     return Datasets(train, validation, {"train": train_stats, "validation": val_stats})
 
 

@@ -82,9 +82,13 @@ def perplexity(loss: float) -> float:
 
 @dataclass
 class RunSummary:
-    """What a run did and where its outputs are (``summary.json``)."""
+    """What a run did and where its outputs are (``summary.json``): the Trainer's result plus the paths."""
 
     run_dir: str
+    adapter_dir: str | None
+    metrics_file: str
+    tensorboard_dir: str | None
+    loss_plot: str | None
     completed: bool
     steps: int
     max_steps: int
@@ -99,11 +103,7 @@ class RunSummary:
     val_ppl: float | None
     resumed_from: str | None
     last_checkpoint: str | None
-    adapter_dir: str | None
-    metrics_file: str
-    tensorboard_dir: str | None
-    loss_plot: str | None
-    ranks_in_sync: bool | None = None
+    ranks_in_sync: bool | None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}
@@ -117,7 +117,7 @@ class RunSummary:
         def num(value: float | None, spec: str = ".4f") -> str:
             return "n/a" if value is None else format(value, spec)
 
-        state = "finished" if self.completed else f"stopped early (resume with train.resume=latest)"
+        state = "finished" if self.completed else "stopped early (resume with train.resume=latest)"
         lines = [
             f"Run {state}: {self.steps}/{self.max_steps} steps on {self.world_size} process(es) in "
             f"{self.elapsed_s:.1f} s, {self.tokens:,} tokens, {self.tokens_per_s:,.0f} tokens/s",

@@ -25,7 +25,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.state import AcceleratorState
 from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
@@ -90,6 +91,25 @@ class TrainState:
 
 
 @dataclass
+class _Throughput:
+    """Tokens and seconds of training steps (evaluation and checkpoints excluded)."""
+
+    tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokens: int, seconds: float) -> None:
+        self.tokens += tokens
+        self.seconds += seconds
+
+    def reset(self) -> None:
+        self.tokens, self.seconds = 0, 0.0
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
 class FitResult:
     completed: bool
     steps: int
@@ -147,13 +167,7 @@ class Trainer:
             raise ConfigError("model.device is cuda but torch sees no CUDA device; use auto or cpu")
         if config.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("train.mixed_precision fp16 needs a CUDA device; use bf16 or no on the CPU")
-        self.accelerator = Accelerator(
-            cpu=device == "cpu",
-            mixed_precision=config.mixed_precision,
-            log_with=trackers,
-            # The frozen INT4 buffers never change: broadcasting them every forward would copy the whole model.
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-        )
+        self.accelerator = _make_accelerator(use_cpu(device), config.mixed_precision, trackers)
         set_seed(config.seed)
 
     @property
@@ -166,8 +180,9 @@ class Trainer:
 
     def plan_for(self, num_rows: int) -> BatchPlan:
         cfg = self.config
-        plan = BatchPlan(num_rows, cfg.micro_batch_size, cfg.gradient_accumulation_steps,
-                         self.accelerator.num_processes, cfg.seed)
+        plan = BatchPlan(
+            num_rows, cfg.micro_batch_size, cfg.gradient_accumulation_steps, self.accelerator.num_processes, cfg.seed
+        )
         if plan.steps_per_epoch == 0:
             raise ConfigError(
                 f"the training set has {num_rows} rows but one optimizer step needs {plan.global_batch_size} "
@@ -201,7 +216,10 @@ class Trainer:
         max_steps = self.max_steps_for(plan)
         data_id = fingerprint(train_data)
         if cfg.gradient_checkpointing:
-            enable_gradient_checkpointing(module.unwrapped_model)
+            from ..modeling.peft_integration import prepare_for_training
+
+            # Non-reentrant: needs no input that requires grad, and works with the frozen INT4 base.
+            prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=False)
         optimizer, scheduler = module.configure_optimizers(max_steps)
         module.model, optimizer = acc.prepare(module.model, optimizer)
 
@@ -212,47 +230,49 @@ class Trainer:
         acc.init_trackers("int4lora-train")
         logger.info(
             "training %d steps (%d rows, global batch %d = %d x %d x %d processes, %.2f epochs) on %s",
-            max_steps, plan.num_rows, plan.global_batch_size, plan.micro_batch_size, plan.accumulation_steps,
-            plan.world_size, max_steps / plan.steps_per_epoch, acc.device,
+            max_steps,
+            plan.num_rows,
+            plan.global_batch_size,
+            plan.micro_batch_size,
+            plan.accumulation_steps,
+            plan.world_size,
+            max_steps / plan.steps_per_epoch,
+            acc.device,
         )
 
         last_checkpoint = str(resume_from) if resume_from is not None else None
-        session_tokens, session_time = 0, 0.0
-        window_tokens, window_time = 0, 0.0  # throughput since the last log line
+        session, window = _Throughput(), _Throughput()  # whole session; since the last log line
         bar = self._progress(max_steps, state.step)
         try:
             if cfg.eval_at_start and val_data and state.step == 0:
                 state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
             while state.step < max_steps and not self.should_stop:
                 started = time.perf_counter()
-                loss, grad_norm, lr, tokens = self._train_step(module, optimizer, scheduler, plan, train_data,
-                                                               state.step, last_checkpoint)
+                loss, grad_norm, lr, tokens = self._train_step(
+                    module, optimizer, scheduler, plan, train_data, state.step, last_checkpoint
+                )
                 elapsed = time.perf_counter() - started
+                session.add(tokens, elapsed)
+                window.add(tokens, elapsed)
                 state.step += 1
                 state.tokens += tokens
-                session_tokens += tokens
-                session_time += elapsed
-                window_tokens += tokens
-                window_time += elapsed
                 state.window_loss += loss
                 state.window_steps += 1
                 if state.train_loss_first is None:
                     state.train_loss_first = loss
-                metrics = {"train/loss": loss, "train/lr": lr, "train/grad_norm": grad_norm,
-                           "train/tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
-                           "train/epoch": state.step / plan.steps_per_epoch, "train/tokens": state.tokens}
+                metrics = {
+                    "train/loss": loss,
+                    "train/lr": lr,
+                    "train/grad_norm": grad_norm,
+                    "train/tokens_per_s": tokens / elapsed if elapsed > 0 else 0.0,
+                    "train/epoch": state.step / plan.steps_per_epoch,
+                    "train/tokens": state.tokens,
+                }
                 final = state.step == max_steps
                 if state.step % cfg.log_every == 0 or final:
-                    window = {**metrics, "train/loss": state.window_loss / state.window_steps,
-                              "train/tokens_per_s": window_tokens / window_time if window_time > 0 else 0.0}
-                    state.train_loss_last = window["train/loss"]
-                    state.window_loss, state.window_steps = 0.0, 0
-                    window_tokens, window_time = 0, 0.0
-                    acc.log(window, step=state.step)
-                    logger.info("step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s", state.step, max_steps,
-                                window["train/loss"], lr, window["train/tokens_per_s"])
+                    self._log_window(state, metrics, window, max_steps)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session_tokens / session_time:.0f}")
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}")
                 module.on_train_step_end(state.step, metrics)
                 if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
@@ -263,15 +283,15 @@ class Trainer:
             for tracker in acc.trackers:
                 tracker.finish()
             acc.trackers = []
-        module.model = acc.unwrap_model(module.model)
+        module.model = acc.unwrap_model(module.model, keep_fp32_wrapper=False)  # plain forward again
         return FitResult(
             completed=state.step >= max_steps,
             steps=state.step,
             max_steps=max_steps,
             world_size=plan.world_size,
-            elapsed_s=session_time,
-            tokens=session_tokens,
-            tokens_per_s=session_tokens / session_time if session_time > 0 else 0.0,
+            elapsed_s=session.seconds,
+            tokens=session.tokens,
+            tokens_per_s=session.rate,
             train_loss_first=state.train_loss_first,
             train_loss_final=state.train_loss_last,
             val_loss_initial=state.val_loss_initial,
@@ -282,12 +302,29 @@ class Trainer:
             ranks_in_sync=self._ranks_in_sync(module) if plan.world_size > 1 else None,
         )
 
+    def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
+        """Log the mean loss and the throughput since the last log line, then start a new window."""
+        logged = {**metrics, "train/loss": state.window_loss / state.window_steps, "train/tokens_per_s": window.rate}
+        state.train_loss_last = logged["train/loss"]
+        state.window_loss, state.window_steps = 0.0, 0
+        window.reset()
+        self.accelerator.log(logged, step=state.step)
+        logger.info(
+            "step %d/%d  loss %.4f  lr %.3g  %.0f tokens/s",
+            state.step,
+            max_steps,
+            logged["train/loss"],
+            logged["train/lr"],
+            logged["train/tokens_per_s"],
+        )
+
     def _train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint):
         """One optimizer step; returns ``(loss, grad_norm, lr, tokens)`` agreed by all processes."""
         acc = self.accelerator
         batches = [self._batch([train_data[i] for i in rows]) for rows in plan.micro_batches(step, acc.process_index)]
-        local = torch.tensor([sum(num_targets(b) for b in batches), sum(int(b["tokens"]) for b in batches)],
-                             device=acc.device)
+        local = torch.tensor(
+            [sum(num_targets(b) for b in batches), sum(int(b["tokens"]) for b in batches)], device=acc.device
+        )
         global_targets, global_tokens = acc.reduce(local, reduction="sum").tolist()
         # DDP averages gradients over processes, so each process divides by (global targets / processes).
         normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
@@ -322,8 +359,10 @@ class Trainer:
         return batch
 
     def _diverged(self, step: int, what: str, last_checkpoint: str | None) -> TrainingError:
-        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else (
-            "no checkpoint was written yet (set train.save_every)")
+        if last_checkpoint:
+            where = f"the last good checkpoint is {last_checkpoint}"
+        else:
+            where = "no checkpoint was written yet (set train.save_every)"
         return TrainingError(
             f"step {step}: {what}; training stopped before the optimizer changed the weights, and {where}. "
             "Lower train.lr, keep train.max_grad_norm set, use bf16 rather than fp16, or check the data."
@@ -378,16 +417,26 @@ class Trainer:
             checkpoint["scaler"] = acc.scaler.state_dict()
         module.on_save_checkpoint(checkpoint)
         return ckpt.save_checkpoint(
-            self.checkpoint_root, state.step, checkpoint, rank=acc.process_index, is_main=acc.is_main_process,
-            barrier=acc.wait_for_everyone, keep_last=self.config.keep_last,
+            self.checkpoint_root,
+            state.step,
+            checkpoint,
+            rank=acc.process_index,
+            is_main=acc.is_main_process,
+            barrier=acc.wait_for_everyone,
+            keep_last=self.config.keep_last,
         )
 
     def _restore(self, module, optimizer, scheduler, path, plan, max_steps, data_id) -> TrainState:
         acc = self.accelerator
         checkpoint = ckpt.load_checkpoint(path, rank=acc.process_index)
         saved = checkpoint["trainer_state"]
-        expected = {"max_steps": max_steps, "global_batch_size": plan.global_batch_size, "seed": plan.seed,
-                    "num_rows": plan.num_rows, "data_fingerprint": data_id}
+        expected = {
+            "max_steps": max_steps,
+            "global_batch_size": plan.global_batch_size,
+            "seed": plan.seed,
+            "num_rows": plan.num_rows,
+            "data_fingerprint": data_id,
+        }
         for key, value in expected.items():
             if saved.get(key) != value:
                 raise CheckpointError(
@@ -402,8 +451,11 @@ class Trainer:
         if checkpoint["rng"] is not None:
             ckpt.restore_rng_state(checkpoint["rng"])
         else:
-            logger.warning("%s has no RNG state for process %d (different process count): dropout will differ",
-                           path, acc.process_index)
+            logger.warning(
+                "%s has no RNG state for process %d (different process count): dropout will differ",
+                path,
+                acc.process_index,
+            )
         state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
         logger.info("resumed from %s at step %d", path, state.step)
         return state
@@ -427,10 +479,31 @@ class Trainer:
         return bool((gathered == gathered[0]).all())
 
 
-def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
-    """Non-reentrant activation checkpointing (needs no input grads, works with frozen INT4 bases)."""
-    if not hasattr(model, "gradient_checkpointing_enable"):
-        raise ConfigError(f"{type(model).__name__} does not support train.gradient_checkpointing")
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    if hasattr(model, "config"):
-        model.config.use_cache = False
+def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list) -> Accelerator:
+    def make() -> Accelerator:
+        return Accelerator(
+            cpu=cpu,
+            mixed_precision=mixed_precision,
+            log_with=trackers,
+            # The frozen INT4 buffers never change: broadcasting them every forward would copy the whole model.
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        )
+
+    try:
+        return make()
+    except ValueError as exc:
+        # accelerate keeps one process-wide state; a second Trainer with another precision (a notebook, a test)
+        # may replace it when this process trains alone. Under a launcher it must match the other processes.
+        if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
+            raise ConfigError(f"cannot set up accelerate for this run: {exc}") from exc
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return make()
+
+
+def use_cpu(device: str) -> bool:
+    """Whether ``model.device`` means the CPU: ``cpu``, or ``auto`` without CUDA.
+
+    accelerate needs ``cpu=True`` to form a gloo process group on CPUs; without it, processes launched together
+    would each train alone. Anything that touches accelerate's state before the Trainer must pass the same flag.
+    """
+    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())

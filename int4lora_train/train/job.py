@@ -1,0 +1,236 @@
+"""The main job: config -> run directory -> INT4 model + LoRA -> Trainer.fit -> adapter, plot, summary.
+
+Run directory (``output.dir``)::
+
+    config.yaml            the resolved config of this run
+    checkpoints/step-N/    resumable checkpoints (the newest ``train.keep_last``)
+    adapter/               the trained adapter (exported for vLLM when an exporter is given)
+    metrics.jsonl          one JSON object per log line (train/loss, train/lr, val/loss, val/ppl, ...)
+    tb/                    TensorBoard logs
+    loss.png               the loss curve
+    summary.json           what the run did and where everything is
+
+Exporting sits one layer above training, so :func:`run_training` takes the exporter as an argument (the CLI passes
+:mod:`int4lora_train.export`'s); without one the adapter is written with ``PeftModel.save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, ExportError
+from . import checkpoint as ckpt
+from .config import DEMO, RunConfig, save_config
+from .data import load_datasets
+from .metrics import RunSummary, read_metrics
+from .module import LoraModule
+from .plot import plot_loss_curve
+from .trainer import CHECKPOINTS_DIR, METRICS_FILE, Trainer
+
+logger = logging.getLogger(__name__)
+
+CONFIG_FILE = "config.yaml"
+ADAPTER_DIR = "adapter"
+PLOT_FILE = "loss.png"
+SUMMARY_FILE = "summary.json"
+RUN_ARTIFACTS = (CONFIG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, METRICS_FILE, "tb", PLOT_FILE, SUMMARY_FILE)
+"""What a run writes; ``output.if_exists: overwrite`` removes exactly these, nothing else of the user's."""
+
+ExportFn = Callable[[nn.Module, Any, RunConfig, Path], Path]
+"""``(peft_model, tokenizer, config, adapter_dir) -> the directory written``."""
+
+
+def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progress_bar: bool = True) -> RunSummary:
+    """Run the whole job for a resolved ``config`` (no ``demo`` paths left); every process calls it.
+
+    Returns the summary (also written to ``summary.json``). Raises ``ConfigError`` / ``DataError`` /
+    ``CheckpointError`` / ``TrainingError`` with what to fix.
+    """
+    if DEMO in (config.model.path, config.data.validation_file, *config.data.train_files):
+        raise ConfigError("the config still names `demo` paths; pass it through int4lora_train.demo.resolve_demo")
+    run_dir = Path(config.output.dir)
+    trainer = Trainer(
+        config.train,
+        run_dir,
+        device=config.model.device,
+        tensorboard=config.output.tensorboard,
+        progress_bar=progress_bar,
+    )
+    acc = trainer.accelerator
+    resume_from = resume_checkpoint(config)
+    check_run_dir(config, resuming=resume_from is not None)
+    # Inputs first: a bad record or model path fails before the run directory is touched.
+    tokenizer = load_tokenizer(config)
+    datasets = load_datasets(config.data, tokenizer, config.train.seed)
+    module = LoraModule(apply_lora(load_model(config, trainer.device), config), config.train)
+    if acc.is_main_process:
+        prepare_run_dir(config, resuming=resume_from is not None)
+    acc.wait_for_everyone()
+    result = trainer.fit(
+        module,
+        datasets.train,
+        datasets.validation,
+        resume_from=resume_from,
+        pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+    )
+
+    adapter_dir, export_error = None, None
+    if acc.is_main_process and result.completed and config.output.export.enabled:
+        target = Path(config.output.export.dir or run_dir / ADAPTER_DIR)
+        try:
+            adapter_dir = (export_fn or _save_with_peft)(module.unwrapped_model, tokenizer, config, target)
+        except ExportError as exc:  # keep the trained weights all the same
+            adapter_dir, export_error = save_adapter(module.unwrapped_model, target), exc
+        logger.info("adapter written to %s", adapter_dir)
+    metrics_file = run_dir / METRICS_FILE
+    plot = None
+    if acc.is_main_process and config.output.plot:
+        plot = plot_loss_curve(read_metrics(metrics_file), run_dir / PLOT_FILE, title=f"{run_dir.name}: loss")
+    summary = RunSummary(
+        run_dir=str(run_dir),
+        adapter_dir=str(adapter_dir) if adapter_dir else None,
+        metrics_file=str(metrics_file),
+        tensorboard_dir=str(trainer.tensorboard_dir) if trainer.tensorboard_dir else None,
+        loss_plot=str(plot) if plot else None,
+        **asdict(result),
+    )
+    if acc.is_main_process:
+        summary.save(run_dir / SUMMARY_FILE)
+    acc.wait_for_everyone()
+    acc.end_training()
+    if export_error is not None:
+        raise ExportError(
+            f"training finished, but the vLLM export failed: {export_error} The trained adapter is saved with PEFT "
+            f"in {adapter_dir} (`int4lora-train export {run_dir}` exports it again)."
+        ) from export_error
+    return summary
+
+
+def resume_checkpoint(config: RunConfig) -> Path | None:
+    """The checkpoint to resume from: ``None`` (fresh), the newest in the run directory, or the given path."""
+    target = config.resume_target
+    if target is None:
+        return None
+    if target == "latest":
+        latest = ckpt.latest_checkpoint(Path(config.output.dir) / CHECKPOINTS_DIR)
+        if latest is None:
+            logger.info("train.resume=latest but %s has no checkpoint yet: starting fresh", config.output.dir)
+        return latest
+    path = Path(target)
+    if not (path / ckpt.STATE_FILE).is_file():
+        raise ConfigError(f"train.resume={target!r} is not a checkpoint directory (no {ckpt.STATE_FILE} in it)")
+    return path
+
+
+def check_run_dir(config: RunConfig, resuming: bool) -> list[str]:
+    """The toolkit's files already in the run directory that this run will replace (``[]`` when resuming).
+
+    Raises ``ConfigError`` when they belong to an earlier run that is neither resumed nor to be overwritten
+    (``output.if_exists``). ``train.resume=latest`` with no checkpoint yet replaces the earlier attempt's files:
+    nothing of it could be resumed.
+    """
+    run_dir = Path(config.output.dir)
+    found = [] if resuming else [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
+    if found and config.resume_target is None and config.output.if_exists == "error":
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(found)}); set train.resume=latest to continue it, "
+            "output.if_exists=overwrite to replace it, or choose another output.dir"
+        )
+    return found
+
+
+def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
+    """Create the run directory, remove what :func:`check_run_dir` allows to replace, write ``config.yaml``."""
+    run_dir = Path(config.output.dir)
+    found = check_run_dir(config, resuming)
+    for name in found:
+        path = run_dir / name
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if found:
+        logger.info("removed the previous run's files from %s: %s", run_dir, ", ".join(found))
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(config, run_dir / CONFIG_FILE)
+    return run_dir
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Model
+
+
+_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def load_tokenizer(config: RunConfig):
+    from ..modeling.loader import load_tokenizer as _load
+
+    return _load(config.model.tokenizer or config.model.path, trust_remote_code=config.model.trust_remote_code)
+
+
+def load_model(config: RunConfig, device: torch.device) -> nn.Module:
+    """The INT4 checkpoint of ``model.path`` with ``Int4Linear`` inside, on ``device``."""
+    from ..modeling.loader import load_int4_model
+
+    model_cfg = config.model
+    model = load_int4_model(
+        model_cfg.path,
+        device=device,
+        dtype=_DTYPES[model_cfg.dtype],
+        mode=model_cfg.mode,
+        cache_max_bytes=None if model_cfg.cache_budget_mb is None else int(model_cfg.cache_budget_mb * 2**20),
+        trust_remote_code=model_cfg.trust_remote_code,
+        allow_pickle=model_cfg.allow_pickle,
+    )
+    return model
+
+
+def apply_lora(model: nn.Module, config: RunConfig) -> nn.Module:
+    """``get_peft_model`` with the ``lora`` settings (the INT4 LoRA layer registered)."""
+    from peft import get_peft_model
+
+    from ..modeling.peft_integration import make_lora_config, trainable_parameter_count
+
+    lora = config.lora
+    lora_config = make_lora_config(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        target_modules=lora.target_modules,
+        lora_dropout=lora.dropout,
+        use_rslora=lora.use_rslora,
+    )
+    peft_model = get_peft_model(model, lora_config)
+    trainable, total = trainable_parameter_count(peft_model)
+    logger.info(
+        "LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%)",
+        lora.r,
+        lora.target_modules,
+        f"{trainable:,}",
+        f"{total:,}",
+        100 * trainable / max(total, 1),
+    )
+    return peft_model
+
+
+def _save_with_peft(peft_model: nn.Module, tokenizer: Any, config: RunConfig, out_dir: Path) -> Path:
+    return save_adapter(peft_model, out_dir)
+
+
+def save_adapter(peft_model: nn.Module, out_dir: Path) -> Path:
+    """``save_pretrained`` into a temporary directory, then rename it into place."""
+    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    peft_model.save_pretrained(str(tmp))
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    tmp.rename(out_dir)
+    return out_dir

@@ -1,0 +1,153 @@
+"""The main job through the command line: run directory, resume, errors, export, inspect, the demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from train_helpers import arithmetic_records, write_jsonl
+
+from int4lora_train import cli
+
+
+def _config(tmp_path, model_dir, **train) -> str:
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(32))
+    config = {
+        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "lora": {"r": 8, "alpha": 16},
+        "data": {
+            "train_files": [str(data)],
+            "validation_split": 0.125,
+            "format": "instruction",
+            "max_length": 32,
+            "packing": True,
+        },
+        "train": {
+            "max_steps": 6,
+            "micro_batch_size": 2,
+            "lr": 5e-3,
+            "log_every": 1,
+            "eval_every": 3,
+            "eval_at_start": True,
+            "save_every": 3,
+            **train,
+        },
+        "output": {"dir": str(tmp_path / "run")},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    return str(path)
+
+
+def test_train_writes_the_whole_run_directory(tmp_path, tiny_int4_dir, capsys):
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q"]) == 0
+    run = tmp_path / "run"
+    for name in (
+        "config.yaml",
+        "checkpoints/step-3",
+        "checkpoints/step-6",
+        "metrics.jsonl",
+        "tb",
+        "loss.png",
+        "summary.json",
+        "adapter/adapter_config.json",
+        "adapter/adapter_model.safetensors",
+    ):
+        assert (run / name).exists(), name
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 6 and summary["world_size"] == 1
+    assert summary["val_loss"] < summary["val_loss_initial"]
+    assert summary["adapter_dir"] == str((run / "adapter").absolute())
+    assert (run / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert any((run / "tb").rglob("events.out.tfevents*"))
+    out = capsys.readouterr().out
+    assert "Run finished: 6/6 steps" in out and "--enable-lora" in out
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    assert saved["model"]["path"] == str(tiny_int4_dir) and saved["train"]["max_steps"] == 6
+
+
+def test_existing_run_is_refused_then_resumed_or_overwritten(tmp_path, tiny_int4_dir, capsys):
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q"]) == 0
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    capsys.readouterr()
+    assert cli.main(["train", "--config", config, "-q"]) == 2
+    assert "already holds a run" in capsys.readouterr().err
+    # A finished run resumed: nothing left to train, the adapter is exported again.
+    assert cli.main(["train", "--config", config, "-q", "train.resume=latest"]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and summary["tokens"] == 0 and summary["resumed_from"].endswith("step-6")
+    assert cli.main(["train", "--config", config, "-q", "output.if_exists=overwrite", "train.max_steps=3"]) == 0
+    assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the toolkit's own files are replaced
+    assert not (tmp_path / "run" / "checkpoints" / "step-6").exists()
+
+
+def test_errors_reach_the_user_as_one_line(tmp_path, tiny_int4_dir, capsys):
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q", "train.lrr=1"]) == 2
+    assert "did you mean 'train.lr'?" in capsys.readouterr().err
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "a", "completion": "b"}, {"prompt": "a"}])
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q", f"data.train_files={bad}"]) == 2
+    assert f"{bad}:2: the record has no 'completion' field" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()  # inputs are checked before the run directory is touched
+
+
+def test_bf16_autocast_run_and_its_exported_adapter_reload_exactly(tmp_path, tiny_int4_dir, capsys):
+    """After fit the model has its plain forward again (no autocast wrapper): reloading the exported adapter onto
+    a fresh base gives the very same logits."""
+    overrides = ["model.dtype=bfloat16", "train.mixed_precision=bf16", "output.export.check_reload=true"]
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q", *overrides]) == 0
+    assert "reproduces the trained model: max |logit difference| 0 on 3 prompts" in capsys.readouterr().out
+
+
+def test_a_refused_export_keeps_the_trained_adapter(tmp_path, tiny_int4_dir, capsys):
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q", "lora.r=600", "train.max_steps=2"]) == 2
+    err = capsys.readouterr().err
+    assert "the vLLM export failed: LoRA rank 600" in err and "saved with PEFT" in err
+    assert (tmp_path / "run" / "adapter" / "adapter_model.safetensors").is_file()
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["completed"]
+
+
+def test_export_from_a_run_directory(tmp_path, tiny_int4_dir, capsys):
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q", "output.export.enabled=false"]) == 0
+    run = tmp_path / "run"
+    assert not (run / "adapter").exists()  # export off: nothing written
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q", "train.resume=latest"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "served")]) == 0
+    assert (tmp_path / "served" / "adapter_model.safetensors").is_file()
+    assert "--max-lora-rank 8" in capsys.readouterr().out
+
+
+def test_inspect_prints_the_int4_layout(tiny_int4_dir, capsys):
+    assert cli.main(["inspect", str(tiny_int4_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "quant_method compressed-tensors, 14 INT4 modules" in out
+    q_proj = next(line for line in out.splitlines() if line.startswith("model.layers.*.self_attn.q_proj (x2)"))
+    # format, out x in, group, sym/asym, g_idx, scale dtype; then bytes and the ratio to bf16
+    assert q_proj.split()[2:10] == ["compressed-tensors", "64", "x", "64", "32", "sym", "no", "bfloat16"]
+    assert "INT4 linears:" in out
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys):
+    """The embedded demo, shortened: builds and packs the demo model, trains, exports."""
+    rc = cli.main(
+        [
+            "demo",
+            "-q",
+            f"output.dir={tmp_path / 'demo'}",
+            "train.max_steps=4",
+            "train.eval_every=2",
+            "train.save_every=2",
+        ]
+    )
+    assert rc == 0
+    run = tmp_path / "demo"
+    config = json.loads((run / "demo-model" / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    assert (run / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["steps"] == 4 and summary["val_loss"] < summary["val_loss_initial"]

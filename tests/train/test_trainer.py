@@ -1,0 +1,190 @@
+"""The Trainer on accelerate (CPU, one process): loss falls, exact resume, atomic checkpoints, NaN stop."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from train_helpers import arithmetic_records, tiny_peft_model, write_jsonl
+
+from int4lora_train.errors import CheckpointError, TrainingError
+from int4lora_train.modeling.tiny_models import build_tokenizer
+from int4lora_train.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from int4lora_train.train.config import load_config
+from int4lora_train.train.data import load_datasets
+from int4lora_train.train.metrics import read_metrics
+from int4lora_train.train.module import LoraModule
+from int4lora_train.train.trainer import BatchPlan, Trainer
+
+
+def _setup(tmp_path, run: str, overrides=(), dropout: float = 0.1, module_cls=LoraModule):
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
+    config = load_config(
+        None,
+        [
+            f"data.train_files={data}",
+            "data.validation_split=0.1",
+            "data.max_length=32",
+            "data.packing=true",
+            "train.max_steps=8",
+            "train.micro_batch_size=2",
+            "train.gradient_accumulation_steps=2",
+            "train.lr=5e-3",
+            "train.log_every=2",
+            "train.eval_every=3",
+            "train.save_every=2",
+            "train.keep_last=null",
+            "train.warmup_steps=2",
+            f"output.dir={tmp_path / run}",
+            *overrides,
+        ],
+    )
+    datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
+    trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
+    module = module_cls(tiny_peft_model(dropout=dropout), config.train)  # built after the Trainer seeded the RNGs
+    return trainer, module, datasets
+
+
+def _trainable(module):
+    return {name: p.detach().clone() for name, p in module.trainable_parameters()}
+
+
+class StopAt(LoraModule):
+    """Stops the run cleanly after step ``stop_at`` (Lightning's ``trainer.should_stop``)."""
+
+    stop_at = 0
+
+    def on_train_step_end(self, step, metrics):
+        if step == self.stop_at:
+            self.trainer.should_stop = True
+
+
+def test_batch_plan_gives_every_world_size_the_same_global_batches():
+    one = BatchPlan(num_rows=20, micro_batch_size=4, accumulation_steps=2, world_size=1, seed=3)
+    two = BatchPlan(num_rows=20, micro_batch_size=2, accumulation_steps=2, world_size=2, seed=3)
+    for step in range(5):  # crosses the epoch boundary (2 steps per epoch)
+        rows_one = sorted(i for mb in one.micro_batches(step, 0) for i in mb)
+        rows_two = sorted(i for rank in (0, 1) for mb in two.micro_batches(step, rank) for i in mb)
+        assert rows_one == rows_two and len(set(rows_one)) == 8
+    epoch0 = {i for step in (0, 1) for mb in one.micro_batches(step, 0) for i in mb}
+    assert len(epoch0) == 16  # no row twice within an epoch
+    assert one.epoch_order(0).tolist() != one.epoch_order(1).tolist()
+
+
+def test_a_short_run_lowers_the_loss_and_logs(tmp_path):
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=24", "train.lr=1e-2"], dropout=0.0)
+    result = trainer.fit(module, data.train, data.validation)
+    assert result.completed and result.steps == 24
+    assert result.train_loss_final < result.train_loss_first - 0.5
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    val = [r["val/loss"] for r in records if "val/loss" in r]
+    assert len(val) == 24 // 3 and val[-1] < val[0]
+    assert result.val_loss == val[-1] and result.val_ppl == pytest.approx(torch.tensor(val[-1]).exp().item())
+    assert {"train/loss", "train/lr", "train/grad_norm", "train/tokens_per_s"} <= set(records[0])
+
+
+def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
+    """Dropout, packing, accumulation and a warmup + cosine schedule: all of it must continue exactly."""
+    trainer, module, data = _setup(tmp_path, "straight")
+    straight = trainer.fit(module, data.train, data.validation)
+    expected = _trainable(module)
+
+    StopAt.stop_at = 5
+    trainer, module, data = _setup(tmp_path, "interrupted", module_cls=StopAt)
+    stopped = trainer.fit(module, data.train, data.validation)
+    assert not stopped.completed and stopped.steps == 5
+    assert [step for step, _ in list_checkpoints(tmp_path / "interrupted" / "checkpoints")] == [2, 4, 5]
+
+    StopAt.stop_at = 0
+    trainer, module, data = _setup(tmp_path, "interrupted", module_cls=StopAt)
+    resumed = trainer.fit(
+        module, data.train, data.validation, resume_from=latest_checkpoint(tmp_path / "interrupted" / "checkpoints")
+    )
+    assert resumed.completed and resumed.steps == 8
+    got = _trainable(module)
+    assert got.keys() == expected.keys()
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert (resumed.val_loss, resumed.train_loss_final) == (straight.val_loss, straight.train_loss_final)
+
+    def losses(run):
+        return [
+            (r["step"], r.get("train/loss"), r.get("val/loss")) for r in read_metrics(tmp_path / run / "metrics.jsonl")
+        ]
+
+    assert losses("interrupted") == losses("straight")
+
+
+def test_resume_from_an_older_checkpoint_is_exact_too(tmp_path):
+    trainer, module, data = _setup(tmp_path, "run")
+    trainer.fit(module, data.train, data.validation)
+    expected = _trainable(module)
+    trainer, module, data = _setup(tmp_path, "run")
+    trainer.fit(module, data.train, data.validation, resume_from=tmp_path / "run" / "checkpoints" / "step-2")
+    got = _trainable(module)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+
+
+def test_resume_refuses_a_different_global_batch(tmp_path):
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=2"])
+    trainer.fit(module, data.train, data.validation)
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=2", "train.micro_batch_size=1"])
+    with pytest.raises(CheckpointError, match="global_batch_size=4, this run has 2"):
+        trainer.fit(module, data.train, data.validation, resume_from=tmp_path / "run" / "checkpoints" / "step-2")
+
+
+def test_checkpoints_are_atomic_and_pruned(tmp_path):
+    trainer, module, data = _setup(tmp_path, "run", ["train.keep_last=2"])
+    root = tmp_path / "run" / "checkpoints"
+    (root / ".tmp-step-99").mkdir(parents=True)  # debris of a crash mid-write: never taken for a checkpoint
+    trainer.fit(module, data.train, data.validation)
+    assert [step for step, _ in list_checkpoints(root)] == [6, 8]
+    assert latest_checkpoint(root) == root / "step-8"
+    checkpoint = load_checkpoint(root / "step-8")
+    state = checkpoint["trainer_state"]
+    assert state["step"] == 8 and state["global_batch_size"] == 4
+    assert checkpoint["state_dict"].keys() == _trainable(module).keys()
+    assert checkpoint["optimizer"]["state"] and checkpoint["scheduler"]["last_epoch"] == 8
+    assert not (root / ".tmp-step-8").exists()
+    json.loads((root / "step-8" / "trainer_state.json").read_text())  # complete, parseable
+
+
+def test_a_non_finite_loss_stops_before_the_update_and_keeps_the_last_checkpoint(tmp_path):
+    class NanAtStep3(LoraModule):
+        calls = 0
+
+        def training_step(self, batch):
+            type(self).calls += 1
+            loss = super().training_step(batch)
+            # 2 micro-batches per step: calls 5 and 6 belong to step 3
+            return loss * float("nan") if type(self).calls == 5 else loss
+
+    trainer, module, data = _setup(tmp_path, "run", ["train.log_every=1"], module_cls=NanAtStep3)
+    with pytest.raises(TrainingError) as err:
+        trainer.fit(module, data.train, data.validation)
+    message = str(err.value)
+    assert "step 3: the training loss is nan" in message
+    assert f"the last good checkpoint is {tmp_path / 'run' / 'checkpoints' / 'step-2'}" in message
+    # The weights are those of step 2: the optimizer never saw the NaN gradients.
+    saved = load_checkpoint(tmp_path / "run" / "checkpoints" / "step-2")["state_dict"]
+    assert all(torch.equal(saved[name], p.detach()) for name, p in module.trainable_parameters())
+    assert [step for step, _ in list_checkpoints(tmp_path / "run" / "checkpoints")] == [2]
+
+
+def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
+    """Non-reentrant checkpointing recomputes the same numbers (dropout RNG included): identical adapters. bf16
+    autocast on the CPU trains to nearly the same adapter."""
+
+    def run(name, *overrides):
+        trainer, module, data = _setup(tmp_path, name, ["train.max_steps=3", *overrides])
+        trainer.fit(module, data.train, data.validation)
+        return _trainable(module), module
+
+    plain, _ = run("plain")
+    checkpointed, module = run("checkpointed", "train.gradient_checkpointing=true")
+    assert any(getattr(m, "gradient_checkpointing", False) for m in module.unwrapped_model.modules())
+    assert all(torch.equal(plain[k], checkpointed[k]) for k in plain)
+    bf16, _ = run("bf16", "train.mixed_precision=bf16")
+    assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # autocast was on
+    for key in plain:  # Adam turns tiny gradient differences into lr-sized steps: compare whole tensors
+        assert (bf16[key] - plain[key]).norm() <= 0.05 * plain[key].norm(), key
