@@ -287,7 +287,10 @@ def _export(
     )
     for w in warns:
         logger.warning(w)
-    logger.info("%s", report.summary())
+    logger.info(
+        "exported a LoRA adapter (r=%d, %d modules) to %s; serve with --max-lora-rank %d",
+        report.r, len(report.modules), out_dir, max_lora_rank,
+    )
     return report
 
 
