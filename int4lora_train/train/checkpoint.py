@@ -6,6 +6,8 @@ A checkpoint is a directory ``<run>/checkpoints/step-N/``:
 - ``optimizer.pt``: optimizer, LR-scheduler (and fp16 grad-scaler) state dicts, read back with
   ``weights_only=True``;
 - ``rng/rank-R.pt``: each process's Python, NumPy, torch (and CUDA) RNG states;
+- ``shards/rank-R.pt``: FSDP runs only: each process's shard of the optimizer state (the keys passed as
+  ``per_process_keys``; ``optimizer.pt`` then holds the scheduler);
 - ``trainer_state.json``: step counters and what the run must match to resume exactly.
 
 It is assembled in ``.tmp-step-N`` and renamed into place, so a crash leaves either the whole checkpoint or none;
@@ -20,6 +22,7 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +39,7 @@ TENSORS_FILE = "trainable.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "trainer_state.json"
 RNG_DIR = "rng"
+SHARDS_DIR = "shards"
 _OPTIMIZER_KEYS = ("optimizer", "scheduler", "scaler")  # what optimizer.pt holds (scaler: fp16 runs only)
 
 
@@ -92,11 +96,13 @@ def save_checkpoint(
     is_main: bool = True,
     barrier=lambda: None,
     keep_last: int | None = None,
+    per_process_keys: Sequence[str] = (),
 ) -> Path:
     """Write ``checkpoint`` (``state_dict``, ``optimizer``, ``scheduler``, ``trainer_state``, optional ``scaler``)
     as step ``step``.
 
-    Every process calls this (each writes its own RNG state); ``barrier`` synchronises them. Returns the final path.
+    Every process calls this (each writes its own RNG state, and its own value of each of ``per_process_keys``:
+    sharded state); ``barrier`` synchronises them. Returns the final path.
     """
     root = Path(root)
     final = root / f"step-{step}"
@@ -105,12 +111,17 @@ def save_checkpoint(
         if tmp.exists():
             shutil.rmtree(tmp)  # left over by a crash while writing
         (tmp / RNG_DIR).mkdir(parents=True)
+        if per_process_keys:
+            (tmp / SHARDS_DIR).mkdir()
     barrier()
     torch.save(capture_rng_state(), tmp / RNG_DIR / f"rank-{rank}.pt")
+    if per_process_keys:
+        torch.save({k: checkpoint[k] for k in per_process_keys}, tmp / SHARDS_DIR / f"rank-{rank}.pt")
     barrier()
     if is_main:
         save_file(_contiguous(checkpoint["state_dict"]), str(tmp / TENSORS_FILE), metadata={"format": "pt"})
-        torch.save({k: checkpoint[k] for k in _OPTIMIZER_KEYS if k in checkpoint}, tmp / OPTIMIZER_FILE)
+        shared = [k for k in _OPTIMIZER_KEYS if k in checkpoint and k not in per_process_keys]
+        torch.save({k: checkpoint[k] for k in shared}, tmp / OPTIMIZER_FILE)
         # Written last: a directory with trainer_state.json is complete.
         (tmp / STATE_FILE).write_text(json.dumps(checkpoint["trainer_state"], indent=2), encoding="utf-8")
         if final.exists():
@@ -130,7 +141,8 @@ def save_checkpoint(
 
 
 def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`save_checkpoint` (this process's RNG state under ``"rng"``)."""
+    """Read a checkpoint written by :func:`save_checkpoint` (this process's RNG state under ``"rng"``; in a sharded
+    checkpoint, this process's shard keys too, and the writer's process count under ``"shards"``, else None)."""
     path = Path(path)
     for name in (STATE_FILE, TENSORS_FILE, OPTIMIZER_FILE):
         if not (path / name).is_file():
@@ -143,7 +155,20 @@ def load_checkpoint(path: str | Path, rank: int = 0) -> dict[str, Any]:
         raise CheckpointError(f"checkpoint {path} cannot be read: {exc}") from exc
     rng_file = path / RNG_DIR / f"rank-{rank}.pt"
     rng = torch.load(rng_file, map_location="cpu", weights_only=True) if rng_file.is_file() else None
-    return {"trainer_state": trainer_state, "state_dict": state_dict, **optim, "rng": rng}
+    shards, sharded = None, {}
+    if (path / SHARDS_DIR).is_dir():
+        shards = len(list((path / SHARDS_DIR).glob("rank-*.pt")))
+        shard_file = path / SHARDS_DIR / f"rank-{rank}.pt"
+        if not shard_file.is_file():
+            raise CheckpointError(
+                f"checkpoint {path} was written by {shards} processes and has no shard for process {rank} "
+                f"({shard_file.name}); resume with {shards} processes"
+            )
+        try:
+            sharded = torch.load(shard_file, map_location="cpu", weights_only=True)
+        except (OSError, ValueError, RuntimeError) as exc:
+            raise CheckpointError(f"checkpoint shard {shard_file} cannot be read: {exc}") from exc
+    return {"trainer_state": trainer_state, "state_dict": state_dict, **optim, **sharded, "rng": rng, "shards": shards}
 
 
 def _contiguous(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -131,6 +131,20 @@ class DataConfig:
 
 
 @dataclass
+class FsdpConfig:
+    reshard_after_forward: bool = _opt(
+        True,
+        "`fsdp`: free each layer's gathered INT4 weights and LoRA after its forward and gather them again for "
+        "backward (less memory, more communication).",
+    )
+    wrap_classes: list[str] | None = _opt(
+        None,
+        "`fsdp`: class names of the blocks sharded as one unit each (e.g. `LlamaDecoderLayer`); null = the model's "
+        "decoder layer (`_no_split_modules`).",
+    )
+
+
+@dataclass
 class TrainConfig:
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", min=0)
     max_steps: int | None = _opt(None, "Optimizer steps; give this or `epochs` (default: 1 epoch).", min=1)
@@ -156,6 +170,12 @@ class TrainConfig:
     resume: bool | str = _opt(
         False, "`false`, `true`/`latest` (newest checkpoint in the run directory, if any) or a checkpoint path."
     )
+    strategy: Literal["ddp", "fsdp"] = _opt(
+        "ddp",
+        "Several processes: `ddp` (each holds the whole INT4 model) or `fsdp` (FSDP2: INT4 weights, LoRA and "
+        "optimizer state sharded across processes; for models that do not fit one GPU).",
+    )
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
 
 
 @dataclass
@@ -405,6 +425,23 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: model.cache_budget_mb only applies with model.mode: cache")
     if isinstance(train.resume, str) and train.resume.lower() in ("true", "false", "yes", "no", ""):
         raise ConfigError(f"{source}: train.resume={train.resume!r} is a string; write true/false without quotes")
+    if train.strategy == "fsdp" and model.mode == "cache":
+        raise ConfigError(
+            f"{source}: model.mode: cache keeps whole dense weights on every process, which undoes train.strategy: "
+            "fsdp's sharding; use model.mode: on_the_fly (or train.strategy: ddp)"
+        )
+    if train.strategy == "fsdp" and config.output.export.check_reload:
+        raise ConfigError(
+            f"{source}: output.export.check_reload needs the whole trained model in one process, which "
+            "train.strategy: fsdp never holds; set it to false and check the adapter afterwards with "
+            "`int4lora-train verify`"
+        )
+    if train.strategy == "fsdp" and train.mixed_precision == "fp16":
+        # accelerate's FSDP2 gradient clipping unscales fp16 gradients twice (a GradScaler error) for a subset of
+        # parameters such as LoRA's; bf16 needs no scaler.
+        raise ConfigError(f"{source}: train.strategy: fsdp supports train.mixed_precision bf16 or no, not fp16")
+    if train.fsdp.wrap_classes is not None and not train.fsdp.wrap_classes:
+        raise ConfigError(f"{source}: train.fsdp.wrap_classes is empty; use null (the decoder layer) or class names")
 
 
 def _unknown_key_message(cls: type, path: str, key: str, source: str) -> str:

@@ -6,12 +6,17 @@ Run directory (``output.dir``)::
     checkpoints/step-N/    resumable checkpoints (the newest ``train.keep_last``)
     adapter/               the trained adapter (exported for vLLM when an exporter is given)
     metrics.jsonl          one JSON object per log line (train/loss, train/lr, val/loss, val/ppl, ...)
+    sharding.json          FSDP runs: what each process holds of the INT4 weights and LoRA
     tb/                    TensorBoard logs
     loss.png               the loss curve
     summary.json           what the run did and where everything is
 
 Exporting sits one layer above training, so :func:`run_training` takes the exporter as an argument (the CLI passes
 :mod:`int4lora_train.export`'s); without one the adapter is written with ``PeftModel.save_pretrained``.
+
+FSDP runs (``train.strategy: fsdp``) load the INT4 model on the CPU (memory-mapped) and let the sharding move each
+process's part to its device, so no process ever holds the whole model on a GPU; at the end every process gathers
+the LoRA tensors and the main process hands the gathered adapter directory to the exporter.
 """
 
 from __future__ import annotations
@@ -30,10 +35,11 @@ from ..errors import ConfigError, ExportError
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
 from .data import load_datasets
+from .distributed import save_gathered_adapter
 from .metrics import RunSummary, read_metrics
 from .module import LoraModule
 from .plot import plot_loss_curve
-from .trainer import CHECKPOINTS_DIR, METRICS_FILE, Trainer
+from .trainer import CHECKPOINTS_DIR, METRICS_FILE, SHARDING_FILE, Trainer
 
 logger = logging.getLogger(__name__)
 
@@ -41,11 +47,23 @@ CONFIG_FILE = "config.yaml"
 ADAPTER_DIR = "adapter"
 PLOT_FILE = "loss.png"
 SUMMARY_FILE = "summary.json"
-RUN_ARTIFACTS = (CONFIG_FILE, CHECKPOINTS_DIR, ADAPTER_DIR, METRICS_FILE, "tb", PLOT_FILE, SUMMARY_FILE)
+GATHERED_DIR = ".gathered-adapter"
+RUN_ARTIFACTS = (
+    CONFIG_FILE,
+    CHECKPOINTS_DIR,
+    ADAPTER_DIR,
+    METRICS_FILE,
+    "tb",
+    PLOT_FILE,
+    SUMMARY_FILE,
+    SHARDING_FILE,
+    GATHERED_DIR,
+)
 """What a run writes; ``output.if_exists: overwrite`` removes exactly these, nothing else of the user's."""
 
-ExportFn = Callable[[nn.Module, Any, RunConfig, Path], Path]
-"""``(peft_model, tokenizer, config, adapter_dir) -> the directory written``."""
+ExportFn = Callable[[nn.Module | Path, Any, RunConfig, Path], Path]
+"""``(peft_model, tokenizer, config, adapter_dir) -> the directory written``. In FSDP runs the first argument is the
+directory of the PEFT adapter gathered from the shards (the model itself is sharded); ``export_adapter`` takes both."""
 
 
 def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progress_bar: bool = True) -> RunSummary:
@@ -70,7 +88,8 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     # Inputs first: a bad record or model path fails before the run directory is touched.
     tokenizer = load_tokenizer(config)
     datasets = load_datasets(config.data, tokenizer, config.train.seed)
-    module = LoraModule(apply_lora(load_model(config, trainer.device), config), config.train)
+    load_device = torch.device("cpu") if trainer.sharded else trainer.device  # sharding moves each part over
+    module = LoraModule(apply_lora(load_model(config, load_device), config), config.train)
     if acc.is_main_process:
         prepare_run_dir(config, resuming=resume_from is not None)
     acc.wait_for_everyone()
@@ -83,13 +102,21 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     )
 
     adapter_dir, export_error = None, None
-    if acc.is_main_process and result.completed and config.output.export.enabled:
+    trained: nn.Module | Path = module.unwrapped_model
+    export = result.completed and config.output.export.enabled
+    if export and trainer.sharded:  # a collective: every process gathers, the main one writes
+        trained = save_gathered_adapter(
+            trained, run_dir / GATHERED_DIR, is_main=acc.is_main_process, barrier=acc.wait_for_everyone
+        )
+    if acc.is_main_process and export:
         target = Path(config.output.export.dir or run_dir / ADAPTER_DIR)
         try:
-            adapter_dir = (export_fn or _save_with_peft)(module.unwrapped_model, tokenizer, config, target)
+            adapter_dir = (export_fn or _save_with_peft)(trained, tokenizer, config, target)
         except ExportError as exc:  # keep the trained weights all the same
-            adapter_dir, export_error = save_adapter(module.unwrapped_model, target), exc
+            adapter_dir, export_error = save_adapter(trained, target), exc
         logger.info("adapter written to %s", adapter_dir)
+    if acc.is_main_process and isinstance(trained, Path) and trained.exists():
+        shutil.rmtree(trained)
     metrics_file = run_dir / METRICS_FILE
     plot = None
     if acc.is_main_process and config.output.plot:
@@ -221,15 +248,19 @@ def apply_lora(model: nn.Module, config: RunConfig) -> nn.Module:
     return peft_model
 
 
-def _save_with_peft(peft_model: nn.Module, tokenizer: Any, config: RunConfig, out_dir: Path) -> Path:
+def _save_with_peft(peft_model: nn.Module | Path, tokenizer: Any, config: RunConfig, out_dir: Path) -> Path:
     return save_adapter(peft_model, out_dir)
 
 
-def save_adapter(peft_model: nn.Module, out_dir: Path) -> Path:
-    """``save_pretrained`` into a temporary directory, then rename it into place."""
+def save_adapter(peft_model: nn.Module | Path, out_dir: Path) -> Path:
+    """``save_pretrained`` into a temporary directory (or copy an adapter directory there), then rename it into
+    place."""
     tmp = out_dir.with_name(f".tmp-{out_dir.name}")
     shutil.rmtree(tmp, ignore_errors=True)
-    peft_model.save_pretrained(str(tmp))
+    if isinstance(peft_model, Path):
+        shutil.copytree(peft_model, tmp)
+    else:
+        peft_model.save_pretrained(str(tmp))
     if out_dir.exists():
         shutil.rmtree(out_dir)
     tmp.rename(out_dir)

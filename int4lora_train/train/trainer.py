@@ -9,6 +9,9 @@ checkpoint only needs the step counter to see the same data, and a 2-process run
 Per step: every micro-batch's loss is divided by the step's target-token count (all processes), gradients sync
 only on the last micro-batch (``no_sync`` before), then clip, AdamW, scheduler. A non-finite loss stops the run
 with :class:`~int4lora_train.errors.TrainingError` before the optimizer touches the weights.
+
+``train.strategy: fsdp`` shards the INT4 weights, LoRA and optimizer state over the processes instead of
+replicating them (:mod:`int4lora_train.train.distributed`); the step is the same, and so is the data plan.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import json
 import logging
 import math
 import time
@@ -32,6 +36,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from ..errors import CheckpointError, ConfigError, TrainingError
 from . import checkpoint as ckpt
+from . import distributed
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
 from .metrics import JsonlTracker, perplexity
@@ -42,6 +47,7 @@ logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.jsonl"
 TENSORBOARD_DIR = "tb"
 CHECKPOINTS_DIR = "checkpoints"
+SHARDING_FILE = "sharding.json"
 
 
 @dataclass(frozen=True)
@@ -167,7 +173,11 @@ class Trainer:
             raise ConfigError("model.device is cuda but torch sees no CUDA device; use auto or cpu")
         if config.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("train.mixed_precision fp16 needs a CUDA device; use bf16 or no on the CPU")
-        self.accelerator = _make_accelerator(use_cpu(device), config.mixed_precision, trackers)
+        plugin = None
+        if distributed.fsdp_requested(config.strategy, PartialState(cpu=use_cpu(device)).num_processes):
+            plugin = distributed.fsdp_plugin(config.fsdp.reshard_after_forward, config.fsdp.wrap_classes)
+        self.accelerator = _make_accelerator(use_cpu(device), config.mixed_precision, trackers, plugin)
+        self.sharded = plugin is not None and distributed.activate_fsdp(self.accelerator, plugin)
         set_seed(config.seed)
 
     @property
@@ -221,7 +231,11 @@ class Trainer:
             # Non-reentrant: needs no input that requires grad, and works with the frozen INT4 base.
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=False)
         optimizer, scheduler = module.configure_optimizers(max_steps)
-        module.model, optimizer = acc.prepare(module.model, optimizer)
+        if self.sharded:
+            module.model, optimizer = distributed.prepare_fsdp(acc, module.model, optimizer)
+            self._report_sharding(module)
+        else:
+            module.model, optimizer = acc.prepare(module.model, optimizer)
 
         state = TrainState()
         if resume_from is not None:
@@ -299,7 +313,8 @@ class Trainer:
             val_ppl=perplexity(state.val_loss) if state.val_loss is not None else None,
             resumed_from=str(resume_from) if resume_from is not None else None,
             last_checkpoint=last_checkpoint,
-            ranks_in_sync=self._ranks_in_sync(module) if plan.world_size > 1 else None,
+            # Sharded, there is one copy of each LoRA tensor: nothing to keep in sync.
+            ranks_in_sync=self._ranks_in_sync(module) if plan.world_size > 1 and not self.sharded else None,
         )
 
     def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
@@ -380,10 +395,14 @@ class Trainer:
         try:
             rows = list(range(acc.process_index, len(val_data), acc.num_processes))
             size = self.config.micro_batch_size
-            for start in range(0, len(rows), size):
-                batch = self._batch([val_data[i] for i in rows[start : start + size]])
-                loss_sum, count = module.validation_step(batch)
-                totals += torch.stack([loss_sum.double(), count.double()])
+            count = math.ceil(len(rows) / size)
+            if self.sharded:  # every FSDP forward is a collective: all processes run as many
+                count = distributed.eval_batch_count(len(val_data), size, acc.num_processes)
+            for k in range(count):
+                chunk = rows[k * size : (k + 1) * size]
+                loss_sum, targets = module.validation_step(self._batch([val_data[i] for i in chunk or [0]]))
+                if chunk:  # else a padding forward, dropped
+                    totals += torch.stack([loss_sum.double(), targets.double()])
         finally:
             module.model = prepared
             module.model.train(was_training)
@@ -400,8 +419,12 @@ class Trainer:
 
     def _save(self, module, optimizer, scheduler, state, plan, max_steps, data_id) -> Path:
         acc = self.accelerator
+        if self.sharded:
+            optimizer_state = distributed.local_optimizer_state(optimizer, acc.process_index, acc.num_processes)
+        else:
+            optimizer_state = optimizer.state_dict()
         checkpoint: dict[str, Any] = {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "trainer_state": {
                 **asdict(state),
@@ -411,11 +434,14 @@ class Trainer:
                 "seed": plan.seed,
                 "num_rows": plan.num_rows,
                 "data_fingerprint": data_id,
+                "strategy": self.strategy,
             },
         }
         if acc.scaler is not None:
             checkpoint["scaler"] = acc.scaler.state_dict()
         module.on_save_checkpoint(checkpoint)
+        if self.sharded:  # the hook copied shards; a checkpoint holds whole LoRA tensors (gathered on every process)
+            checkpoint["state_dict"] = distributed.full_trainable_state(module.trainable_parameters())
         return ckpt.save_checkpoint(
             self.checkpoint_root,
             state.step,
@@ -424,6 +450,7 @@ class Trainer:
             is_main=acc.is_main_process,
             barrier=acc.wait_for_everyone,
             keep_last=self.config.keep_last,
+            per_process_keys=("optimizer",) if self.sharded else (),
         )
 
     def _restore(self, module, optimizer, scheduler, path, plan, max_steps, data_id) -> TrainState:
@@ -436,15 +463,34 @@ class Trainer:
             "seed": plan.seed,
             "num_rows": plan.num_rows,
             "data_fingerprint": data_id,
+            "strategy": self.strategy,
+        }
+        if self.sharded:
+            expected["world_size"] = plan.world_size  # the optimizer state is sharded over the processes
+        defaults = {"strategy": "ddp"}  # checkpoints written before train.strategy existed
+        fixes = {
+            "strategy": "resume with the train.strategy (and process count) it was written with",
+            "world_size": "an FSDP checkpoint holds the optimizer state sharded: resume with as many processes",
         }
         for key, value in expected.items():
-            if saved.get(key) != value:
+            written = saved.get(key, defaults.get(key))
+            if written != value:
+                fix = fixes.get(key, "use the run's own config.yaml (and data)")
                 raise CheckpointError(
-                    f"cannot resume exactly from {path}: it was written with {key}={saved.get(key)!r}, this run has "
-                    f"{value!r}; use the run's own config.yaml (and data), or start a new run"
+                    f"cannot resume exactly from {path}: it was written with {key}={written!r}, this run has "
+                    f"{value!r}; {fix}, or start a new run"
                 )
+        if self.sharded:
+            checkpoint["state_dict"] = distributed.shard_like(
+                checkpoint["state_dict"], dict(module.trainable_parameters())
+            )
         module.on_load_checkpoint(checkpoint)
-        optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.sharded:
+            distributed.load_local_optimizer_state(
+                optimizer, checkpoint["optimizer"], acc.process_index, acc.num_processes, source=str(path)
+            )
+        else:
+            optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
         if acc.scaler is not None and "scaler" in checkpoint:
             acc.scaler.load_state_dict(checkpoint["scaler"])
@@ -468,6 +514,31 @@ class Trainer:
         enabled = self.progress_bar and self.accelerator.is_local_main_process
         return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
 
+    @property
+    def strategy(self) -> str:
+        """``fsdp`` when this run shards (``train.strategy: fsdp`` with several processes), else ``ddp``."""
+        return "fsdp" if self.sharded else "ddp"
+
+    def _report_sharding(self, module: LoraModule) -> None:
+        """Log what each process holds of the INT4 weights and LoRA; the main process writes ``sharding.json``."""
+        from accelerate.utils import gather_object
+
+        acc = self.accelerator
+        reports = gather_object([distributed.sharding_report(module.unwrapped_model, acc.process_index)])
+        for report in reports:
+            logger.info(
+                "FSDP process %d holds %s of %s INT4 bytes and %s of %s LoRA parameters",
+                report["rank"],
+                f"{report['int4_local_bytes']:,}",
+                f"{report['int4_bytes']:,}",
+                f"{report['trainable_local_numel']:,}",
+                f"{report['trainable_numel']:,}",
+            )
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            text = json.dumps({"strategy": "fsdp", "world_size": acc.num_processes, "processes": reports}, indent=2)
+            (self.run_dir / SHARDING_FILE).write_text(text, encoding="utf-8")
+
     def _ranks_in_sync(self, module: LoraModule) -> bool:
         """Whether every process holds bit-identical trainable tensors (DDP keeps them so)."""
         digest = hashlib.sha256()
@@ -479,7 +550,7 @@ class Trainer:
         return bool((gathered == gathered[0]).all())
 
 
-def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list) -> Accelerator:
+def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list, fsdp_plugin=None) -> Accelerator:
     def make() -> Accelerator:
         return Accelerator(
             cpu=cpu,
@@ -487,6 +558,7 @@ def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list) -> Accele
             log_with=trackers,
             # The frozen INT4 buffers never change: broadcasting them every forward would copy the whole model.
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+            fsdp_plugin=fsdp_plugin,
         )
 
     try:

@@ -1,0 +1,213 @@
+"""Multi-GPU LoRA training on INT4 bases: DDP scaling (Llama-3.1-8B shape) and FSDP sharding (Llama-3-70B shape).
+
+Run under ``accelerate launch``; every process builds the same Llama-shaped model with random INT4 weights on its
+GPU as ``train_step.py`` does for ``--mode`` (random packed nibbles, bf16 scales, group 128, no checkpoint; LoRA r=16,
+alpha 32, on all seven projections with plain ``get_peft_model``; non-reentrant gradient checkpointing; the mode's
+training optimisations) and prepares it exactly as the trainer does for ``train.strategy``:
+
+- ``ddp``: ``Accelerator.prepare`` (DDP with ``broadcast_buffers=False``; one process: no wrapper);
+- ``fsdp``: :func:`int4lora_train.train.distributed.prepare_fsdp` (INT4 tensors as frozen parameters, accelerate's
+  FSDP2 plugin, one unit per decoder layer, autocast forward).
+
+Then it times ``model(input_ids, labels).loss`` + backward + AdamW on the adapters under bf16 autocast, each process
+with its own ``--bs`` x ``--seq`` batch (so the global batch grows with the process count, as DDP scaling is
+measured). Reported: median step time, tokens/s of all processes together, and per process the peak memory during
+the steps (CUDA peak allocated; the counters are reset after preparation, so building the whole model before
+sharding is not counted) and the memory held after preparation (weights, LoRA; FSDP: the shards).
+
+The runs of issue 7 (multi-GPU machine)::
+
+    # DDP scaling on the Llama-3.1-8B shape: one GPU, then two (target: tokens/s ratio >= 1.85)
+    accelerate launch --num_processes 1 benchmarks/multi_gpu.py --strategy ddp --shape 8b --json ddp_1gpu.json
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/multi_gpu.py --strategy ddp --shape 8b \\
+        --json ddp_2gpu.json
+    python benchmarks/multi_gpu.py --scaling ddp_1gpu.json ddp_2gpu.json
+    # FSDP LoRA on the Llama-3-70B shape over two GPUs: per-GPU peak memory and tokens/s
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/multi_gpu.py --strategy fsdp --shape 70b \\
+        --json fsdp_70b_2gpu.json
+    # a quick CPU check of both paths (gloo; no GPU visible)
+    CUDA_VISIBLE_DEVICES= accelerate launch --multi_gpu --num_processes 2 benchmarks/multi_gpu.py --strategy fsdp \\
+        --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 --vocab 1024 --seq 64 --steps 2 --warmup 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py: the model builder and memory helpers
+
+from train_step import SHAPES, _memory_now, _memory_peak, _memory_reset, _sync, parse_mode, prepare  # noqa: E402
+
+from int4lora_train.train import distributed  # noqa: E402
+
+DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4+keep+kernels"}
+"""``train_step.py`` modes: DDP with all of the toolkit's training optimisations; FSDP without the two that
+``prepare_fsdp`` switches off (the fused LoRA node reads the INT4 buffers; the chunked loss reads the output head's
+weight outside its forward, where FSDP has not gathered it)."""
+
+
+def make_accelerator(strategy: str, cpu: bool):
+    """The accelerator the trainer would make for ``train.strategy`` (bf16 autocast; FSDP: the toolkit's plugin)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    plugin = None
+    if distributed.fsdp_requested(strategy, PartialState(cpu=cpu).num_processes):
+        plugin = distributed.fsdp_plugin(reshard_after_forward=True)
+    accelerator = Accelerator(
+        cpu=cpu,
+        mixed_precision="bf16",
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        fsdp_plugin=plugin,
+    )
+    sharded = plugin is not None and distributed.activate_fsdp(accelerator, plugin)
+    return accelerator, sharded
+
+
+def run(args) -> dict | None:
+    cpu = args.device == "cpu" or not torch.cuda.is_available()
+    accelerator, sharded = make_accelerator(args.strategy, cpu)
+    device = accelerator.device
+    if args.strategy == "fsdp" and not sharded:
+        raise SystemExit("--strategy fsdp needs several processes: accelerate launch --multi_gpu --num_processes N")
+    _memory_reset(device)
+    started = time.perf_counter()
+    model = prepare(args, args.mode, device)  # seeded: the same base and adapters in every process
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    if sharded:
+        model, optimizer = distributed.prepare_fsdp(accelerator, model, optimizer)
+        shards = distributed.sharding_report(model, accelerator.process_index)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        shards = None
+    build_s = time.perf_counter() - started
+    _memory_reset(device)
+    held = _memory_now(device)
+
+    gen = torch.Generator(device=device).manual_seed(1 + accelerator.process_index)  # each process its own batch
+    tokens = torch.randint(0, args.vocab, (args.bs, args.seq), device=device, generator=gen)
+    times, loss = [], torch.zeros(())
+    for i in range(args.warmup + args.steps):
+        _sync(device)
+        start = time.perf_counter()
+        loss = model(input_ids=tokens, labels=tokens).loss
+        accelerator.backward(loss)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        _sync(device)
+        if i >= args.warmup:
+            times.append(time.perf_counter() - start)
+    mine = {
+        "rank": accelerator.process_index,
+        "median_step_s": statistics.median(times),
+        "peak_memory_bytes": _memory_peak(device),
+        "held_after_prepare_bytes": held,
+        "last_loss": float(loss.detach()),
+        "build_s": build_s,
+        "sharding": shards,
+    }
+    from accelerate.utils import gather_object
+
+    processes = gather_object([mine])
+    if not accelerator.is_main_process:
+        return None
+    world = accelerator.num_processes
+    step = max(p["median_step_s"] for p in processes)  # the slowest process sets the pace
+    return {
+        "strategy": args.strategy if world > 1 else f"{args.strategy} (1 process)",
+        "processes": world,
+        "shape": {k: getattr(args, k) for k in ("layers", "hidden", "intermediate", "heads", "kv_heads", "vocab")},
+        "seq": args.seq,
+        "bs_per_process": args.bs,
+        "rank": args.rank,
+        "mode": args.mode,
+        "gradient_checkpointing": not args.no_checkpointing,
+        "median_step_s": step,
+        "tokens_per_s": world * args.bs * args.seq / step,
+        "max_peak_memory_bytes": max(p["peak_memory_bytes"] for p in processes),
+        "per_process": processes,
+        "env": {
+            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "torch": torch.__version__,
+        },
+    }
+
+
+def scaling(paths: list[str]) -> str:
+    """``tokens/s`` of each result file relative to the first (e.g. 1 GPU, then 2 GPUs)."""
+    results = [json.loads(Path(p).read_text()) for p in paths]
+    base = results[0]["tokens_per_s"]
+    lines = []
+    for path, r in zip(paths, results):
+        lines.append(
+            f"{path}: {r['strategy']}, {r['processes']} process(es), {r['tokens_per_s']:.0f} tokens/s "
+            f"({r['tokens_per_s'] / base:.2f}x), step {r['median_step_s']:.3f} s, "
+            f"peak {r['max_peak_memory_bytes'] / 2**30:.2f} GiB per GPU"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> dict | None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument(
+        "--mode",
+        default=None,
+        help="train_step.py's INT4 mode (default: int4-opt for ddp, int4+keep for fsdp, see the module doc)",
+    )
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape preset (default 8b)")
+    for key in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
+        parser.add_argument(f"--{key}", type=int, default=None, help="override the shape preset")
+    parser.add_argument("--group-size", type=int, default=128)
+    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--bs", type=int, default=1, help="rows per process and step")
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--json", default=None, help="write the result here (main process)")
+    parser.add_argument("--scaling", nargs="+", metavar="RESULT_JSON", help="compare result files; no run")
+    args = parser.parse_args(argv)
+    if args.scaling:
+        print(scaling(args.scaling))
+        return None
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.mode = args.mode or DEFAULT_MODES[args.strategy]
+    try:
+        if not parse_mode(args.mode)[0] == "int4":
+            parser.error(f"--mode {args.mode}: multi-GPU runs use the int4 base (on the fly)")
+    except ValueError as exc:
+        parser.error(str(exc))
+    args.cache_gb, args.reentrant, args.profile_modes = None, False, set()  # what train_step.prepare reads
+    result = run(args)
+    if result is not None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        print(json.dumps({k: v for k, v in result.items() if k != "per_process"}, indent=2))
+        for p in result["per_process"]:
+            print(
+                f"process {p['rank']}: step {p['median_step_s']:.3f} s, peak {p['peak_memory_bytes'] / 2**30:.2f} GiB,"
+                f" held after prepare {p['held_after_prepare_bytes'] / 2**30:.2f} GiB"
+                + (
+                    f", INT4 {p['sharding']['int4_local_bytes'] / 2**20:.1f} of "
+                    f"{p['sharding']['int4_bytes'] / 2**20:.1f} MiB"
+                    if p["sharding"]
+                    else ""
+                )
+            )
+    return result
+
+
+if __name__ == "__main__":
+    main()
