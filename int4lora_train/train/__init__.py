@@ -13,9 +13,9 @@
 from int4lora_train.train.config import RunConfig, config_reference, load_config, save_config
 from int4lora_train.train.data import Datasets, Sample, collate, load_datasets, pack_samples
 from int4lora_train.train.job import run_training
-from int4lora_train.train.metrics import RunSummary
+from int4lora_train.train.metrics import FitResult, RunSummary
 from int4lora_train.train.module import LoraModule, token_loss_sum
-from int4lora_train.train.trainer import BatchPlan, FitResult, Trainer
+from int4lora_train.train.trainer import BatchPlan, Trainer
 
 __all__ = [
     "BatchPlan",

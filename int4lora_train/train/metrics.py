@@ -81,14 +81,9 @@ def perplexity(loss: float) -> float:
 
 
 @dataclass
-class RunSummary:
-    """What a run did and where its outputs are (``summary.json``): the Trainer's result plus the paths."""
+class FitResult:
+    """What :meth:`Trainer.fit` did: steps, time, throughput and losses."""
 
-    run_dir: str
-    adapter_dir: str | None
-    metrics_file: str
-    tensorboard_dir: str | None
-    loss_plot: str | None
     completed: bool
     steps: int
     max_steps: int
@@ -104,6 +99,17 @@ class RunSummary:
     resumed_from: str | None
     last_checkpoint: str | None
     ranks_in_sync: bool | None
+
+
+@dataclass
+class RunSummary(FitResult):
+    """What a run did and where its outputs are (``summary.json``): the Trainer's result plus the paths."""
+
+    run_dir: str
+    adapter_dir: str | None
+    metrics_file: str
+    tensorboard_dir: str | None
+    loss_plot: str | None
 
     def to_dict(self) -> dict[str, Any]:
         return {k: _jsonable(v) for k, v in asdict(self).items()}

@@ -39,7 +39,7 @@ from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
-from .metrics import JsonlTracker, perplexity
+from .metrics import FitResult, JsonlTracker, perplexity
 from .module import LOSS_NORMALIZER, LoraModule
 
 logger = logging.getLogger(__name__)
@@ -113,25 +113,6 @@ class _Throughput:
     @property
     def rate(self) -> float:
         return self.tokens / self.seconds if self.seconds > 0 else 0.0
-
-
-@dataclass
-class FitResult:
-    completed: bool
-    steps: int
-    max_steps: int
-    world_size: int
-    elapsed_s: float
-    tokens: int
-    tokens_per_s: float
-    train_loss_first: float | None
-    train_loss_final: float | None
-    val_loss_initial: float | None
-    val_loss: float | None
-    val_ppl: float | None
-    resumed_from: str | None
-    last_checkpoint: str | None
-    ranks_in_sync: bool | None
 
 
 class Trainer:
