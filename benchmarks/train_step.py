@@ -1,19 +1,37 @@
-"""LoRA training-step time and peak memory: INT4 base (on the fly / cached) against a bf16 base with plain PEFT LoRA.
+"""LoRA training-step time and peak memory: INT4 bases (with and without the toolkit's training optimisations),
+bitsandbytes NF4 QLoRA and a bf16 base with plain PEFT LoRA, in one process, on the same device and batch.
 
-All modes run in one process, one after the other, on the same device, with the same settings: a Llama-shaped model
-with random weights built directly on the device (INT4 modes: random packed weights and scales, no checkpoint),
-LoRA r=16 (alpha 32) on all seven projections through plain ``get_peft_model``, gradient checkpointing, AdamW on the
-adapters, bf16 autocast. Reported per mode: median step time, tokens/s, peak memory during the steps (CUDA: peak
-allocated; CPU: peak RSS), weight memory, and the last loss.
+Every mode builds a Llama-shaped model with random weights directly on the device (INT4: random packed weights and
+bf16 scales, no checkpoint; NF4: a bf16 model quantized by bitsandbytes), applies LoRA r=16 (alpha 32) to all seven
+projections through plain ``get_peft_model``, prepares it with the toolkit's ``prepare_for_training`` (frozen base,
+nothing upcast, gradient checkpointing), and times ``model(input_ids, labels).loss.backward()`` plus a fused AdamW
+step on the adapters under bf16 autocast. Reported per mode: median step time, tokens/s, peak memory during the steps
+(CUDA: peak allocated; CPU: peak RSS), the weights' memory and the last loss.
 
-    # the issue's setting on a GPU (Llama-3.1-8B shape, seq 2048, bs 1):
-    .venv/bin/python benchmarks/train_step.py --json train_step.json
-    # a quick CPU check:
-    .venv/bin/python benchmarks/train_step.py --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 \\
-        --vocab 1024 --seq 64 --steps 2 --warmup 1
+Modes are ``BASE[+OPTION...]``:
 
-Modes: ``int4`` (dequantize on the fly), ``int4-cache`` (dense weights from the unpacker's LRU cache,
-``--cache-gb`` budget, unbounded by default), ``bf16`` (dense bf16 base, plain PEFT LoRA).
+- bases: ``bf16`` (dense bf16, plain PEFT LoRA), ``nf4`` (bitsandbytes NF4 + double quantization, PEFT's bnb LoRA
+  layer), ``int4`` (INT4 dequantized on the fly by the fused Triton kernel), ``int4-cache`` (dense copies from the
+  unpacker's cache, ``--cache-gb`` budget);
+- options: ``fused`` (one fused autograd node per INT4 LoRA projection), ``keep`` (keep the dense weight from the
+  checkpoint recompute for backward), ``group`` (q/k/v and gate/up as one node each), ``chunked`` (chunked
+  cross-entropy without full logits; any base), ``kernels`` (fused RMSNorm and SwiGLU kernels, always; any
+  base), ``autokernels`` (the same where the input has >= ``AUTO_MIN_ELEMENTS`` elements, as the toolkit's default
+  ``fused_kernels: auto``), ``reentrant`` (reentrant gradient checkpointing instead of non-reentrant; any base);
+- ``int4-opt`` = ``int4+fused+keep+group+chunked+kernels``; ``int4-default`` = the same with ``autokernels`` (what
+  ``apply_training_optimizations`` sets up by default); a bare ``int4`` runs with all of them off.
+
+::
+
+    # the issue's table on a GPU (Llama-3.1-8B shape, seq 2048):
+    python benchmarks/train_step.py --modes bf16,bf16+chunked,nf4,int4,int4-cache,int4-opt --bs 1 --json bs1.json
+    # the Llama-3-70B shape, INT4 only:
+    python benchmarks/train_step.py --shape 70b --modes int4-opt --json 70b.json
+    # GPU correctness of the optimised path against the generic one (2 full-width layers, vocab 128256):
+    python benchmarks/train_step.py --check
+    # a quick CPU run:
+    python benchmarks/train_step.py --layers 2 --hidden 256 --intermediate 512 --heads 4 --kv-heads 2 \\
+        --vocab 1024 --seq 64 --steps 2 --warmup 1 --modes bf16,int4,int4-opt
 """
 
 from __future__ import annotations
@@ -32,11 +50,35 @@ import transformers
 from peft import LoraConfig, get_peft_model
 
 from int4lora_train.modeling import Int4Linear, prepare_for_training
+from int4lora_train.modeling.chunked_loss import enable_chunked_loss
+from int4lora_train.modeling.fused_lora import configure_int4_training
+from int4lora_train.modeling.fused_ops import enable_fused_kernels
 from int4lora_train.quant.dequant import triton_available
 from int4lora_train.quant.layout import Int4Weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-MODES = ("int4", "int4-cache", "bf16")
+BASES = ("bf16", "nf4", "int4", "int4-cache")
+OPTIONS = ("fused", "keep", "group", "chunked", "kernels", "autokernels", "reentrant")
+ALIASES = {
+    "int4-opt": "int4+fused+keep+group+chunked+kernels",
+    "int4-default": "int4+fused+keep+group+chunked+autokernels",
+}
+SHAPES = {
+    "8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
+    "70b": dict(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256),
+}
+
+
+def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
+    """``"int4+fused+chunked"`` -> ``("int4", {"fused", "chunked"})``; aliases expanded; unknown parts raise."""
+    head, *rest = mode.split("+")
+    base, *options = ALIASES.get(head, head).split("+")
+    options += rest
+    if base not in BASES or any(o not in OPTIONS for o in options):
+        raise ValueError(f"unknown mode {mode!r}: BASE[+OPTION...] with BASE in {BASES}, OPTION in {OPTIONS}")
+    if base in ("bf16", "nf4") and set(options) & {"fused", "keep", "group"}:
+        raise ValueError(f"mode {mode!r}: fused / keep / group apply to INT4 bases only")
+    return base, frozenset(options)
 
 
 def llama_config(args) -> transformers.LlamaConfig:
@@ -55,41 +97,84 @@ def llama_config(args) -> transformers.LlamaConfig:
 
 
 def random_int4_weight(out_features: int, in_features: int, group_size: int, device) -> Int4Weight:
-    """Uniform random nibbles and trained-looking bf16 scales (~1e-2), made on ``device``."""
+    """Uniform random nibbles and bf16 scales in [0.002, 0.007] (weights of std ~0.02, like the dense models'
+    initialisation), made on ``device``."""
     packed = torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8, device=device)
-    scales = torch.rand(out_features, in_features // group_size, device=device) * 0.02 + 0.002
+    scales = torch.rand(out_features, in_features // group_size, device=device) * 0.005 + 0.002
     return Int4Weight.create(packed, scales.to(torch.bfloat16), in_features, group_size)
 
 
-def build_model(args, mode: str, device: torch.device) -> torch.nn.Module:
-    """A model with random weights on ``device``: dense bf16, or with every projection an Int4Linear."""
+def _projection_names(model: torch.nn.Module) -> list[str]:
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS
+    ]
+
+
+def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def build_model(args, base: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
+    """A model with random weights on ``device``: dense, NF4 (bitsandbytes) or with every projection an Int4Linear."""
     config = llama_config(args)
-    if mode == "bf16":
+    if base in ("bf16", "nf4"):
         with torch.device(device):
-            return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+        if base == "nf4":
+            _quantize_nf4(model, device)
+        return model
 
     from accelerate import init_empty_weights
 
     from int4lora_train.modeling.surgery import make_cache
 
     with init_empty_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
     cache_bytes = None if args.cache_gb is None else int(args.cache_gb * 2**30)
-    cache = make_cache("cache" if mode == "int4-cache" else "on_the_fly", cache_bytes if mode == "int4-cache" else None)
-    for name, module in list(model.named_modules()):
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS:
-            weight = random_int4_weight(module.out_features, module.in_features, args.group_size, device)
-            parent, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent), child, Int4Linear(weight, cache=cache, cache_key=name))
+    cache = make_cache("cache" if base == "int4-cache" else "on_the_fly", cache_bytes if base == "int4-cache" else None)
+    for name in _projection_names(model):
+        module = model.get_submodule(name)
+        weight = random_int4_weight(module.out_features, module.in_features, args.group_size, device)
+        _replace(model, name, Int4Linear(weight, cache=cache, cache_key=name))
     gen = torch.Generator(device=device).manual_seed(0)
     for name, param in list(model.named_parameters()):  # embeddings, norms, lm_head: still on the meta device
         module_name, _, local = name.rpartition(".")
         if "norm" in module_name:
-            value = torch.ones(param.shape, dtype=torch.bfloat16, device=device)
+            value = torch.ones(param.shape, dtype=dtype, device=device)
         else:
-            value = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(torch.bfloat16)
+            value = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(dtype)
         model.get_submodule(module_name)._parameters[local] = torch.nn.Parameter(value)
     return model.to(device)  # the rotary buffers
+
+
+def _quantize_nf4(model: torch.nn.Module, device: torch.device) -> None:
+    """Replace every projection by bitsandbytes' NF4 ``Linear4bit`` (double quantization, bf16 compute), as
+    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+    bnb_4bit_compute_dtype=torch.bfloat16)`` loads a checkpoint."""
+    import bitsandbytes as bnb
+
+    for name in _projection_names(model):
+        dense = model.get_submodule(name)
+        layer = bnb.nn.Linear4bit(
+            dense.in_features,
+            dense.out_features,
+            bias=False,
+            compute_dtype=torch.bfloat16,
+            compress_statistics=True,
+            quant_type="nf4",
+            device="meta",
+        )
+        layer.weight = bnb.nn.Params4bit(
+            dense.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
+        ).to(device)
+        _replace(model, name, layer)
+        del dense
+    model.is_loaded_in_4bit = True  # what PEFT checks to pick its bnb LoRA layer
+    gc.collect()
+    torch.cuda.empty_cache()
 
 
 def _memory_reset(device: torch.device) -> None:
@@ -131,35 +216,71 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def prepare(args, mode: str, device: torch.device, dtype=torch.bfloat16, dropout: float = 0.0, init_b: bool = False):
+    """The model of ``mode`` with LoRA applied and the mode's options set."""
+    base, options = parse_mode(mode)
+    torch.manual_seed(0)  # the random base weights: the same in every build of a base
+    model = build_model(args, base, device, dtype)
+    torch.manual_seed(0)  # lora_A's init: the same adapters in every mode
+    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(PROJECTIONS), lora_dropout=dropout)
+    model = get_peft_model(model, lora)
+    if init_b:  # lora_B starts at zero; make the adapters do something (correctness checks)
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                gen = torch.Generator(device=device).manual_seed(sum(map(ord, name)))
+                param.data.normal_(0, 0.02, generator=gen)
+    if base.startswith("int4"):
+        configure_int4_training(
+            model,
+            fused_lora="fused" in options,
+            keep_dense_for_backward="keep" in options,
+            group_projections="group" in options,
+        )
+    if "chunked" in options:
+        enable_chunked_loss(model)
+    if "kernels" in options:
+        enable_fused_kernels(model)
+    elif "autokernels" in options:
+        enable_fused_kernels(model, min_elements="auto")
+    reentrant = args.reentrant or "reentrant" in options
+    prepare_for_training(model, gradient_checkpointing=not args.no_checkpointing, use_reentrant=reentrant)
+    model.train()
+    return model
+
+
 def run_mode(args, mode: str, device: torch.device) -> dict:
     _memory_reset(device)
     before = _memory_now(device)
-    model = build_model(args, mode, device)
-    model = get_peft_model(model, LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(PROJECTIONS)))
-    prepare_for_training(model, gradient_checkpointing=not args.no_checkpointing, use_reentrant=args.reentrant)
-    model.train()
+    build_start = time.perf_counter()
+    model = prepare(args, mode, device)
+    build_s = time.perf_counter() - build_start
     weights = _memory_now(device) - before
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, args.vocab, (args.bs, args.seq), device=device, generator=gen)
 
-    _memory_reset(device)
-    times, loss = [], float("nan")
-    for step in range(args.warmup + args.steps):
-        _sync(device)
-        start = time.perf_counter()
+    def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=not args.no_autocast):
-            out = model(input_ids=tokens, labels=tokens)
-        out.loss.backward()
+            loss = model(input_ids=tokens, labels=tokens).loss
+        loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
+
+    _memory_reset(device)
+    times, loss = [], float("nan")
+    for i in range(args.warmup + args.steps):
         _sync(device)
-        if step >= args.warmup:
+        start = time.perf_counter()
+        loss = step()
+        _sync(device)
+        if i >= args.warmup:
             times.append(time.perf_counter() - start)
-        loss = out.loss.detach().item()
-        del out
+    loss = loss.item()
     peak = _memory_peak(device)
+    reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
+    profile = _profile(step, device, mode, args) if mode in args.profile_modes else None
     median = statistics.median(times)
     result = {
         "mode": mode,
@@ -167,28 +288,159 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         "step_times_s": times,
         "tokens_per_s": args.bs * args.seq / median,
         "peak_memory_bytes": peak,
+        "peak_reserved_bytes": reserved,
         "weights_bytes": weights,
         "trainable_params": sum(p.numel() for p in params),
         "int4_layers": sum(isinstance(m, Int4Linear) for m in model.modules()),
         "last_loss": loss,
+        "build_s": build_s,
     }
-    if mode == "int4-cache":
+    if profile:
+        result["profile"] = profile
+    if mode.startswith("int4-cache"):
         cache = next(m.cache for m in model.modules() if isinstance(m, Int4Linear))
         result["cache_stats"] = cache.get_cache_stats()
-    del model, optimizer, params
-    _memory_reset(device)
-    return result
+    return result  # the model goes with this frame; the next mode's _memory_reset returns its memory
+
+
+def _profile(step, device: torch.device, mode: str, args) -> dict:
+    """One step under torch.profiler: GPU busy time, CPU wall time, and the top kernels (written to a file)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    start = time.perf_counter()
+    with profile(activities=activities) as prof:
+        step()
+        _sync(device)
+    wall = time.perf_counter() - start
+    events = prof.key_averages()
+    tables = [
+        events.table(sort_by=key, row_limit=args.profile_rows, max_name_column_width=60)
+        for key in (["self_device_time_total"] if device.type == "cuda" else []) + ["self_cpu_time_total"]
+    ]
+    table = "\n\n".join(tables)
+    kernels = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    gpu_us = sum(e.self_device_time_total for e in kernels)
+    if args.profile_dir:
+        path = Path(args.profile_dir) / f"profile_{mode.replace('+', '_')}_bs{args.bs}_l{args.layers}.txt"
+        path.write_text(table)
+    return {"wall_s": wall, "gpu_busy_s": gpu_us / 1e6, "table": table}
+
+
+# ------------------------------------------------------------------------------------------------ correctness
+
+
+def check(args, device: torch.device) -> list[dict]:
+    """The optimised paths against the generic ones on the same weights and batch (2 full-width layers).
+
+    The weights are built in fp32 (INT4 scales bf16); the reference is the generic path (plain PEFT, transformers'
+    loss) in fp32 without autocast. Each variant's loss and LoRA gradients are compared with it (relative L2 per
+    gradient tensor, the largest over all tensors): the optimised path in fp32 must agree to fp32 rounding, and
+    under bf16 autocast it must be no further from the reference than the generic path under bf16 autocast is.
+    Also, with dropout: reentrant against non-reentrant checkpointing of the optimised path (same masks).
+    """
+    small = argparse.Namespace(**{**vars(args), "layers": 2})
+    gen = torch.Generator(device=device).manual_seed(1)
+    tokens = torch.randint(0, small.vocab, (small.bs, small.seq), device=device, generator=gen)
+    labels = tokens.clone()
+    labels[:, : small.seq // 4] = -100  # a prompt without loss
+
+    def grads(mode, autocast, reentrant=False, dropout=0.0):
+        small.reentrant = reentrant
+        model = prepare(small, mode, device, dtype=torch.float32, dropout=dropout, init_b=True)
+        torch.manual_seed(5)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+            loss = model(input_ids=tokens, labels=labels).loss
+        loss.backward()
+        out = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
+        del model
+        _memory_reset(device)
+        return loss.detach().float().item(), out
+
+    def compare(name, a, ref):
+        (loss_a, ga), (loss_r, gr) = a, ref
+        rel = [((ga[n] - gr[n]).norm() / gr[n].norm().clamp_min(1e-30)).item() for n in gr]
+        row = {
+            "check": name,
+            "loss": loss_a,
+            "loss_ref": loss_r,
+            "loss_rel_diff": abs(loss_a - loss_r) / abs(loss_r),
+            "grad_rel_l2_median": statistics.median(rel),
+            "grad_rel_l2_max": max(rel),
+            "grads": len(gr),
+        }
+        print(json.dumps(row), flush=True)
+        return row
+
+    rows = []
+    for base, opt in (("int4", "int4-opt"), ("bf16", "bf16+chunked+kernels")):
+        reference = grads(base, autocast=False)
+        rows.append(compare(f"{opt} fp32 vs {base} fp32", grads(opt, autocast=False), reference))
+        rows.append(compare(f"{base} bf16-autocast vs {base} fp32", grads(base, autocast=True), reference))
+        rows.append(compare(f"{opt} bf16-autocast vs {base} fp32", grads(opt, autocast=True), reference))
+    rows.append(
+        compare(
+            "int4-opt bf16-autocast dropout 0.1: reentrant vs non-reentrant",
+            grads("int4-opt", True, reentrant=True, dropout=0.1),
+            grads("int4-opt", True, reentrant=False, dropout=0.1),
+        )
+    )
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ host overhead
+
+
+def host_overhead(args, device: torch.device, calls: int = 300) -> list[dict]:
+    """Microseconds per call of the step's small operations, timed back to back (their GPU work is shorter than
+    their launch on the H100, so this is the host cost): transformers' RMSNorm against the fused one, the plain and
+    the prepared dequantization of a 4096 x 4096 weight, one fused LoRA projection."""
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from int4lora_train.modeling.fast_dequant import fast_dequantize
+    from int4lora_train.modeling.fused_ops import RMSNormFunction
+    from int4lora_train.quant.dequant import dequantize
+
+    x = torch.randn(args.bs * args.seq, args.hidden, device=device, dtype=torch.bfloat16)
+    norm = LlamaRMSNorm(args.hidden).to(device, torch.bfloat16)
+    layer = Int4Linear(random_int4_weight(args.hidden, args.hidden, args.group_size, device))
+    weight = layer.int4_weight()
+    cases = {
+        "transformers LlamaRMSNorm forward": lambda: norm(x),
+        "fused RMSNorm forward (Triton)": lambda: RMSNormFunction.apply(x, norm.weight, 1e-6),
+        "dequantize() 4096x4096": lambda: dequantize(weight, torch.bfloat16),
+        "prepared dequantization 4096x4096": lambda: fast_dequantize(layer, weight, torch.bfloat16),
+        "Int4Linear forward (no grad)": lambda: layer(x),
+    }
+    rows = []
+    with torch.no_grad():
+        for name, fn in cases.items():
+            for _ in range(5):
+                fn()
+            _sync(device)
+            start = time.perf_counter()
+            for _ in range(calls):
+                fn()
+            host = time.perf_counter() - start
+            _sync(device)
+            total = time.perf_counter() - start
+            rows.append(
+                {"case": name, "host_us_per_call": host / calls * 1e6, "total_us_per_call": total / calls * 1e6}
+            )
+            print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ main
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, from {list(MODES)}")
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--hidden", type=int, default=4096)
-    parser.add_argument("--intermediate", type=int, default=14336)
-    parser.add_argument("--heads", type=int, default=32)
-    parser.add_argument("--kv-heads", type=int, default=8)
-    parser.add_argument("--vocab", type=int, default=128256)
+    parser.add_argument("--modes", default="bf16,int4,int4-opt", help="comma-separated BASE[+OPTION...] (see above)")
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape preset (default 8b)")
+    for key in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
+        parser.add_argument(f"--{key}", type=int, default=None, help="override the shape preset")
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=1)
@@ -200,46 +452,90 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-checkpointing", action="store_true")
     parser.add_argument("--no-autocast", action="store_true")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--json", default=None, help="write the results here as JSON")
+    parser.add_argument("--check", action="store_true", help="run the correctness comparison instead of timing")
+    parser.add_argument("--host-overhead", action="store_true", help="time the host cost of small operations")
+    parser.add_argument("--profile-modes", default="", help="comma-separated modes to profile for one extra step")
+    parser.add_argument("--profile-rows", type=int, default=25)
+    parser.add_argument("--profile-dir", default=None, help="write each profile's kernel table here")
+    parser.add_argument("--json", default=None, help="write the results here as JSON (rewritten after each mode)")
     args = parser.parse_args(argv)
+    for key, value in SHAPES[args.shape].items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    args.profile_modes = {m.strip() for m in args.profile_modes.split(",") if m.strip()}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
-    unknown = [m for m in modes if m not in MODES]
-    if unknown:
-        parser.error(f"unknown mode(s) {unknown}; choose from {list(MODES)}")
-    device = torch.device(args.device)
-
-    results = []
     for mode in modes:
-        print(f"running {mode} ...", file=sys.stderr, flush=True)
-        results.append(run_mode(args, mode, device))
-
+        try:
+            parse_mode(mode)
+        except ValueError as exc:
+            parser.error(str(exc))
+    device = torch.device(args.device)
     env = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dequant_backend": "triton" if device.type == "cuda" and triton_available() else "torch",
     }
+    report = {"args": {k: (sorted(v) if isinstance(v, set) else v) for k, v in vars(args).items()}, "env": env}
+
+    if args.check:
+        report["check"] = check(args, device)
+        _write(args.json, report)
+        return report
+    if args.host_overhead:
+        report["host_overhead"] = host_overhead(args, device)
+        _write(args.json, report)
+        return report
+
+    results = []
+    report["results"] = results
+    for mode in modes:
+        print(f"running {mode} ...", file=sys.stderr, flush=True)
+        try:
+            results.append(run_mode(args, mode, device))
+        except torch.cuda.OutOfMemoryError as exc:  # a baseline that does not fit is a result too
+            results.append({"mode": mode, "error": f"out of memory: {str(exc).splitlines()[0]}"})
+            _memory_reset(device)
+        _write(args.json, report)
+        print(_row_line(results[-1]), file=sys.stderr, flush=True)
     print(_table(args, results, env))
-    report = {"args": vars(args), "env": env, "results": results}
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    for r in results:
+        if "profile" in r:
+            p = r["profile"]
+            print(f"\nprofile {r['mode']}: wall {p['wall_s']:.3f} s, GPU busy {p['gpu_busy_s']:.3f} s")
     return report
 
 
+def _write(path: str | None, report: dict) -> None:
+    if path:
+        Path(path).write_text(json.dumps(report, indent=2) + "\n")
+
+
+def _row_line(r: dict) -> str:
+    if "error" in r:
+        return f"{r['mode']}: {r['error']}"
+    return (
+        f"{r['mode']}: {r['median_step_s']:.4f} s/step, {r['tokens_per_s']:.0f} tok/s, peak "
+        f"{r['peak_memory_bytes'] / 2**30:.2f} GiB, built in {r['build_s']:.1f} s"
+    )
+
+
 def _table(args, results: list[dict], env: dict) -> str:
-    memory = "peak allocated" if args.device.startswith("cuda") else "peak RSS"
+    memory = "peak alloc" if args.device.startswith("cuda") else "peak RSS"
     head = (
         f"LoRA r={args.rank} on {len(PROJECTIONS)} projections, {args.layers} layers (hidden {args.hidden}, "
         f"intermediate {args.intermediate}), seq {args.seq}, bs {args.bs}, "
-        f"{'no ' if args.no_checkpointing else ''}gradient checkpointing, {env['device']}, dequant {env['dequant_backend']}"
+        f"{'no ' if args.no_checkpointing else ''}gradient checkpointing "
+        f"({'reentrant' if args.reentrant else 'non-reentrant'}), {env['device']}, dequant {env['dequant_backend']}"
     )
-    baseline = next((r for r in results if r["mode"] == "bf16"), None)
-    rows = [
-        ("mode", "median step s", "tokens/s", f"{memory} GiB", "weights GiB", "vs bf16 time", "vs bf16 mem", "loss")
-    ]
+    baseline = next((r for r in results if r["mode"] == "bf16" and "error" not in r), None)
+    rows = [("mode", "median s", "tokens/s", f"{memory} GiB", "weights GiB", "speed vs bf16", "mem vs bf16", "loss")]
     for r in results:
-        rel_time = f"{r['median_step_s'] / baseline['median_step_s']:.2f}x" if baseline else "-"
-        rel_mem = f"{r['peak_memory_bytes'] / baseline['peak_memory_bytes']:.2f}x" if baseline else "-"
+        if "error" in r:
+            rows.append((r["mode"], "-", "-", "-", "-", "-", "-", r["error"][:40]))
+            continue
+        speed = f"{baseline['median_step_s'] / r['median_step_s']:.3f}x" if baseline else "-"
+        rel_mem = f"{r['peak_memory_bytes'] / baseline['peak_memory_bytes']:.3f}x" if baseline else "-"
         rows.append(
             (
                 r["mode"],
@@ -247,7 +543,7 @@ def _table(args, results: list[dict], env: dict) -> str:
                 f"{r['tokens_per_s']:.0f}",
                 f"{r['peak_memory_bytes'] / 2**30:.2f}",
                 f"{r['weights_bytes'] / 2**30:.2f}",
-                rel_time,
+                speed,
                 rel_mem,
                 f"{r['last_loss']:.3f}",
             )

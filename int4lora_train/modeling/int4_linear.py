@@ -12,6 +12,12 @@ Peak memory per layer is one dense temporary (the size of the weight in the comp
 the matmul. In *cache* mode the dense weight comes from the unpacker's budgeted LRU cache instead, which trades
 memory (the budget) for the dequantization time.
 
+Under gradient checkpointing a layer is dequantized three times per step (forward, recompute, backward). The
+recompute runs inside the backward pass, right before the backward of the same layer, so there the dense weight is
+saved for backward instead of the packed buffers (``keep_dense_for_backward``, default on): two dequantizations
+instead of three, for the memory of one checkpointed block's dense weights while its backward runs. See
+:func:`dense_save_is_transient` for how that moment is recognised; everywhere else only the packed buffers are saved.
+
 The compute dtype is the autocast dtype under ``torch.autocast``, else ``compute_dtype`` when given, else the input's
 dtype; without autocast the output has the input's dtype, like ``nn.Linear``.
 
@@ -24,7 +30,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -38,6 +44,30 @@ from int4lora_train.quant.layout import Int4Weight
 logger = logging.getLogger(__name__)
 
 MODES = ("on_the_fly", "cache")
+_TRANSIENT_ATTRIBUTES = ("_dequant_plans",)
+
+
+def dense_save_is_transient() -> bool:
+    """Whether a tensor saved for backward *now* lives only briefly, so that saving a dense weight is cheap.
+
+    True in two cases, both created by ``torch.utils.checkpoint``:
+
+    - inside a backward pass (the autograd engine's graph task is running): a forward running there is a
+      checkpoint's recompute (reentrant or not), whose saved tensors are consumed by the backward that follows;
+    - inside a non-reentrant checkpoint's first forward: its pack hook replaces every saved tensor by a placeholder,
+      so nothing is kept (and the recompute must save tensors of the same shapes, which it does).
+
+    Everywhere else (no checkpointing, or other saved-tensor hooks such as CPU offloading) it is False.
+    """
+    if torch._C._current_graph_task_id() != -1:
+        return True
+    try:
+        hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except (AttributeError, TypeError):  # private API: if it moves, keep the safe choice
+        return False
+    if not hooks:
+        return False
+    return getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
 
 
 class DenseWeightUnavailableError(UnsupportedFormatError, AttributeError):
@@ -58,13 +88,24 @@ class _WeightSpec:
     cache: Any = None  # an INT4Unpacker (cache mode) or None (on the fly)
     cache_key: str | None = None
     backend: str | None = None
+    keep_dense: bool = False  # save the dense weight for backward where that is transient (see the module doc)
+    owner: Any = field(default=None, compare=False)  # the layer: holds prepared launches (fast_dequant)
 
-    def dense(self, packed, scales, zero_points, g_idx) -> torch.Tensor:
-        """The ``[out, in]`` weight in ``self.dtype``: a fresh temporary, or the cache's shared copy."""
+    def dense(self, packed, scales, zero_points, g_idx, out: torch.Tensor | None = None, slot=None) -> torch.Tensor:
+        """The ``[out, in]`` weight in ``self.dtype``: a fresh temporary (or ``out``), or the cache's shared copy.
+
+        On CUDA the layer's prepared launch is used (:mod:`int4lora_train.modeling.fast_dequant`); ``slot`` names
+        where ``out`` sits (a projection group's row offset)."""
         weight = _int4_weight(packed, scales, zero_points, g_idx, self.in_features, self.group_size)
         if self.cache is not None:
-            return self.cache.get_dense(self.cache_key, weight, self.dtype)
-        return dequantize(weight, self.dtype, backend=self.backend)
+            dense = self.cache.get_dense(self.cache_key, weight, self.dtype)
+            return dense if out is None else out.copy_(dense)
+        if self.owner is not None and packed.device.type == "cuda" and self.backend in (None, "auto", "triton"):
+            from int4lora_train.modeling.fast_dequant import fast_dequantize
+
+            return fast_dequantize(self.owner, weight, self.dtype, out, slot)
+        dense = dequantize(weight, self.dtype, backend=self.backend)
+        return dense if out is None else out.copy_(dense)
 
 
 class Int4LinearFunction(torch.autograd.Function):
@@ -77,21 +118,36 @@ class Int4LinearFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, bias, packed, scales, zero_points, g_idx, spec: _WeightSpec):
         weight = spec.dense(packed, scales, zero_points, g_idx)
-        ctx.save_for_backward(packed, scales, zero_points, g_idx)
-        ctx.spec = spec
+        save_weight_tensors(ctx, weight, (packed, scales, zero_points, g_idx), spec, ctx.needs_input_grad[0])
         ctx.out_features = packed.shape[0]
         return F.linear(x, weight, bias)
 
     @staticmethod
     def backward(ctx, grad_output):
-        packed, scales, zero_points, g_idx = ctx.saved_tensors
         grad_x = grad_bias = None
         if ctx.needs_input_grad[0]:
-            weight = ctx.spec.dense(packed, scales, zero_points, g_idx)
+            weight = saved_dense_weight(ctx, ctx.saved_tensors)
             grad_x = grad_output.to(weight.dtype) @ weight  # [..., out] @ [out, in] -> [..., in]
         if ctx.needs_input_grad[1]:
             grad_bias = grad_output.reshape(-1, ctx.out_features).sum(0)
         return grad_x, grad_bias, None, None, None, None, None
+
+
+def save_weight_tensors(ctx, weight: torch.Tensor, buffers: tuple, spec: _WeightSpec, needed: bool, *extra) -> None:
+    """``ctx.save_for_backward(*extra, W)`` when the dense ``W`` may be kept (see :func:`dense_save_is_transient`),
+    else ``(*extra, packed, scales, zero_points, g_idx)``; :func:`saved_dense_weight` undoes it."""
+    ctx.spec = spec
+    ctx.dense_saved = bool(needed and spec.keep_dense and dense_save_is_transient())
+    ctx.num_extra = len(extra)
+    ctx.save_for_backward(*extra, *((weight,) if ctx.dense_saved else buffers))
+
+
+def saved_dense_weight(ctx, saved: tuple) -> torch.Tensor:
+    """The dense ``[out, in]`` weight for backward: the saved one, or dequantized again from the saved buffers."""
+    tensors = saved[ctx.num_extra :]
+    if ctx.dense_saved:
+        return tensors[0]
+    return ctx.spec.dense(*tensors)
 
 
 class Int4Linear(nn.Linear):
@@ -100,8 +156,12 @@ class Int4Linear(nn.Linear):
     Buffers: ``packed`` uint8 ``[out, in/2]``, ``scales`` ``[out, G]`` (``[1, 1]`` for a per-tensor scale),
     ``zero_points`` int8 ``[out, G]`` or None, ``g_idx`` int32 ``[in]`` or None; ``bias`` is an optional frozen
     parameter. ``cache`` (an :class:`~int4lora_train.quant.unpacker.INT4Unpacker`) switches to cache mode, keyed by
-    ``cache_key`` (default: a key unique to this layer).
+    ``cache_key`` (default: a key unique to this layer). ``keep_dense_for_backward`` (class default True; set per
+    layer or with :func:`int4lora_train.modeling.fused_lora.configure_int4_training`) saves the dense weight during a
+    gradient-checkpoint recompute instead of dequantizing it a third time in backward.
     """
+
+    keep_dense_for_backward: bool = True
 
     def __init__(
         self,
@@ -180,15 +240,30 @@ class Int4Linear(nn.Linear):
     # ------------------------------------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        autocast = torch.is_autocast_enabled(x.device.type)
-        if autocast:
-            dtype = torch.get_autocast_dtype(x.device.type)
-        else:
-            dtype = self.compute_dtype or x.dtype
-        spec = _WeightSpec(self.in_features, self.group_size, dtype, self.cache, self.cache_key, self.backend)
+        dtype, autocast = self.compute_dtype_for(x)
+        spec = self.weight_spec(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
         out = Int4LinearFunction.apply(x.to(dtype), bias, self.packed, self.scales, self.zero_points, self.g_idx, spec)
         return out if autocast else out.to(x.dtype)
+
+    def weight_spec(self, dtype: torch.dtype) -> _WeightSpec:
+        """How autograd functions get this layer's dense weight in ``dtype`` (the non-tensor half of the weight)."""
+        return _WeightSpec(
+            self.in_features,
+            self.group_size,
+            dtype,
+            self.cache,
+            self.cache_key,
+            self.backend,
+            bool(self.keep_dense_for_backward),
+            self,
+        )
+
+    def compute_dtype_for(self, x: torch.Tensor) -> tuple[torch.dtype, bool]:
+        """``(dtype, autocast)``: the dtype the matmul runs in for input ``x`` (see the module doc)."""
+        if torch.is_autocast_enabled(x.device.type):
+            return torch.get_autocast_dtype(x.device.type), True
+        return self.compute_dtype or x.dtype, False
 
     # ------------------------------------------------------------------------------------------------ nn.Linear API
 
@@ -214,8 +289,13 @@ class Int4Linear(nn.Linear):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            new.__dict__[key] = copy.deepcopy(value, memo)
+            if key not in _TRANSIENT_ATTRIBUTES:
+                new.__dict__[key] = copy.deepcopy(value, memo)
         return new
+
+    def __getstate__(self):
+        # Prepared kernel launches (fast_dequant) refer to compiled kernels and device buffers: rebuilt on demand.
+        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT_ATTRIBUTES}
 
     def reset_parameters(self) -> None:
         """Nothing to initialise: the INT4 weight is checkpoint data (nn.Linear's init would need a dense weight)."""

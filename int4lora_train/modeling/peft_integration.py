@@ -42,6 +42,7 @@ from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.modeling.fused_lora import fused_lora_applies, fused_lora_forward
 from int4lora_train.modeling.int4_linear import Int4Linear
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,15 @@ SUPPORTED_INITS = (True, False, "gaussian")
 
 
 class Int4LoraLinear(nn.Module, LoraLayer):
-    """LoRA around an :class:`Int4Linear` base: ``base(x) + lora_B(lora_A(dropout(x))) * scaling``."""
+    """LoRA around an :class:`Int4Linear` base: ``base(x) + lora_B(lora_A(dropout(x))) * scaling``.
+
+    With one active adapter the forward is one fused autograd node
+    (:mod:`int4lora_train.modeling.fused_lora`; ``fused_lora = False`` on the layer or
+    :func:`~int4lora_train.modeling.fused_lora.enable_fused_lora` switches it off); otherwise PEFT's generic path.
+    """
+
+    fused_lora: bool = True
+    _lora_group = None  # a fused_lora.ProjectionGroup when configure_int4_training(group_projections=True)
 
     def __init__(
         self,
@@ -91,6 +100,13 @@ class Int4LoraLinear(nn.Module, LoraLayer):
             return self.base_layer(x, *args, **kwargs)
         if adapter_names is not None:
             return self._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+        call = fused_lora_applies(self, x, args, kwargs)
+        if call is not None:
+            if self._lora_group is not None:
+                out = self._lora_group.forward_member(self, x, call)
+                if out is not None:
+                    return out
+            return fused_lora_forward(self, x, call)
         result = self.base_layer(x, *args, **kwargs)
         result_dtype = result.dtype
         for active_adapter in self.active_adapters:

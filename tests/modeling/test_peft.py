@@ -209,8 +209,10 @@ def test_gradient_checkpointing_gives_the_same_lora_gradients(use_reentrant, tok
         prepare_for_training(peft_model, gradient_checkpointing=checkpointing, use_reentrant=use_reentrant)
         peft_model.train()
         calls = []
-        base = peft_model.base_model.model.model.layers[0].mlp.down_proj.base_layer
-        base.register_forward_hook(lambda *args: calls.append(1))
+        # The LoRA layer, not its base: the fused LoRA path computes the base matmul without calling base_layer.
+        layer = peft_model.base_model.model.model.layers[0].mlp.down_proj
+        # A pre-hook: a non-reentrant recompute stops early, in the middle of the last layer that saves tensors.
+        layer.register_forward_pre_hook(lambda *args: calls.append(1))
         peft_model(tokens, labels=tokens).loss.backward()
         assert len(calls) == (2 if checkpointing else 1)  # the checkpointed layer ran again in backward
         return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
