@@ -14,7 +14,7 @@ from int4lora_train.train.config import RunConfig, config_reference, load_config
 from int4lora_train.train.data import Datasets, Sample, collate, load_datasets, pack_samples
 from int4lora_train.train.job import run_training
 from int4lora_train.train.metrics import FitResult, RunSummary
-from int4lora_train.train.module import LoraModule, token_loss_sum
+from int4lora_train.train.module import LoraModule
 from int4lora_train.train.trainer import BatchPlan, Trainer
 
 __all__ = [
@@ -33,5 +33,4 @@ __all__ = [
     "pack_samples",
     "run_training",
     "save_config",
-    "token_loss_sum",
 ]

@@ -145,6 +145,23 @@ class FsdpConfig:
 
 
 @dataclass
+class SpeedConfig:
+    """Training-step optimisations (int4lora_train.modeling.optimizations); each is exact up to summation order."""
+
+    fused_lora: bool = _opt(True, "One autograd node per LoRA'd INT4 projection (base + LoRA, one dequantization).")
+    keep_dense_for_backward: bool = _opt(
+        True, "With gradient checkpointing, the weight dequantized in the recompute serves the backward (2 instead "
+        "of 3 dequantizations per step; one layer's dense weights live at a time)."
+    )
+    group_projections: bool = _opt(True, "q/k/v and gate/up as one node each (needs `fused_lora`).")
+    chunked_loss: bool = _opt(True, "Cross-entropy in chunks of tokens: the full fp32 logits are never held.")
+    loss_chunk_size: int | None = _opt(None, "Tokens per loss chunk; null = chosen from the vocabulary size.", min=1)
+    fused_kernels: Literal["auto", "on", "off"] = _opt(
+        "auto", "Triton RMSNorm and SwiGLU: `auto` uses them on large inputs (GPU-bound steps), `on`, `off`."
+    )
+
+
+@dataclass
 class TrainConfig:
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", min=0)
     max_steps: int | None = _opt(None, "Optimizer steps; give this or `epochs` (default: 1 epoch).", min=1)
@@ -160,6 +177,9 @@ class TrainConfig:
     max_grad_norm: float | None = _opt(1.0, "Clip the global gradient norm to this; null = no clipping.", above=0)
     mixed_precision: Literal["no", "bf16", "fp16"] = _opt("no", "Autocast for the forward pass (accelerate).")
     gradient_checkpointing: bool = _opt(False, "Recompute activations in backward (less memory, ~30% slower).")
+    gradient_checkpointing_reentrant: bool = _opt(
+        False, "Reentrant instead of non-reentrant checkpointing (faster at batch size 1 on some hosts)."
+    )
     eval_every: int | None = _opt(
         None, "Evaluate every N steps (and always at the end); null = only at the end.", min=1
     )
@@ -176,6 +196,7 @@ class TrainConfig:
         "optimizer state sharded across processes; for models that do not fit one GPU).",
     )
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 
 @dataclass

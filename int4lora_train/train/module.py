@@ -15,7 +15,6 @@ import logging
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from accelerate.utils import extract_model_from_parallel
 from torch import nn
 
@@ -30,17 +29,6 @@ logger = logging.getLogger(__name__)
 
 LOSS_NORMALIZER = "loss_normalizer"
 """Batch key the Trainer sets: global target tokens of the step divided by the number of processes."""
-
-
-def token_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Next-token cross-entropy summed over targets, in fp32: ``(loss_sum, num_targets)``.
-
-    ``logits`` ``[B, T, V]`` predict ``labels`` ``[B, T]`` shifted by one; ``-100`` labels are skipped.
-    """
-    shifted = labels[:, 1:].reshape(-1)
-    flat = logits[:, :-1].reshape(-1, logits.shape[-1]).float()
-    loss_sum = F.cross_entropy(flat, shifted, ignore_index=IGNORE_INDEX, reduction="sum")
-    return loss_sum, (shifted != IGNORE_INDEX).sum()
 
 
 class LoraModule:
@@ -64,14 +52,27 @@ class LoraModule:
         return output.logits
 
     def training_step(self, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The loss to backpropagate for one micro-batch (already divided by the step's normaliser)."""
-        loss_sum, _ = token_loss_sum(self.forward(batch), batch["labels"])
-        return loss_sum / batch[LOSS_NORMALIZER]
+        """The loss to backpropagate for one micro-batch (already divided by the step's normaliser).
+
+        The model computes it from ``labels`` (transformers' shifted cross-entropy, summed and divided by
+        ``num_items_in_batch``), so a chunked loss installed on the model never materialises full fp32 logits.
+        """
+        return self._model_loss(batch, batch[LOSS_NORMALIZER])
 
     @torch.no_grad()
     def validation_step(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """``(loss_sum, num_targets)`` of one batch; the Trainer sums them over the validation set."""
-        return token_loss_sum(self.forward(batch), batch["labels"])
+        return self._model_loss(batch, 1), (batch["labels"][:, 1:] != IGNORE_INDEX).sum()
+
+    def _model_loss(self, batch: dict[str, torch.Tensor], normalizer) -> torch.Tensor:
+        output = self.model(
+            input_ids=batch["input_ids"],
+            position_ids=batch["position_ids"],
+            labels=batch["labels"],
+            num_items_in_batch=normalizer,
+            use_cache=False,
+        )
+        return output.loss.float()
 
     def on_train_step_end(self, step: int, metrics: dict[str, float]) -> None:
         """Called after every optimizer step with the step's (all-process) metrics."""

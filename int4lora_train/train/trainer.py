@@ -209,8 +209,9 @@ class Trainer:
         if cfg.gradient_checkpointing:
             from ..modeling.peft_integration import prepare_for_training
 
-            # Non-reentrant: needs no input that requires grad, and works with the frozen INT4 base.
-            prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=False)
+            reentrant = cfg.gradient_checkpointing_reentrant
+            prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
+        self._apply_speed_options(module)
         optimizer, scheduler = module.configure_optimizers(max_steps)
         if self.sharded:
             module.model, optimizer = distributed.prepare_fsdp(acc, module.model, optimizer)
@@ -499,6 +500,22 @@ class Trainer:
     def strategy(self) -> str:
         """``fsdp`` when this run shards (``train.strategy: fsdp`` with several processes), else ``ddp``."""
         return "fsdp" if self.sharded else "ddp"
+
+    def _apply_speed_options(self, module: LoraModule) -> None:
+        """Switch the training-step optimisations of ``train.speed`` on (before DDP / FSDP wrapping)."""
+        from ..modeling.optimizations import apply_training_optimizations
+
+        speed = self.config.speed
+        done = apply_training_optimizations(
+            module.unwrapped_model,
+            fused_lora=speed.fused_lora,
+            keep_dense_for_backward=speed.keep_dense_for_backward,
+            group_projections=speed.group_projections and speed.fused_lora,
+            chunked_loss=speed.chunked_loss,
+            loss_chunk_size=speed.loss_chunk_size,
+            fused_kernels={"auto": "auto", "on": True, "off": False}[speed.fused_kernels],
+        )
+        logger.info("training-step optimisations: %s", done)
 
     def _report_sharding(self, module: LoraModule) -> None:
         """Log what each process holds of the INT4 weights and LoRA; the main process writes ``sharding.json``."""

@@ -10,7 +10,7 @@ from train_helpers import TINY, write_jsonl
 
 from int4lora_train.errors import DataError
 from int4lora_train.modeling.tiny_models import CHAT_TEMPLATE, build_tiny_model, build_tokenizer
-from int4lora_train.train.config import DataConfig
+from int4lora_train.train.config import DataConfig, TrainConfig
 from int4lora_train.train.data import (
     IGNORE_INDEX,
     Record,
@@ -23,7 +23,7 @@ from int4lora_train.train.data import (
     read_records,
     tokenize_record,
 )
-from int4lora_train.train.module import token_loss_sum
+from int4lora_train.train.module import LoraModule
 
 CHAT = [
     {"role": "system", "content": "be brief"},
@@ -101,10 +101,10 @@ def test_packing_keeps_samples_independent(tokenizer):
     assert len(row) == sum(len(s) for s in samples)
     model = build_tiny_model("llama", **TINY)
 
-    def loss_of(rows):
-        batch = collate(rows, pad_token_id=0)
-        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits
-        return token_loss_sum(logits, batch["labels"])
+    module = LoraModule(model, TrainConfig())
+
+    def loss_of(rows):  # the (loss_sum, num_targets) the Trainer sums over a validation set
+        return module.validation_step(collate(rows, pad_token_id=0))
 
     with torch.no_grad():
         packed_sum, packed_count = loss_of([row])
