@@ -12,26 +12,15 @@ import sys
 import pytest
 import torch
 import transformers
+from modeling_helpers import ARCHS, GROUP_SIZE, max_diff, tiny
 from safetensors.torch import load_file, save_file
-from torch import nn
 
 from int4lora_train.errors import CheckpointError, UnsupportedFormatError
-from int4lora_train.modeling import ARCHITECTURES, Int4Linear, load_int4_model, load_tokenizer, quantize_model_rtn
-from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
+from int4lora_train.modeling import Int4Linear, load_int4_model, load_tokenizer, quantize_model_rtn
+from int4lora_train.modeling.tiny_models import build_tokenizer
 from int4lora_train.quant.packer import save_int4_checkpoint
 
 Q_PROJ = "model.layers.0.self_attn.q_proj"
-ARCHS = tuple(ARCHITECTURES)
-GROUP_SIZE = 32
-
-
-def tiny(arch: str = "llama", **overrides) -> nn.Module:
-    """A tiny fp32 model (2 layers, hidden 128), the same for the same arguments."""
-    return build_tiny_model(arch, seed=0, dtype=torch.float32, **overrides)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def _save(model, path, fmt="compressed-tensors", symmetric=True, shards=True, **kwargs):

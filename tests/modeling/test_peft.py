@@ -6,13 +6,13 @@ import copy
 
 import pytest
 import torch
+from modeling_helpers import ARCHS, GROUP_SIZE, max_diff, tiny
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
 from int4lora_train.modeling import (
-    ARCHITECTURES,
     DenseWeightUnavailableError,
     Int4Linear,
     Int4LoraLinear,
@@ -24,19 +24,6 @@ from int4lora_train.modeling import (
     quantize_model_rtn,
     uninstall_peft_dispatch,
 )
-from int4lora_train.modeling.tiny_models import build_tiny_model
-
-ARCHS = tuple(ARCHITECTURES)
-GROUP_SIZE = 32
-
-
-def tiny(arch: str = "llama", **overrides) -> nn.Module:
-    """A tiny fp32 model (2 layers, hidden 128), the same for the same arguments."""
-    return build_tiny_model(arch, seed=0, dtype=torch.float32, **overrides)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def _int4(arch: str = "llama", dtype=torch.float32) -> nn.Module:

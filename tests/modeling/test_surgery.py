@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import transformers
+from modeling_helpers import ARCHS, GROUP_SIZE, max_diff, tiny
 from torch import nn
 
 from int4lora_train.errors import CheckpointError, UnsupportedFormatError
@@ -19,23 +20,10 @@ from int4lora_train.modeling import (
     projection_names,
     quantize_model_rtn,
 )
-from int4lora_train.modeling.tiny_models import build_tiny_model
 from int4lora_train.quant.checkpoint_config import compressed_tensors_config, gptq_config, parse_quantization_config
 from int4lora_train.quant.dequant import dequantize
 from int4lora_train.quant.formats import to_awq, to_gptq
 from int4lora_train.quant.packer import quantize_rtn
-
-ARCHS = tuple(ARCHITECTURES)
-GROUP_SIZE = 32
-
-
-def tiny(arch: str = "llama", **overrides) -> nn.Module:
-    """A tiny fp32 model (2 layers, hidden 128), the same for the same arguments."""
-    return build_tiny_model(arch, seed=0, dtype=torch.float32, **overrides)
-
-
-def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
 
 
 def ct_compress(model: nn.Module, preset: str = "W4A16", group_size: int | None = GROUP_SIZE) -> nn.Module:
