@@ -2,9 +2,9 @@
 
 :func:`int4lora_train.quant.dequant.dequantize` validates the weight, picks a tile shape and binds the kernel's
 arguments on every call; for a layer whose buffers never change that work is the same each time. A
-:class:`DequantPlan` records the launch that :func:`~int4lora_train.quant.triton_dequant.launch_dequant` makes for
-a layer once (by observing it, so it stays correct whatever tile or argument list that module chooses), and then
-replays it with a new output buffer through :mod:`int4lora_train.modeling.launch_cache`. The output is the same
+:class:`DequantPlan` asks :func:`~int4lora_train.quant.triton_dequant.plan_dequant_launch` for a layer's launch
+once (so it stays correct whatever tile or argument list that module chooses), and then replays it with a new
+output buffer through :mod:`int4lora_train.modeling.launch_cache`. The output is the same
 bits: same kernel, same arguments.
 
 A plan is valid while the layer's buffers are the same tensors, for one output dtype and one output placement
@@ -26,47 +26,23 @@ from int4lora_train.quant.layout import Int4Weight
 logger = logging.getLogger(__name__)
 
 
-class _Recorder:
-    """Stands in for the kernel object during one ``launch_dequant`` call and records the launch it makes."""
-
-    def __init__(self, kernel: Any) -> None:
-        self.kernel = kernel
-        self.launches: list[tuple] = []
-
-    def __getitem__(self, grid):
-        def launch(*args, **kwargs):
-            self.launches.append((grid, args, kwargs))
-            self.kernel[grid](*args, **kwargs)
-
-        return launch
-
-
 class DequantPlan:
     """The dequantization launch of one weight into outputs placed like ``out`` (see the module docstring)."""
 
     def __init__(self, weight: Int4Weight, dtype: torch.dtype, out: torch.Tensor) -> None:
         from int4lora_train.modeling.launch_cache import DirectLauncher
-        from int4lora_train.quant import triton_dequant
+        from int4lora_train.quant.triton_dequant import plan_dequant_launch
 
         self.buffers = (weight.packed, weight.scales, weight.zero_points, weight.g_idx)
         self.dtype = dtype
-        kernel, interpreting = triton_dequant._dequant_kernel, triton_dequant._interpreting
-        recorder = _Recorder(kernel)
-        mode = interpreting()  # answered from the real kernel object, not the recorder
-        triton_dequant._dequant_kernel, triton_dequant._interpreting = recorder, lambda: mode
-        try:
-            triton_dequant.launch_dequant(weight, dtype, out)
-        finally:
-            triton_dequant._dequant_kernel, triton_dequant._interpreting = kernel, interpreting
-        if len(recorder.launches) != 1:
-            raise RuntimeError(f"launch_dequant made {len(recorder.launches)} launches; expected one")
-        grid, args, kwargs = recorder.launches[0]
-        positions = [i for i, a in enumerate(args) if a is out]
-        if len(positions) != 1:
-            raise RuntimeError("could not find the output among the kernel's arguments")
-        self.grid, self.args, self.kwargs, self.out_position = grid, list(args), kwargs, positions[0]
+        launch = plan_dequant_launch(weight, out)
+        if launch is None:
+            raise RuntimeError("an empty weight needs no launch")
+        launch()
+        grid, args, kwargs = launch.grid, launch.args, launch.kwargs
+        self.grid, self.args, self.kwargs, self.out_position = grid, list(args), kwargs, launch.out_index
         self.out_aligned = out.data_ptr() % 16 == 0
-        self.launcher = DirectLauncher(kernel)
+        self.launcher = DirectLauncher(launch.kernel)
         self.prepared = self.launcher.prepare(grid, args, kwargs)
         # Hold no reference to this first output: a plan lives as long as its layer, and every layer makes one in
         # the first step, so a kept output would keep a whole model's dense weights alive until each plan's reuse.

@@ -22,6 +22,7 @@ import functools
 import logging
 import sys
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import triton
@@ -252,6 +253,21 @@ def dequantize_triton(
     return launch_dequant(weight, dtype, out)
 
 
+@dataclass(frozen=True)
+class KernelLaunch:
+    """One launch of the dequantization kernel: ``kernel[grid](*args, **kwargs)``; ``out_index`` is the position of
+    the output tensor in ``args`` (callers that replay a launch swap in a new output there)."""
+
+    kernel: Any
+    grid: tuple[int, int]
+    args: tuple
+    kwargs: dict
+    out_index: int
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
 def launch_dequant(
     weight: Int4Weight,
     dtype: torch.dtype | None = None,
@@ -259,16 +275,27 @@ def launch_dequant(
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """:func:`dequantize_triton` with an explicit tile shape (the tests and the benchmark sweep use it)."""
+    out = _output_buffer(weight, dtype, out)
+    launch = plan_dequant_launch(weight, out, config)
+    if launch is not None:
+        launch()
+    return out
+
+
+def plan_dequant_launch(
+    weight: Int4Weight, out: torch.Tensor, config: LaunchConfig | None = None
+) -> KernelLaunch | None:
+    """The launch that dequantizes ``weight`` into ``out`` (already checked by :func:`_output_buffer`), without
+    running it; None when there is nothing to do (no rows)."""
     config = config or config_for(weight)
     if config.block_k < 8 or config.block_k & (config.block_k - 1) or config.block_n & (config.block_n - 1):
         raise UnsupportedFormatError(
             f"launch config {config}: block_k must be a power of two >= 8 and block_n a power of two"
         )
     packed, scales, zero_points, g_idx = _checked_tensors(weight)
-    out = _output_buffer(weight, dtype, out)
     out_features, in_features = weight.shape
     if out_features == 0:
-        return out
+        return None
     group_size, group_layout = _group_layout(weight, config.block_k)
     word_loads = config.word_loads and _word_aligned(packed, in_features)
     if word_loads:
@@ -278,7 +305,7 @@ def launch_dequant(
     # Triton wants real pointers for disabled features too; the scales stand in (never read).
     zero_point_strides = zero_points.stride() if zero_points is not None else (0, 0)
     grid = (triton.cdiv(out_features, config.block_n), triton.cdiv(in_features, config.block_k))
-    _dequant_kernel[grid](
+    args = (
         packed,
         scales,
         zero_points if zero_points is not None else scales,
@@ -292,6 +319,8 @@ def launch_dequant(
         scales.stride(1),
         *zero_point_strides,
         out.stride(0),
+    )
+    kwargs = dict(
         GROUP_SIZE=group_size,
         GROUP_LAYOUT=group_layout,
         HAS_ZERO_POINTS=zero_points is not None,
@@ -301,7 +330,7 @@ def launch_dequant(
         INTEGER_ROUNDING=_interpreting(),
         num_warps=config.num_warps,
     )
-    return out
+    return KernelLaunch(_dequant_kernel, grid, args, kwargs, out_index=4)
 
 
 def _group_layout(weight: Int4Weight, block_k: int) -> tuple[int, int]:
