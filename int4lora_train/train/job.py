@@ -31,6 +31,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..atomic import atomic_directory
 from ..errors import ConfigError, ExportError
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
@@ -253,15 +254,11 @@ def _save_with_peft(peft_model: nn.Module | Path, tokenizer: Any, config: RunCon
 
 
 def save_adapter(peft_model: nn.Module | Path, out_dir: Path) -> Path:
-    """``save_pretrained`` into a temporary directory (or copy an adapter directory there), then rename it into
-    place."""
-    tmp = out_dir.with_name(f".tmp-{out_dir.name}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if isinstance(peft_model, Path):
-        shutil.copytree(peft_model, tmp)
-    else:
-        peft_model.save_pretrained(str(tmp))
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    tmp.rename(out_dir)
+    """``save_pretrained`` (or copy an adapter directory) into ``out_dir``, atomically; this run's previous adapter
+    there is replaced."""
+    with atomic_directory(out_dir, overwrite=True) as tmp:
+        if isinstance(peft_model, Path):
+            shutil.copytree(peft_model, tmp, dirs_exist_ok=True)
+        else:
+            peft_model.save_pretrained(str(tmp))
     return out_dir
