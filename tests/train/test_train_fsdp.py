@@ -7,10 +7,6 @@ compare with one process, with an uninterrupted run, and with DDP. The fast ones
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 import threading
 from pathlib import Path
 
@@ -18,7 +14,7 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
-from train_helpers import arithmetic_records, write_jsonl
+from train_helpers import REPO, arithmetic_records, launch_two_processes, small_run_config, write_jsonl
 
 from int4lora_train import cli
 from int4lora_train.errors import CheckpointError, ConfigError
@@ -34,9 +30,6 @@ from int4lora_train.train.distributed import (
     local_optimizer_state,
     sharding_report,
 )
-
-REPO = Path(__file__).resolve().parents[2]
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # One process
@@ -208,24 +201,9 @@ def test_sharded_checkpoint_keys_are_written_per_process_and_read_back_per_proce
 # Two processes through accelerate launch
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _launch(config: Path, *overrides: str, script: Path = REPO / "scripts" / "train.py") -> None:
-    # --multi_gpu with no GPU visible starts 2 gloo processes (accelerate's --cpu alone starts one).
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
-    env.pop("ACCELERATE_USE_FSDP", None)
     arguments = ["--config", str(config), "-q", *overrides] if script.name == "train.py" else [str(config), *overrides]
-    command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()), str(script), *arguments,
-    ]  # fmt: skip
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    launch_two_processes(script, *arguments)
 
 
 def _adapter(run: Path) -> dict[str, torch.Tensor]:
@@ -237,22 +215,7 @@ def runs(tmp_path_factory, tiny_int4_dir) -> Path:
     """An FSDP run (4 steps, checkpoints at 2 and 4), the same resumed from step 2, DDP, and one process."""
     root = tmp_path_factory.mktemp("fsdp-runs")
     data = write_jsonl(root / "train.jsonl", arithmetic_records(32))
-    config = {
-        "model": {"path": str(tiny_int4_dir), "dtype": "float32", "device": "cpu"},
-        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
-        "data": {"train_files": [str(data)], "validation_split": 0.125, "format": "instruction", "max_length": 32},
-        "train": {
-            "strategy": "fsdp",
-            "max_steps": 4,
-            "micro_batch_size": 2,
-            "gradient_accumulation_steps": 2,
-            "lr": 5e-3,
-            "log_every": 1,
-            "save_every": 2,
-            "eval_every": 2,
-        },
-        "output": {"dir": str(root / "fsdp"), "tensorboard": False, "plot": False},
-    }
+    config = small_run_config(tiny_int4_dir, data, root / "fsdp", strategy="fsdp")
     path = root / "run.yaml"
     path.write_text(yaml.safe_dump(config), encoding="utf-8")
     _launch(path)

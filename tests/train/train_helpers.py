@@ -26,3 +26,54 @@ def tiny_peft_model(seed: int = 0, dropout: float = 0.0):
 
     model = build_tiny_model("llama", seed=seed, **TINY)
     return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, lora_dropout=dropout, target_modules="all-linear"))
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(script: Path, *arguments: str) -> None:
+    """``accelerate launch`` ``script`` on 2 CPU processes (gloo) and check it succeeded.
+
+    ``--multi_gpu`` with no GPU visible starts 2 gloo processes (accelerate's ``--cpu`` alone starts one).
+    """
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env.pop("ACCELERATE_USE_FSDP", None)
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), str(script), *arguments,
+    ]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def small_run_config(model_dir: Path, data: Path, out_dir: Path, **train) -> dict:
+    """A 4-step run on the tiny INT4 model (global batch 2 x 2 per process), checkpoints and eval every 2 steps."""
+    return {
+        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
+        "data": {"train_files": [str(data)], "validation_split": 0.125, "format": "instruction", "max_length": 32},
+        "train": {
+            "max_steps": 4,
+            "micro_batch_size": 2,
+            "gradient_accumulation_steps": 2,
+            "lr": 5e-3,
+            "log_every": 1,
+            "save_every": 2,
+            "eval_every": 2,
+            **train,
+        },
+        "output": {"dir": str(out_dir), "tensorboard": False, "plot": False},
+    }
