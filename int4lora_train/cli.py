@@ -265,7 +265,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[list[dict], int, object
     from safetensors import safe_open
 
     from .errors import CheckpointError
-    from .modeling.loader import _find_shards
+    from .modeling.loader import find_shards
     from .quant.checkpoint_config import read_checkpoint_quant_config
     from .quant.formats import detect_format, read_int4_weight
 
@@ -273,7 +273,7 @@ def inspect_checkpoint(path: str | os.PathLike) -> tuple[list[dict], int, object
     quant = read_checkpoint_quant_config(directory)
     if quant is None:
         raise CheckpointError(f"{directory}/config.json has no quantization_config: not an INT4 checkpoint")
-    shards, _ = _find_shards(directory, allow_pickle=False)
+    shards, _ = find_shards(directory, allow_pickle=False)
     rows, other_bytes = [], 0
     for shard in shards:
         with safe_open(str(shard), framework="pt") as handle:

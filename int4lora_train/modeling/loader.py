@@ -120,7 +120,7 @@ def load_int4_model(
 
     model = _build_skeleton(hf_config, dtype, trust_remote_code)
     check_loadable_architecture(model, str(config_path))
-    shards, index_path = _find_shards(directory, allow_pickle)
+    shards, index_path = find_shards(directory, allow_pickle)
     catalog = _read_catalog(shards, index_path)
     plans, dense_keys = _plan(model, quant_config, catalog, index_path or shards[0], config_path, strict)
 
@@ -181,7 +181,7 @@ def _build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> t
 # ------------------------------------------------------------------------------------------------------ shards
 
 
-def _find_shards(directory: Path, allow_pickle: bool) -> tuple[list[Path], Path | None]:
+def find_shards(directory: Path, allow_pickle: bool) -> tuple[list[Path], Path | None]:
     """The weight files in load order, and the index file when there is one."""
     if not directory.is_dir():
         raise CheckpointError(f"{directory}: not a directory; pass an INT4 checkpoint directory.")
