@@ -87,20 +87,7 @@ def int4_buffers_to_parameters(model: nn.Module) -> int:
     converted by this call. Do not cast the model's dtype afterwards (``model.to(dtype)``): the scales' dtype is
     part of the exact weight and ``Int4Linear`` protects it only while it is a buffer.
     """
-    converted = 0
-    for module in model.modules():
-        if not isinstance(module, Int4Linear):
-            continue
-        changed = False
-        for name in INT4_TENSOR_NAMES:
-            tensor = module._buffers.get(name)
-            if tensor is None:
-                continue
-            del module._buffers[name]
-            module._parameters[name] = nn.Parameter(tensor, requires_grad=False)
-            changed = True
-        converted += changed
-    return converted
+    return _reregister_int4_tensors(model, as_parameters=True)
 
 
 def int4_parameters_to_buffers(model: nn.Module) -> int:
@@ -108,22 +95,31 @@ def int4_parameters_to_buffers(model: nn.Module) -> int:
 
     Raises ``ConfigError`` for a sharded (FSDP-wrapped) model: its parameters are shards, not whole tensors.
     """
+    return _reregister_int4_tensors(model, as_parameters=False)
+
+
+def _reregister_int4_tensors(model: nn.Module, as_parameters: bool) -> int:
+    """Move every ``Int4Linear``'s INT4 tensors between its buffers and its (frozen) parameters, same names, no
+    copy; returns the number of layers changed."""
     converted = 0
     for module in model.modules():
         if not isinstance(module, Int4Linear):
             continue
+        source, target = (
+            (module._buffers, module._parameters) if as_parameters else (module._parameters, module._buffers)
+        )
         changed = False
         for name in INT4_TENSOR_NAMES:
-            param = module._parameters.get(name)
-            if param is None:
+            tensor = source.get(name)
+            if tensor is None:
                 continue
-            if is_sharded(param):
+            if not as_parameters and is_sharded(tensor):
                 raise ConfigError(
                     f"{type(module).__name__}.{name} is an FSDP shard; INT4 parameters of a sharded model cannot "
                     "become buffers again (gather what you need with full_trainable_state instead)"
                 )
-            del module._parameters[name]
-            module._buffers[name] = param.detach()
+            del source[name]
+            target[name] = nn.Parameter(tensor, requires_grad=False) if as_parameters else tensor.detach()
             changed = True
         converted += changed
     return converted

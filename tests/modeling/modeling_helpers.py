@@ -17,5 +17,27 @@ def tiny(arch: str = "llama", **overrides) -> nn.Module:
     return build_tiny_model(arch, seed=0, dtype=torch.float32, **overrides)
 
 
+def tiny_int4_lora_model(arch: str = "llama", r: int = 4) -> nn.Module:
+    """A tiny fp32 model, RTN-quantized to INT4 (asym, group 32), with PEFT LoRA on all linears and a random,
+    deterministic ``lora_B`` (so the adapter changes the output)."""
+    from peft import LoraConfig, get_peft_model
+
+    from int4lora_train.modeling import quantize_model_rtn
+
+    model = tiny(arch)
+    quantize_model_rtn(model, GROUP_SIZE, symmetric=False)
+    torch.manual_seed(0)
+    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules="all-linear"))
+    for name, param in sorted(peft_model.named_parameters()):
+        if "lora_B" in name:
+            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
+    return peft_model
+
+
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a.float() - b.float()).abs().max().item()
+
+
+def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Max |a - b| relative to max |b| (absolute below 1)."""
+    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())

@@ -9,10 +9,9 @@ import os
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from modeling_helpers import rel_diff, tiny_int4_lora_model
 
 from int4lora_train.errors import UnsupportedFormatError
-from int4lora_train.modeling import quantize_model_rtn
 from int4lora_train.modeling.chunked_loss import (
     chunked_causal_lm_loss,
     chunked_loss_enabled,
@@ -22,12 +21,6 @@ from int4lora_train.modeling.chunked_loss import (
     enable_chunked_loss,
     linear_cross_entropy,
 )
-from int4lora_train.modeling.tiny_models import build_tiny_model
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max |a - b| relative to max |b| (absolute below 1)."""
-    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
 
 
 def _reference_rows(logits: torch.Tensor, targets: torch.Tensor, scale: float, softcap: float | None):
@@ -53,8 +46,8 @@ def test_torch_rows_equal_cross_entropy_and_its_gradient(softcap):
     ref_loss, ref_grad = _reference_rows(logits, targets, 0.25, softcap)
     work = logits.clone()
     loss = cross_entropy_rows_torch(work, targets, torch.tensor(0.25), softcap)
-    assert _rel(loss, ref_loss) <= 1e-6 and loss[1] == 0
-    assert _rel(work, ref_grad) <= 1e-6
+    assert rel_diff(loss, ref_loss) <= 1e-6 and loss[1] == 0
+    assert rel_diff(work, ref_grad) <= 1e-6
     assert torch.equal(work[1], torch.zeros_like(work[1]))  # the ignored row gets no gradient
 
 
@@ -77,10 +70,10 @@ def test_linear_cross_entropy_equals_cross_entropy_of_full_logits():
         ref = F.cross_entropy(F.linear(hidden, weight, bias), targets, ignore_index=-100, reduction=reduction)
         ref = ref if num_items is None else ref / num_items
         (2 * ref).backward()  # a non-unit incoming gradient
-        assert _rel(got[0], ref.detach()) <= 1e-6
-        assert _rel(2 * got[1], hidden.grad) <= 1e-5  # got[1] was for an incoming gradient of 1
-        assert _rel(2 * got[2], weight.grad) <= 1e-5
-        assert _rel(2 * got[3], bias.grad) <= 1e-5
+        assert rel_diff(got[0], ref.detach()) <= 1e-6
+        assert rel_diff(2 * got[1], hidden.grad) <= 1e-5  # got[1] was for an incoming gradient of 1
+        assert rel_diff(2 * got[2], weight.grad) <= 1e-5
+        assert rel_diff(2 * got[3], bias.grad) <= 1e-5
 
 
 def test_linear_cross_entropy_rejects_bad_shapes():
@@ -98,14 +91,7 @@ def test_default_chunk_size_is_whole_tiles():
 
 
 def _peft_model(arch: str):
-    model = build_tiny_model(arch, seed=0, dtype=torch.float32)
-    quantize_model_rtn(model, 32, symmetric=False)
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    for name, param in sorted(peft_model.named_parameters()):
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
-    return peft_model
+    return tiny_int4_lora_model(arch)
 
 
 def _batch():
@@ -136,7 +122,7 @@ def test_chunked_causal_lm_loss_equals_transformers_loss(arch, num_items):
     )
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
     assert set(grads) == set(ref_grads) and len(grads) > 0
-    assert max(_rel(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+    assert max(rel_diff(grads[n], ref_grads[n]) for n in grads) <= 1e-5
 
 
 def test_enable_chunked_loss_patches_forward_through_peft_and_undoes():
@@ -150,7 +136,7 @@ def test_enable_chunked_loss_patches_forward_through_peft_and_undoes():
     assert out.logits is None
     loss, grads = _loss_and_grads(model, lambda: model(input_ids=tokens, labels=labels).loss)
     assert abs(loss.item() - ref_loss.item()) <= 1e-5 * max(1.0, abs(ref_loss.item()))
-    assert max(_rel(grads[n], ref_grads[n]) for n in grads) <= 1e-5
+    assert max(rel_diff(grads[n], ref_grads[n]) for n in grads) <= 1e-5
     assert torch.equal(model(input_ids=tokens).logits, ref_out.logits)  # without labels: the model's own forward
     assert disable_chunked_loss(model) and not chunked_loss_enabled(model)
     assert model(input_ids=tokens, labels=labels).logits is not None
@@ -214,11 +200,11 @@ def test_triton_rows_equal_torch_rows(triton_rows, dtype, softcap):
     for _ in range(2):  # the second launch goes straight to the compiled kernel (on CUDA)
         work = logits.clone()
         loss = triton_rows.cross_entropy_rows_triton(work, targets, scale, softcap, block=32)  # 4 blocks, 1 partial
-        assert _rel(loss, ref_loss) <= 1e-5
-        assert _rel(work, ref) <= tol
+        assert rel_diff(loss, ref_loss) <= 1e-5
+        assert rel_diff(work, ref) <= tol
     untouched = logits.clone()
     loss_only = triton_rows.cross_entropy_rows_triton(untouched, targets, scale, softcap, compute_grad=False, block=32)
-    assert torch.equal(untouched, logits) and _rel(loss_only, ref_loss) <= 1e-5
+    assert torch.equal(untouched, logits) and rel_diff(loss_only, ref_loss) <= 1e-5
 
 
 def test_triton_rows_reject_strided_logits(triton_rows):

@@ -8,10 +8,9 @@ import os
 
 import pytest
 import torch
-from peft import LoraConfig, get_peft_model
+from modeling_helpers import rel_diff, tiny_int4_lora_model
 
 from int4lora_train.errors import ConfigError
-from int4lora_train.modeling import quantize_model_rtn
 from int4lora_train.modeling.fused_ops import (
     disable_fused_kernels,
     enable_fused_kernels,
@@ -21,10 +20,6 @@ from int4lora_train.modeling.fused_ops import (
     swiglu_fwd_torch,
 )
 from int4lora_train.modeling.tiny_models import build_tiny_model
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
 
 
 def _fwd_bwd(module, x: torch.Tensor):
@@ -50,7 +45,7 @@ def test_patched_norm_and_mlp_equal_the_modules(dtype):
     assert exact_forward  # the torch path does the module's operations in the module's order
     tol = 1e-6 if dtype == torch.float32 else 1e-2  # bf16 gradients: one rounding, sums in another order
     for (out, grad), (ref_out, ref_grad) in zip(fused, reference):
-        assert _rel(out, ref_out) <= tol and _rel(grad, ref_grad) <= tol
+        assert rel_diff(out, ref_out) <= tol and rel_diff(grad, ref_grad) <= tol
 
 
 def test_trainable_norm_weight_falls_back_to_the_module():
@@ -64,13 +59,7 @@ def test_trainable_norm_weight_falls_back_to_the_module():
 
 def test_peft_int4_model_gradients_unchanged_by_the_patch():
     def grads(fused: bool):
-        model = build_tiny_model("qwen3", seed=0, dtype=torch.float32)  # qwen3: q_norm / k_norm too
-        quantize_model_rtn(model, 32, symmetric=False)
-        torch.manual_seed(0)
-        peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-        for name, param in sorted(peft_model.named_parameters()):
-            if "lora_B" in name:
-                param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
+        peft_model = tiny_int4_lora_model("qwen3")  # qwen3: q_norm / k_norm too
         if fused:
             counts = enable_fused_kernels(peft_model)
             assert counts["rmsnorm"] == 2 * 4 + 1 and counts["swiglu"] == 2
@@ -79,7 +68,7 @@ def test_peft_int4_model_gradients_unchanged_by_the_patch():
         return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
 
     plain, fused = grads(False), grads(True)
-    assert max(_rel(fused[n], plain[n]) for n in plain) <= 1e-5
+    assert max(rel_diff(fused[n], plain[n]) for n in plain) <= 1e-5
 
 
 def test_other_layouts_are_left_alone_and_disable_restores():
@@ -148,8 +137,8 @@ def test_rms_norm_kernels_equal_torch(kernels):
     ref_dx = rms_norm_bwd_torch(g, x, w, ref_rstd)
     for _ in range(2):  # the second launch of a specialization goes straight to the compiled kernel (on CUDA)
         y, rstd = kernels.rms_norm_fwd(x, w, 1e-6)
-        assert _rel(y, ref_y) <= 1e-6 and _rel(rstd, ref_rstd) <= 1e-6
-        assert _rel(kernels.rms_norm_bwd(g, x, w, rstd), ref_dx) <= 1e-6
+        assert rel_diff(y, ref_y) <= 1e-6 and rel_diff(rstd, ref_rstd) <= 1e-6
+        assert rel_diff(kernels.rms_norm_bwd(g, x, w, rstd), ref_dx) <= 1e-6
 
 
 def test_swiglu_kernels_equal_torch(kernels):
@@ -161,6 +150,6 @@ def test_swiglu_kernels_equal_torch(kernels):
     gate, up = both[:, :1100], both[:, 1100:]
     dh = torch.randn(3, 1100, generator=gen).to(device)
     for _ in range(2):  # the second launch goes straight to the compiled kernel (on CUDA)
-        assert _rel(kernels.swiglu_fwd(gate, up), swiglu_fwd_torch(gate, up)) <= 1e-6
+        assert rel_diff(kernels.swiglu_fwd(gate, up), swiglu_fwd_torch(gate, up)) <= 1e-6
         for got, ref in zip(kernels.swiglu_bwd(dh, gate, up), swiglu_bwd_torch(dh, gate, up)):
-            assert _rel(got, ref) <= 1e-6
+            assert rel_diff(got, ref) <= 1e-6

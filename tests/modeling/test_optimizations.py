@@ -7,23 +7,16 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from peft import LoraConfig, get_peft_model
+from modeling_helpers import tiny_int4_lora_model
 
 from int4lora_train.errors import ConfigError
-from int4lora_train.modeling import prepare_for_training, quantize_model_rtn
+from int4lora_train.modeling import prepare_for_training
 from int4lora_train.modeling.chunked_loss import chunked_loss_enabled
 from int4lora_train.modeling.optimizations import apply_training_optimizations
-from int4lora_train.modeling.tiny_models import build_tiny_model
 
 
 def _model(arch: str = "llama"):
-    model = build_tiny_model(arch, seed=0, dtype=torch.float32)
-    quantize_model_rtn(model, 32, symmetric=False)
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
-    for name, param in sorted(peft_model.named_parameters()):
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
+    peft_model = tiny_int4_lora_model(arch)
     prepare_for_training(peft_model, gradient_checkpointing=True, use_reentrant=False)
     return peft_model
 
