@@ -12,14 +12,13 @@ Stored nibbles ``u`` and zeros ``z`` are unsigned: ``(u - z) = (q - zp)`` with `
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterable, Mapping
 
 import torch
 
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
 from int4lora_train.quant.formats.base import (
-    Int4Format,
+    QuantLinearFormat,
     ReadParams,
     check_scales,
     check_tensor,
@@ -28,11 +27,9 @@ from int4lora_train.quant.formats.base import (
     group_size_or_channel,
     none_if_all_zero,
     quant_linear_group_size,
-    quant_linear_params,
     require,
     resolve_group_size,
     supported,
-    two_dimensional,
 )
 from int4lora_train.quant.layout import (
     NIBBLE_OFFSET,
@@ -44,7 +41,7 @@ from int4lora_train.quant.layout import (
     signed_to_nibbles,
     unpack_nibbles,
 )
-from int4lora_train.quant.scheme import Int4CheckpointConfig, TargetGroup, WeightScheme
+from int4lora_train.quant.scheme import WeightScheme
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 """AutoAWQ's interleave: nibble slot ``i`` of ``qweight[k, c]`` holds output column ``8c + AWQ_ORDER[i]``."""
@@ -143,7 +140,7 @@ def awq_config(group_size: int | None = 128, ignore: Iterable[str] = ()) -> dict
     }
 
 
-def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
+def _parse_scheme(block: dict, source: str) -> tuple[WeightScheme, list[str]]:
     """``bits``, ``group_size``, ``zero_point``, ``version`` / ``format`` (only ``gemm``), ``modules_to_not_convert``."""
     where = f"{source}: quantization_config (awq)"
     bits = block.get("bits", block.get("w_bit", 4))
@@ -168,39 +165,29 @@ def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
         checkpoint_format="gemm",
     )
     ignore = list(block.get("modules_to_not_convert") or []) + ["lm_head"]
-    group = TargetGroup("awq", ("Linear",), scheme)
-    return Int4CheckpointConfig("awq", (group,), tuple(dict.fromkeys(ignore)), source, copy.deepcopy(block))
+    return scheme, ignore
 
 
 # ---------------------------------------------------------------------------------------------------- the format
 
 
-class AWQFormat(Int4Format):
+class AWQFormat(QuantLinearFormat):
     name = "awq"
     quant_method = "awq"
-    tensor_names = ("qweight", "qzeros", "scales", "g_idx")
-    marker = "qweight"
     summary = "AWQ 4-bit GEMM"
     layout = "AWQ (qweight [in, out/8], scales [G, 8*qweight.shape[1]])"
 
-    def matches(self, tensors):
-        qweight, scales = tensors.get("qweight"), tensors.get("scales")
-        return two_dimensional(qweight, scales) and scales.shape[1] == 8 * qweight.shape[1]
-
-    def required_tensor_names(self, scheme=None):
-        return ("qweight", "qzeros", "scales")
+    def shapes_match(self, qweight_shape, scales_shape):
+        return scales_shape[1] == 8 * qweight_shape[1]
 
     def read(self, tensors, name, params: ReadParams):
         return from_awq(tensors, name, params.group_size)
 
-    def read_module(self, module, tensors, name, params: ReadParams):
-        return self.read(tensors, name, quant_linear_params(module, params))
-
     def write(self, weight, scheme, name):
         return to_awq(weight, name=name)
 
-    def parse_config(self, block, source):
-        return _parse_config(block, source)
+    def parse_scheme(self, block, source):
+        return _parse_scheme(block, source)
 
     def config_block(self, group_size, symmetric, strategy, ignore, checkpoint_format):
         return awq_config(quant_linear_group_size(self.name, group_size, strategy), ignore=ignore)

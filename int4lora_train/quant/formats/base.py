@@ -10,6 +10,7 @@ format; the loader, the packer, the fingerprint, inspection and surgery ask it i
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 
@@ -24,7 +25,7 @@ from int4lora_train.quant.layout import (
     pack_nibbles,
     unpack_nibbles,
 )
-from int4lora_train.quant.scheme import Int4CheckpointConfig, WeightScheme
+from int4lora_train.quant.scheme import Int4CheckpointConfig, TargetGroup, WeightScheme
 
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
@@ -145,6 +146,40 @@ class Int4Format:
         raise UnsupportedFormatError(f"{self.name} is an in-memory layout; it has no checkpoint form.")
 
 
+class QuantLinearFormat(Int4Format):
+    """GPTQ and AWQ: quant-linear modules (``qweight``, ``qzeros``, ``scales`` [, ``g_idx``]) told apart by shapes,
+    whose config block quantizes every ``Linear`` with one scheme."""
+
+    tensor_names = ("qweight", "qzeros", "scales", "g_idx")
+    marker = "qweight"
+
+    def matches(self, tensors):
+        qweight, scales = tensors.get("qweight"), tensors.get("scales")
+        both_2d = all(t is not None and len(t.shape) == 2 for t in (qweight, scales))
+        return both_2d and self.shapes_match(qweight.shape, scales.shape)
+
+    def shapes_match(self, qweight_shape: torch.Size, scales_shape: torch.Size) -> bool:
+        """Whether 2-D ``qweight`` and ``scales`` of these shapes are this format's."""
+        raise NotImplementedError
+
+    def required_tensor_names(self, scheme=None):
+        return ("qweight", "qzeros", "scales")
+
+    def read_module(self, module, tensors, name, params):
+        return self.read(tensors, name, quant_linear_params(module, params))
+
+    def parse_config(self, block, source):
+        scheme, ignore = self.parse_scheme(block, source)
+        group = TargetGroup(self.name, ("Linear",), scheme)
+        return Int4CheckpointConfig(
+            self.quant_method, (group,), tuple(dict.fromkeys(ignore)), source, copy.deepcopy(block)
+        )
+
+    def parse_scheme(self, block: dict, source: str) -> tuple[WeightScheme, list[str]]:
+        """The block -> the one scheme of every ``Linear``, and the modules it leaves dense."""
+        raise NotImplementedError
+
+
 def supported() -> str:
     """``supported: ...`` with every registered checkpoint format, for the end of an error message."""
     from int4lora_train.quant.formats import checkpoint_formats  # the registry imports this module first
@@ -252,11 +287,6 @@ def require(tensors: Mapping[str, torch.Tensor | None], key: str, name: str, fmt
     if value is None:
         raise Int4FormatError(f"{name}.{key} is missing; a {fmt} INT4 module needs it (found {describe_all(tensors)}).")
     return value
-
-
-def two_dimensional(*tensors) -> bool:
-    """True when every one is present and 2-D."""
-    return all(t is not None and len(t.shape) == 2 for t in tensors)
 
 
 def describe(t) -> str:

@@ -12,7 +12,6 @@ Stored nibbles ``u`` and zeros ``z`` are unsigned: ``(u - z) = (q - zp)`` with `
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Iterable, Mapping
 
@@ -20,7 +19,7 @@ import torch
 
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
 from int4lora_train.quant.formats.base import (
-    Int4Format,
+    QuantLinearFormat,
     ReadParams,
     check_g_idx,
     check_scales,
@@ -33,7 +32,6 @@ from int4lora_train.quant.formats.base import (
     require,
     resolve_group_size,
     supported,
-    two_dimensional,
     word_aligned_bytes,
 )
 from int4lora_train.quant.layout import (
@@ -47,7 +45,7 @@ from int4lora_train.quant.layout import (
     signed_to_nibbles,
     unpack_int32_along_rows,
 )
-from int4lora_train.quant.scheme import Int4CheckpointConfig, TargetGroup, WeightScheme
+from int4lora_train.quant.scheme import WeightScheme
 
 GPTQ_FORMATS = ("gptq", "gptq_v2")
 GPTQ_V1_ZERO_OFFSET = 1
@@ -212,7 +210,7 @@ def gptq_config(
     return block
 
 
-def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
+def _parse_scheme(block: dict, source: str) -> tuple[WeightScheme, list[str]]:
     """``bits``, ``group_size``, ``desc_act``, ``sym``, ``checkpoint_format`` / ``format`` (``gptq`` = v1
     zero-minus-one, ``gptq_v2``), ``modules_to_not_convert``, ``lm_head``."""
     where = f"{source}: quantization_config (gptq)"
@@ -239,27 +237,20 @@ def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
     ignore = list(block.get("modules_to_not_convert") or [])
     if not block.get("lm_head", False):
         ignore.append("lm_head")  # GPTQ writers quantize the decoder blocks only unless told "lm_head": true
-    group = TargetGroup("gptq", ("Linear",), scheme)
-    return Int4CheckpointConfig("gptq", (group,), tuple(dict.fromkeys(ignore)), source, copy.deepcopy(block))
+    return scheme, ignore
 
 
 # ---------------------------------------------------------------------------------------------------- the format
 
 
-class GPTQFormat(Int4Format):
+class GPTQFormat(QuantLinearFormat):
     name = "gptq"
     quant_method = "gptq"
-    tensor_names = ("qweight", "qzeros", "scales", "g_idx")
-    marker = "qweight"
     summary = "GPTQ 4-bit (gptq / gptq_v2)"
     layout = "GPTQ (qweight [in/8, out], scales [G, out])"
 
-    def matches(self, tensors):
-        qweight, scales = tensors.get("qweight"), tensors.get("scales")
-        return two_dimensional(qweight, scales) and qweight.shape[1] == scales.shape[1]
-
-    def required_tensor_names(self, scheme=None):
-        return ("qweight", "qzeros", "scales")
+    def shapes_match(self, qweight_shape, scales_shape):
+        return qweight_shape[1] == scales_shape[1]
 
     def read(self, tensors, name, params: ReadParams):
         return from_gptq(tensors, name, params.group_size, params.checkpoint_format or "gptq", params.in_features)
@@ -272,8 +263,8 @@ class GPTQFormat(Int4Format):
     def write(self, weight, scheme, name):
         return to_gptq(weight, scheme.checkpoint_format, name=name)
 
-    def parse_config(self, block, source):
-        return _parse_config(block, source)
+    def parse_scheme(self, block, source):
+        return _parse_scheme(block, source)
 
     def config_block(self, group_size, symmetric, strategy, ignore, checkpoint_format):
         size = quant_linear_group_size(self.name, group_size, strategy)
