@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from int4lora_train.errors import CheckpointError
-from int4lora_train.quant.layout import Int4Weight
+from int4lora_train.quant.layout import Int4Weight, pack_nibbles, unpack_nibbles
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,9 @@ def weight_digest(weight: Int4Weight) -> str:
     ``in_features`` is masked), so writers that pad differently give the same digest.
     """
     in_features = weight.in_features
-    used = (in_features + 1) // 2
-    packed = weight.packed[:, :used]
-    if in_features % 2:
-        packed = packed.clone()
-        packed[:, -1] &= 0x0F
+    packed = weight.packed[:, : (in_features + 1) // 2]
+    if in_features % 2:  # repack the real columns: the padding nibble becomes 0
+        packed = pack_nibbles(unpack_nibbles(packed)[:, :in_features])[:, : packed.shape[1]]
     h = hashlib.sha256()
     h.update(
         struct.pack(
