@@ -34,8 +34,8 @@ INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 class ReadParams:
     """What the quantization scheme (and, for a module, its attributes) says about one weight; None = not said.
 
-    ``group_size`` -1 means one group per row (channel or tensor strategy). ``checkpoint_format`` is GPTQ's zero-point
-    convention (``"gptq"`` / ``"gptq_v2"``).
+    ``group_size`` -1 means one group per row (channel or tensor strategy). ``checkpoint_format`` is the scheme's
+    (``WeightScheme.checkpoint_format``: GPTQ's zero-point convention for GPTQ).
     """
 
     group_size: int | None = None
@@ -64,12 +64,11 @@ class ReadParams:
         group_size = getattr(args, "group_size", None)
         if strategy in ("channel", "tensor") or group_size in (-1, 0):
             group_size = -1
-        checkpoint_format = getattr(args, "checkpoint_format", None)
         return cls(
             group_size=group_size,
             strategy=strategy,
             num_bits=num_bits,
-            checkpoint_format=checkpoint_format if checkpoint_format in ("gptq", "gptq_v2") else None,
+            checkpoint_format=getattr(args, "checkpoint_format", None),
             symmetric=getattr(args, "symmetric", None),
         )
 
@@ -125,14 +124,15 @@ class Int4Format:
         return self.read(tensors, name, params)
 
     def write(self, weight: Int4Weight, scheme: WeightScheme, name: str) -> dict[str, torch.Tensor]:
-        """Canonical -> this format's tensors (module-local names), as a checkpoint with ``scheme`` stores them."""
-        raise UnsupportedFormatError(f"{name}: {self.name} is an in-memory layout; it cannot be written.")
+        """Canonical -> this format's tensors (module-local names), as a checkpoint with ``scheme`` stores them.
+        Checkpoint formats only (``quant_method`` set), as are the two methods below."""
+        raise NotImplementedError
 
     # ------------------------------------------------------------------------------------------ config.json
 
     def parse_config(self, block: dict, source: str) -> Int4CheckpointConfig:
         """A ``quantization_config`` block whose ``quant_method`` is this format's -> the parsed config."""
-        raise UnsupportedFormatError(f"{source}: {self.name} has no quantization_config; {supported()}.")
+        raise NotImplementedError
 
     def config_block(
         self,
@@ -143,7 +143,7 @@ class Int4Format:
         checkpoint_format: str,
     ) -> dict:
         """The ``quantization_config`` block of a checkpoint written in this format with these settings."""
-        raise UnsupportedFormatError(f"{self.name} is an in-memory layout; it has no checkpoint form.")
+        raise NotImplementedError
 
 
 class QuantLinearFormat(Int4Format):

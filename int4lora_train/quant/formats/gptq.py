@@ -156,6 +156,11 @@ def to_gptq(weight: Int4Weight, checkpoint_format: str = "gptq", name: str = "we
     }
 
 
+def _scheme_zero_convention(params: ReadParams) -> str | None:
+    """The scheme's GPTQ zero-point convention, if it names one (a scheme of another format does not)."""
+    return params.checkpoint_format if params.checkpoint_format in GPTQ_FORMATS else None
+
+
 def _zero_convention(module: torch.nn.Module, from_scheme: str | None) -> str | None:
     """The zero-point convention of a GPTQ module's tensors as they are in memory.
 
@@ -253,12 +258,13 @@ class GPTQFormat(QuantLinearFormat):
         return qweight_shape[1] == scales_shape[1]
 
     def read(self, tensors, name, params: ReadParams):
-        return from_gptq(tensors, name, params.group_size, params.checkpoint_format or "gptq", params.in_features)
+        zero_convention = _scheme_zero_convention(params) or "gptq"
+        return from_gptq(tensors, name, params.group_size, zero_convention, params.in_features)
 
     def read_module(self, module, tensors, name, params: ReadParams):
         params = quant_linear_params(module, params)
-        params = dataclasses.replace(params, checkpoint_format=_zero_convention(module, params.checkpoint_format))
-        return self.read(tensors, name, params)
+        zero_convention = _zero_convention(module, _scheme_zero_convention(params))
+        return self.read(tensors, name, dataclasses.replace(params, checkpoint_format=zero_convention))
 
     def write(self, weight, scheme, name):
         return to_gptq(weight, scheme.checkpoint_format, name=name)
