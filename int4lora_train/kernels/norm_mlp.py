@@ -1,10 +1,10 @@
 """Triton kernels for the decoder's memory-bound pieces: Llama-style RMSNorm and the SwiGLU product, forward and
 backward, each one pass over its tensors. The arithmetic (fp32 inside, the same roundings to the tensors' dtype as
-transformers' modules) and the torch references live in :mod:`int4lora_train.modeling.fused_ops`.
+transformers' modules) and the torch references live in :mod:`int4lora_train.speed.fused_ops`.
 
 Row widths are compile-time constants (one compiled kernel per hidden size; Triton's CPU interpreter, used by the
 tests, cannot run loops with run-time bounds). Reductions use ``tl.reduce`` with this module's own combine
-function (see :mod:`int4lora_train.modeling.triton_cross_entropy` for why).
+function (see :mod:`int4lora_train.kernels.cross_entropy` for why).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from int4lora_train.modeling.launch_cache import DirectLauncher
+from int4lora_train.kernels.backend import built_for_interpreter
+from int4lora_train.kernels.launch import DirectLauncher
 
 _ELEMENTWISE_BLOCK = 1024
 
@@ -138,6 +139,5 @@ def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     return dg, du
 
 
-def interpreting() -> bool:
-    """True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_swiglu_fwd_kernel, triton.runtime.JITFunction)
+INTERPRETED = built_for_interpreter(_swiglu_fwd_kernel)
+"""The kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
