@@ -25,12 +25,20 @@ def _sum_of(a, b):
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_row(x_ptr, w_ptr, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's row of ``x`` ``[R, N_COLS]`` and the weight ``[N_COLS]`` in fp32 (0 in the masked tail), with
+    the row index, the column offsets and their mask."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N_COLS
     x = tl.load(x_ptr + row * N_COLS + cols, mask=ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return row, cols, ok, x, w
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    row, cols, ok, x, w = _norm_row(x_ptr, w_ptr, N_COLS, BLOCK)
     rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 0, _sum_of) / N_COLS + eps)
     normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # transformers rounds before the weight
     tl.store(y_ptr + row * N_COLS + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=ok)
@@ -39,12 +47,8 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, N_COLS: tl.constexp
 
 @triton.jit
 def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < N_COLS
+    row, cols, ok, x, w = _norm_row(x_ptr, w_ptr, N_COLS, BLOCK)
     g = tl.load(g_ptr + row * N_COLS + cols, mask=ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * N_COLS + cols, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
     gn = (g * w).to(dx_ptr.dtype.element_ty).to(tl.float32)  # the gradient of the rounded normed value
     dot = tl.reduce(gn * x, 0, _sum_of)
