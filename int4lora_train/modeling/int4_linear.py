@@ -17,7 +17,7 @@ time the layer runs on a device: on CUDA the fused Triton kernel with a prepared
 reference, in cache mode the unpacker. The CUDA forward, call by call::
 
     Int4Linear.forward(x)
-      Int4LinearFunction.apply(x, bias, packed, scales, zero_points, g_idx, spec)    spec = weight_spec(dtype)
+      Int4LinearFunction.apply(x, bias, *int4_tensors(), spec)     buffers (or FSDP's parameters); spec = weight_spec(dtype)
         spec.dense(packed, scales, zero_points, g_idx)
           TritonDequantizer((packed, ...), dtype)      kernels/dequantizer.py: same buffers -> replay the launch
             Replay(out)                                kernels/launch.py: the compiled kernel, called directly
@@ -56,6 +56,7 @@ from int4lora_train.quant.layout import Int4Weight
 logger = logging.getLogger(__name__)
 
 MODES = ("on_the_fly", "cache")
+INT4_TENSOR_NAMES = ("packed", "scales", "zero_points", "g_idx")
 
 
 def dense_save_is_transient() -> bool:
@@ -196,10 +197,15 @@ class Int4Linear(nn.Linear):
 
     # ------------------------------------------------------------------------------------------------ the weight
 
+    def int4_tensors(self) -> list:
+        """``[packed, scales, zero_points, g_idx]``, read from the buffers, or from the parameters where FSDP sharding
+        re-registered them (``train.distributed``); no ``nn.Module.__getattr__`` detour (this runs on every call)."""
+        buffers, parameters = self._buffers, self._parameters
+        return [buffers[name] if name in buffers else parameters.get(name) for name in INT4_TENSOR_NAMES]
+
     def int4_weight(self) -> Int4Weight:
         """The canonical weight viewing this layer's buffers (no copy; per-tensor scales expanded, stride 0)."""
-        buffers = (self.packed, self.scales, self.zero_points, self.g_idx)
-        return int4_weight_view(buffers, self.in_features, self.group_size)
+        return int4_weight_view(self.int4_tensors(), self.in_features, self.group_size)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A dense ``[out, in]`` copy of the weight (default dtype: the scales')."""
@@ -239,7 +245,7 @@ class Int4Linear(nn.Linear):
     def dequantizer(self) -> Dequantizer:
         """How this layer's dense weight is made (:mod:`int4lora_train.kernels.dequantizer`): chosen the first time it
         is needed on a device, and again after the layer moves, its cache changes or it is copied."""
-        device = self.packed.device
+        device = self.int4_tensors()[0].device
         dequantizer = self.__dict__.get("_dequantizer")
         if dequantizer is None or dequantizer.device != device:
             dequantizer = select_dequantizer(
@@ -254,7 +260,7 @@ class Int4Linear(nn.Linear):
         dtype, autocast = self.compute_dtype_for(x)
         spec = self.weight_spec(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = Int4LinearFunction.apply(x.to(dtype), bias, self.packed, self.scales, self.zero_points, self.g_idx, spec)
+        out = Int4LinearFunction.apply(x.to(dtype), bias, *self.int4_tensors(), spec)
         return out if autocast else out.to(x.dtype)
 
     def weight_spec(self, dtype: torch.dtype) -> _WeightSpec:

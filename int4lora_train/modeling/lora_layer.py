@@ -323,16 +323,6 @@ def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
     return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]))
 
 
-_INT4_TENSORS = ("packed", "scales", "zero_points", "g_idx")
-
-
-def int4_tensors(base: Int4Linear) -> list:
-    """``[packed, scales, zero_points, g_idx]`` of ``base``, read from its buffers, or from its parameters where
-    FSDP sharding re-registered them as frozen parameters (``train.distributed``); no ``__getattr__`` detour."""
-    buffers, parameters = base._buffers, base._parameters
-    return [buffers[name] if name in buffers else parameters.get(name) for name in _INT4_TENSORS]
-
-
 def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor:
     """The fused forward of ``layer`` (an ``Int4LoraLinear``) as ``call`` describes; same result dtype as PEFT's."""
     base, dtype = call.base, call.dtype
@@ -342,7 +332,7 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Te
         call.lora_a,
         call.lora_b,
         None if bias is None else bias.to(dtype),
-        *int4_tensors(base),
+        *base.int4_tensors(),
         base.weight_spec(dtype),
         call.scaling,
         call.p,

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
-from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, fused_lora_applies, int4_tensors
+from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, fused_lora_applies
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input in Llama-style decoder layers (attention, MLP)."""
@@ -141,7 +141,7 @@ class ProjectionGroup:
             return None
         tensors = [c.lora_a for c in calls] + [c.lora_b for c in calls]
         for c in calls:
-            tensors += int4_tensors(c.base)
+            tensors += c.base.int4_tensors()
         outputs = Int4LoraGroupFunction.apply(x.to(group.dtype), group, *tensors)
         mine = None
         for member, out in zip(self.members, outputs):
