@@ -17,10 +17,10 @@ time the layer runs on a device: on CUDA the fused Triton kernel with a prepared
 reference, in cache mode the unpacker. The CUDA forward, call by call::
 
     Int4Linear.forward(x)
-      Int4LinearFunction.apply(x, bias, *int4_tensors(), spec)     buffers (or FSDP's parameters); spec = weight_spec(dtype)
+      Int4LinearFunction.apply(x, bias, *int4_tensors(), spec)   spec = weight_spec(dtype)
         spec.dense(packed, scales, zero_points, g_idx)
-          TritonDequantizer((packed, ...), dtype)      kernels/dequantizer.py: same buffers -> replay the launch
-            Replay(out)                                kernels/launch.py: the compiled kernel, called directly
+          TritonDequantizer((packed, ...), dtype)    kernels/dequantizer.py: same buffers -> replay the launch
+            Replay(out)                              kernels/launch.py: the compiled kernel, called directly
         F.linear(x, W, bias)
 
 Under gradient checkpointing a layer is dequantized three times per step (forward, recompute, backward). The
