@@ -42,9 +42,9 @@ import torch
 import triton
 import triton.testing
 
+from int4lora_train.kernels.dequant import LaunchConfig, config_for, launch_dequant
 from int4lora_train.quant.dequant import dequantize_torch
 from int4lora_train.quant.layout import Int4Weight
-from int4lora_train.quant.triton_dequant import LaunchConfig, config_for, launch_dequant
 
 LLAMA3_8B_SHAPES = {  # (out, in) of the projections; q/k/v and gate/up are fused as vLLM serves them
     "qkv_proj": (6144, 4096),
@@ -429,7 +429,7 @@ def measure_variant(weight: Int4Weight, dtype: torch.dtype, config: LaunchConfig
 def compiled_resources() -> list[str]:
     """Tile shape, output dtype, warps, registers per thread and spills of every compiled kernel variant (registers
     bound how many programs share a multiprocessor, hence whether a small weight fits in one wave)."""
-    from int4lora_train.quant.triton_dequant import _dequant_kernel
+    from int4lora_train.kernels.dequant import _dequant_kernel
 
     lines = []
     for caches in getattr(_dequant_kernel, "device_caches", {}).values():

@@ -19,7 +19,7 @@ Modes are ``BASE[+OPTION...]``:
   base), ``autokernels`` (the same where the input has >= ``AUTO_MIN_ELEMENTS`` elements, as the toolkit's default
   ``fused_kernels: auto``), ``reentrant`` (reentrant gradient checkpointing instead of non-reentrant; any base);
 - ``int4-opt`` = ``int4+fused+keep+group+chunked+kernels``; ``int4-default`` = the same with ``autokernels`` (what
-  ``apply_training_optimizations`` sets up by default); a bare ``int4`` runs with all of them off.
+  ``speed.apply`` sets up by default); a bare ``int4`` runs with all of them off.
 
 ::
 
@@ -49,11 +49,9 @@ import torch
 import transformers
 from peft import LoraConfig, get_peft_model
 
+from int4lora_train import speed
+from int4lora_train.kernels import triton_available
 from int4lora_train.modeling import Int4Linear, prepare_for_training
-from int4lora_train.modeling.chunked_loss import enable_chunked_loss
-from int4lora_train.modeling.fused_lora import configure_int4_training
-from int4lora_train.modeling.fused_ops import enable_fused_kernels
-from int4lora_train.quant.dequant import triton_available
 from int4lora_train.quant.layout import Int4Weight
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -229,19 +227,17 @@ def prepare(args, mode: str, device: torch.device, dtype=torch.bfloat16, dropout
             if "lora_B" in name:
                 gen = torch.Generator(device=device).manual_seed(sum(map(ord, name)))
                 param.data.normal_(0, 0.02, generator=gen)
+    features = {
+        "chunked_loss": "chunked" in options,
+        "fused_kernels": "on" if "kernels" in options else "auto" if "autokernels" in options else "off",
+    }
     if base.startswith("int4"):
-        configure_int4_training(
-            model,
+        features.update(
             fused_lora="fused" in options,
             keep_dense_for_backward="keep" in options,
             group_projections="group" in options,
         )
-    if "chunked" in options:
-        enable_chunked_loss(model)
-    if "kernels" in options:
-        enable_fused_kernels(model)
-    elif "autokernels" in options:
-        enable_fused_kernels(model, min_elements="auto")
+    speed.apply(model, **features)
     reentrant = args.reentrant or "reentrant" in options
     prepare_for_training(model, gradient_checkpointing=not args.no_checkpointing, use_reentrant=reentrant)
     model.train()
@@ -398,19 +394,19 @@ def host_overhead(args, device: torch.device, calls: int = 300) -> list[dict]:
     the prepared dequantization of a 4096 x 4096 weight, one fused LoRA projection."""
     from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
-    from int4lora_train.modeling.fast_dequant import fast_dequantize
-    from int4lora_train.modeling.fused_ops import RMSNormFunction
     from int4lora_train.quant.dequant import dequantize
+    from int4lora_train.speed.fused_ops import RMSNormFunction
 
     x = torch.randn(args.bs * args.seq, args.hidden, device=device, dtype=torch.bfloat16)
     norm = LlamaRMSNorm(args.hidden).to(device, torch.bfloat16)
     layer = Int4Linear(random_int4_weight(args.hidden, args.hidden, args.group_size, device))
     weight = layer.int4_weight()
+    buffers = (layer.packed, layer.scales, layer.zero_points, layer.g_idx)
     cases = {
         "transformers LlamaRMSNorm forward": lambda: norm(x),
         "fused RMSNorm forward (Triton)": lambda: RMSNormFunction.apply(x, norm.weight, 1e-6),
         "dequantize() 4096x4096": lambda: dequantize(weight, torch.bfloat16),
-        "prepared dequantization 4096x4096": lambda: fast_dequantize(layer, weight, torch.bfloat16),
+        "prepared dequantization 4096x4096": lambda: layer.dequantizer(buffers, torch.bfloat16),
         "Int4Linear forward (no grad)": lambda: layer(x),
     }
     rows = []

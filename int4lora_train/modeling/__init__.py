@@ -1,6 +1,7 @@
 """INT4 models: ``Int4Linear``, the surgery over transformers models, the INT4 checkpoint loader, PEFT LoRA.
 
-Importing this package installs the PEFT dispatch for ``Int4Linear`` (see
+The training-speed features built on these live in :mod:`int4lora_train.speed`, the kernels in
+:mod:`int4lora_train.kernels`. Importing this package installs the PEFT dispatch for ``Int4Linear`` (see
 :func:`int4lora_train.modeling.peft_integration.install_peft_dispatch` for what it does and why), so that plain
 ``get_peft_model`` / ``PeftModel.from_pretrained`` wrap INT4 layers with :class:`Int4LoraLinear`.
 """
@@ -14,9 +15,8 @@ from int4lora_train.modeling.architectures import (
 )
 from int4lora_train.modeling.int4_linear import DenseWeightUnavailableError, Int4Linear, Int4LinearFunction
 from int4lora_train.modeling.loader import load_int4_model, load_tokenizer
+from int4lora_train.modeling.lora_layer import Int4LoraLinear, check_lora_config
 from int4lora_train.modeling.peft_integration import (
-    Int4LoraLinear,
-    check_lora_config,
     install_peft_dispatch,
     load_adapter,
     make_lora_config,

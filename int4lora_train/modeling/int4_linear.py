@@ -12,6 +12,17 @@ Peak memory per layer is one dense temporary (the size of the weight in the comp
 the matmul. In *cache* mode the dense weight comes from the unpacker's budgeted LRU cache instead, which trades
 memory (the budget) for the dequantization time.
 
+The dense weight comes from the layer's *dequantizer* (:mod:`int4lora_train.kernels.dequantizer`), chosen the first
+time the layer runs on a device: on CUDA the fused Triton kernel with a prepared launch, elsewhere the torch
+reference, in cache mode the unpacker. The CUDA forward, call by call::
+
+    Int4Linear.forward(x)
+      Int4LinearFunction.apply(x, bias, *int4_tensors(), spec)   spec = weight_spec(dtype)
+        spec.dense(packed, scales, zero_points, g_idx)
+          TritonDequantizer((packed, ...), dtype)    kernels/dequantizer.py: same buffers -> replay the launch
+            Replay(out)                              kernels/launch.py: the compiled kernel, called directly
+        F.linear(x, W, bias)
+
 Under gradient checkpointing a layer is dequantized three times per step (forward, recompute, backward). The
 recompute runs inside the backward pass, right before the backward of the same layer, so there the dense weight is
 saved for backward instead of the packed buffers (``keep_dense_for_backward``, default on): two dequantizations
@@ -30,7 +41,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,13 +49,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
+from int4lora_train.kernels.dequantizer import Dequantizer, compact_rows, int4_weight_view, select_dequantizer
 from int4lora_train.quant.dequant import dequantize
-from int4lora_train.quant.layout import Int4Weight
+from int4lora_train.quant.layout import INT4_TENSOR_NAMES, Int4Weight
 
 logger = logging.getLogger(__name__)
 
 MODES = ("on_the_fly", "cache")
-_TRANSIENT_ATTRIBUTES = ("_dequant_plans",)
 
 
 def dense_save_is_transient() -> bool:
@@ -80,32 +91,16 @@ class DenseWeightUnavailableError(UnsupportedFormatError, AttributeError):
 
 @dataclass(frozen=True)
 class _WeightSpec:
-    """The non-tensor half of an INT4 weight plus how to get its dense form (passed through autograd)."""
+    """The non-tensor half of an INT4 weight, passed through autograd: the compute dtype, the layer's dequantizer and
+    whether the dense weight may be saved for backward (see the module docstring)."""
 
-    in_features: int
-    group_size: int
     dtype: torch.dtype
-    cache: Any = None  # an INT4Unpacker (cache mode) or None (on the fly)
-    cache_key: str | None = None
-    backend: str | None = None
-    keep_dense: bool = False  # save the dense weight for backward where that is transient (see the module doc)
-    owner: Any = field(default=None, compare=False)  # the layer: holds prepared launches (fast_dequant)
+    dequantizer: Dequantizer | None
+    keep_dense: bool = False
 
-    def dense(self, packed, scales, zero_points, g_idx, out: torch.Tensor | None = None, slot=None) -> torch.Tensor:
-        """The ``[out, in]`` weight in ``self.dtype``: a fresh temporary (or ``out``), or the cache's shared copy.
-
-        On CUDA the layer's prepared launch is used (:mod:`int4lora_train.modeling.fast_dequant`); ``slot`` names
-        where ``out`` sits (a projection group's row offset)."""
-        weight = _int4_weight(packed, scales, zero_points, g_idx, self.in_features, self.group_size)
-        if self.cache is not None:
-            dense = self.cache.get_dense(self.cache_key, weight, self.dtype)
-            return dense if out is None else out.copy_(dense)
-        if self.owner is not None and packed.device.type == "cuda" and self.backend in (None, "auto", "triton"):
-            from int4lora_train.modeling.fast_dequant import fast_dequantize
-
-            return fast_dequantize(self.owner, weight, self.dtype, out, slot)
-        dense = dequantize(weight, self.dtype, backend=self.backend)
-        return dense if out is None else out.copy_(dense)
+    def dense(self, packed, scales, zero_points, g_idx, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The ``[out, in]`` weight in ``self.dtype``: a fresh temporary (or ``out``), or the cache's shared copy."""
+        return self.dequantizer((packed, scales, zero_points, g_idx), self.dtype, out)
 
 
 class Int4LinearFunction(torch.autograd.Function):
@@ -156,9 +151,10 @@ class Int4Linear(nn.Linear):
     Buffers: ``packed`` uint8 ``[out, in/2]``, ``scales`` ``[out, G]`` (``[1, 1]`` for a per-tensor scale),
     ``zero_points`` int8 ``[out, G]`` or None, ``g_idx`` int32 ``[in]`` or None; ``bias`` is an optional frozen
     parameter. ``cache`` (an :class:`~int4lora_train.quant.unpacker.INT4Unpacker`) switches to cache mode, keyed by
-    ``cache_key`` (default: a key unique to this layer). ``keep_dense_for_backward`` (class default True; set per
-    layer or with :func:`int4lora_train.modeling.fused_lora.configure_int4_training`) saves the dense weight during a
-    gradient-checkpoint recompute instead of dequantizing it a third time in backward.
+    ``cache_key`` (default: a key unique to this layer). ``backend`` (``"auto"``, ``"torch"``, ``"triton"``) is the
+    kernel choice (:mod:`int4lora_train.kernels.backend`). ``keep_dense_for_backward`` (class default True; set per
+    layer or with :func:`int4lora_train.speed.apply`) saves the dense weight during a gradient-checkpoint recompute
+    instead of dequantizing it a third time in backward.
     """
 
     keep_dense_for_backward: bool = True
@@ -181,8 +177,8 @@ class Int4Linear(nn.Linear):
         self.register_buffer("packed", weight.packed)
         # A per-tensor scale arrives as a stride-0 [out, 1] view of one value; store that value ([1, 1]) so that
         # .to(), state_dict() and load_state_dict() see a plain tensor, and expand it again in int4_weight().
-        self.register_buffer("scales", _compact_rows(weight.scales))
-        zero_points = None if weight.zero_points is None else _compact_rows(weight.zero_points)
+        self.register_buffer("scales", compact_rows(weight.scales))
+        zero_points = None if weight.zero_points is None else compact_rows(weight.zero_points)
         self.register_buffer("zero_points", zero_points)
         self.register_buffer("g_idx", weight.g_idx)
         if bias is not None and not isinstance(bias, nn.Parameter):
@@ -200,9 +196,15 @@ class Int4Linear(nn.Linear):
 
     # ------------------------------------------------------------------------------------------------ the weight
 
+    def int4_tensors(self) -> list:
+        """``[packed, scales, zero_points, g_idx]``, read from the buffers, or from the parameters where FSDP sharding
+        re-registered them (``train.distributed``); no ``nn.Module.__getattr__`` detour (this runs on every call)."""
+        buffers, parameters = self._buffers, self._parameters
+        return [buffers[name] if name in buffers else parameters.get(name) for name in INT4_TENSOR_NAMES]
+
     def int4_weight(self) -> Int4Weight:
         """The canonical weight viewing this layer's buffers (no copy; per-tensor scales expanded, stride 0)."""
-        return _int4_weight(self.packed, self.scales, self.zero_points, self.g_idx, self.in_features, self.group_size)
+        return int4_weight_view(self.int4_tensors(), self.in_features, self.group_size)
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """A dense ``[out, in]`` copy of the weight (default dtype: the scales')."""
@@ -236,6 +238,20 @@ class Int4Linear(nn.Linear):
             )
         self.cache = cache
         self.cache_key = (cache_key or f"int4linear-{id(self):x}") if cache is not None else None
+        self.__dict__.pop("_dequantizer", None)  # chosen again, with the cache, on the next use
+
+    @property
+    def dequantizer(self) -> Dequantizer:
+        """How this layer's dense weight is made (:mod:`int4lora_train.kernels.dequantizer`): chosen the first time it
+        is needed on a device, and again after the layer moves, its cache changes or it is copied."""
+        device = self.int4_tensors()[0].device
+        dequantizer = self.__dict__.get("_dequantizer")
+        if dequantizer is None or dequantizer.device != device:
+            dequantizer = select_dequantizer(
+                device, self.in_features, self.group_size, self.backend, self.cache, self.cache_key
+            )
+            self.__dict__["_dequantizer"] = dequantizer
+        return dequantizer
 
     # ------------------------------------------------------------------------------------------------ forward
 
@@ -243,21 +259,12 @@ class Int4Linear(nn.Linear):
         dtype, autocast = self.compute_dtype_for(x)
         spec = self.weight_spec(dtype)
         bias = None if self.bias is None else self.bias.to(dtype)
-        out = Int4LinearFunction.apply(x.to(dtype), bias, self.packed, self.scales, self.zero_points, self.g_idx, spec)
+        out = Int4LinearFunction.apply(x.to(dtype), bias, *self.int4_tensors(), spec)
         return out if autocast else out.to(x.dtype)
 
     def weight_spec(self, dtype: torch.dtype) -> _WeightSpec:
         """How autograd functions get this layer's dense weight in ``dtype`` (the non-tensor half of the weight)."""
-        return _WeightSpec(
-            self.in_features,
-            self.group_size,
-            dtype,
-            self.cache,
-            self.cache_key,
-            self.backend,
-            bool(self.keep_dense_for_backward),
-            self,
-        )
+        return _WeightSpec(dtype, self.dequantizer, bool(self.keep_dense_for_backward))
 
     def compute_dtype_for(self, x: torch.Tensor) -> tuple[torch.dtype, bool]:
         """``(dtype, autocast)``: the dtype the matmul runs in for input ``x`` (see the module doc)."""
@@ -289,13 +296,13 @@ class Int4Linear(nn.Linear):
         new = self.__class__.__new__(self.__class__)
         memo[id(self)] = new
         for key, value in self.__dict__.items():
-            if key not in _TRANSIENT_ATTRIBUTES:
+            if key != "_dequantizer":
                 new.__dict__[key] = copy.deepcopy(value, memo)
         return new
 
     def __getstate__(self):
-        # Prepared kernel launches (fast_dequant) refer to compiled kernels and device buffers: rebuilt on demand.
-        return {k: v for k, v in self.__dict__.items() if k not in _TRANSIENT_ATTRIBUTES}
+        # The dequantizer's prepared launches refer to compiled kernels and device buffers: chosen again on demand.
+        return {k: v for k, v in self.__dict__.items() if k != "_dequantizer"}
 
     def reset_parameters(self) -> None:
         """Nothing to initialise: the INT4 weight is checkpoint data (nn.Linear's init would need a dense weight)."""
@@ -304,6 +311,7 @@ class Int4Linear(nn.Linear):
         # Module.to(dtype) / .half() / .float() cast every floating buffer; the scales must keep their dtype because
         # the dequantized values are defined by rounding in it (bit-exactness with the checkpoint). Probe what fn does
         # to an empty tensor of the scales' dtype and, if it changes the dtype, move the INT4 buffers by device only.
+        self.__dict__.pop("_dequantizer", None)  # its launches refer to the buffers this replaces
         if self.scales.is_meta:
             return super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device))
@@ -335,30 +343,3 @@ class Int4Linear(nn.Linear):
         if self.compute_dtype is not None:
             parts.append(f"compute_dtype={str(self.compute_dtype).removeprefix('torch.')}")
         return ", ".join(parts)
-
-
-def _int4_weight(packed, scales, zero_points, g_idx, in_features: int, group_size: int) -> Int4Weight:
-    """Assemble an Int4Weight from validated buffers without re-validating (this runs on every forward)."""
-    out_features = packed.shape[0]
-    return Int4Weight(
-        packed=packed,
-        scales=_expand_rows(scales, out_features),
-        in_features=in_features,
-        group_size=group_size,
-        zero_points=None if zero_points is None else _expand_rows(zero_points, out_features),
-        g_idx=g_idx,
-    )
-
-
-def _compact_rows(t: torch.Tensor) -> torch.Tensor:
-    """``[out, G]`` whose rows are a stride-0 broadcast of one row -> that row, ``[1, G]``; others unchanged."""
-    if t.dim() == 2 and t.shape[0] > 1 and t.stride(0) == 0:
-        return t[:1].contiguous()
-    return t
-
-
-def _expand_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    """Inverse of :func:`_compact_rows`: ``[1, G]`` -> a stride-0 ``[rows, G]`` view."""
-    if t.shape[0] == 1 and rows != 1:
-        return t.expand(rows, t.shape[1])
-    return t

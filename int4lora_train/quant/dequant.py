@@ -1,36 +1,30 @@
 """Dequantization of a canonical :class:`Int4Weight` into a dense ``[out, in]`` tensor.
 
-``dequantize`` picks the fused Triton kernel on CUDA (one pass: read the packed bytes, the scales and zero points,
-write the output) and the torch reference everywhere else. Both compute ``(q - zp) * scale`` in fp32, which is exact
-for fp16 / bf16 scales, and round once to the scale's dtype before casting to ``dtype``; that is bit-identical to
-compressed-tensors' dequantization in the scale's dtype followed by ``.to(dtype)``.
+:func:`dequantize_torch` is the reference: plain torch ops on any device. Both it and the fused Triton kernel
+(:mod:`int4lora_train.kernels.dequant`) compute ``(q - zp) * scale`` in fp32, which is exact for fp16 / bf16 scales,
+and round once to the scale's dtype before casting to ``dtype``; that is bit-identical to compressed-tensors'
+dequantization in the scale's dtype followed by ``.to(dtype)``. :func:`dequantize` runs the one the kernel backend
+picks (:func:`int4lora_train.kernels.backend.use_triton`: Triton on CUDA by default).
 """
 
 from __future__ import annotations
-
-import logging
-import os
 
 import torch
 
 from int4lora_train.quant.layout import NIBBLE_OFFSET, Int4Weight, group_index, unpack_nibbles
 
-logger = logging.getLogger(__name__)
-
-_BACKENDS = ("auto", "torch", "triton")
-
 
 def dequantize(weight: Int4Weight, dtype: torch.dtype | None = None, backend: str | None = None) -> torch.Tensor:
-    """Dense ``[out, in]`` weight in ``dtype`` (default: the scale's dtype).
+    """Dense ``[out, in]`` weight in ``dtype`` (default: the scale's dtype), one call.
 
-    ``backend``: ``"auto"`` (Triton on CUDA when importable, else torch), ``"torch"`` or ``"triton"``. The
-    environment variable ``INT4LORA_DEQUANT_BACKEND`` sets the default.
+    ``backend``: ``"auto"`` (default: Triton on CUDA, else torch), ``"torch"`` or ``"triton"``; see
+    :mod:`int4lora_train.kernels.backend`. A layer's repeated dequantization goes through its
+    :mod:`dequantizer <int4lora_train.kernels.dequantizer>` instead.
     """
-    backend = backend or os.environ.get("INT4LORA_DEQUANT_BACKEND", "auto")
-    if backend not in _BACKENDS:
-        raise ValueError(f"unknown dequantization backend {backend!r}; choose one of {_BACKENDS}")
-    if backend == "triton" or (backend == "auto" and weight.device.type == "cuda" and triton_available()):
-        from int4lora_train.quant.triton_dequant import dequantize_triton
+    from int4lora_train.kernels.backend import use_triton  # the kernels package builds on this one
+
+    if use_triton(weight.device, backend):
+        from int4lora_train.kernels.dequant import dequantize_triton  # imports Triton, an optional dependency
 
         return dequantize_triton(weight, dtype)
     return dequantize_torch(weight, dtype)
@@ -55,20 +49,3 @@ def dequantize_torch(weight: Int4Weight, dtype: torch.dtype | None = None) -> to
             q = q - zero_points[:, columns]
         dense = q * scales[:, columns]
     return dense.to(weight.dtype).to(dtype)
-
-
-_TRITON_OK: bool | None = None
-
-
-def triton_available() -> bool:
-    """True when Triton imports (on CUDA, or anywhere under ``TRITON_INTERPRET=1``)."""
-    global _TRITON_OK
-    if _TRITON_OK is None:
-        try:
-            import triton  # noqa: F401
-
-            _TRITON_OK = True
-        except Exception as exc:  # pragma: no cover - depends on the install
-            logger.info("Triton is not available (%s); using the torch dequantization path", exc)
-            _TRITON_OK = False
-    return _TRITON_OK

@@ -146,7 +146,7 @@ class FsdpConfig:
 
 @dataclass
 class SpeedConfig:
-    """Training-step optimisations (int4lora_train.modeling.optimizations); each is exact up to summation order."""
+    """Training-step optimisations (int4lora_train.speed); each is exact up to summation order."""
 
     fused_lora: bool = _opt(True, "One autograd node per LoRA'd INT4 projection (base + LoRA, one dequantization).")
     keep_dense_for_backward: bool = _opt(

@@ -331,18 +331,15 @@ def prepare_fsdp(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
     precision instead, which the toolkit leaves off). The fused LoRA node and the chunked cross-entropy are switched
     off (see the comments below); everything else of the model's training setup stays as it is.
     """
-    from ..modeling.chunked_loss import disable_chunked_loss
-    from ..modeling.fused_lora import enable_fused_lora
+    from .. import speed
 
     converted = int4_buffers_to_parameters(model)
     logger.debug("FSDP: %d Int4Linear layers hold their INT4 tensors as frozen parameters", converted)
     # The fused LoRA kernels read the INT4 tensors from Int4Linear._buffers (no nn.Module attribute lookup), where
     # parameters are not: PEFT's generic path (Int4Linear.forward, attribute lookup) until they look in both.
-    if enable_fused_lora(model, False):
-        logger.info("FSDP: fused LoRA path off (it reads INT4 buffers); using PEFT's generic LoRA forward")
     # The chunked loss multiplies by lm_head.weight outside lm_head's forward, where FSDP has not gathered it.
-    if disable_chunked_loss(model):
-        logger.info("FSDP: chunked cross-entropy off (it reads the output head's sharded weight)")
+    speed.apply(model, fused_lora=False, chunked_loss=False)
+    logger.info("FSDP: fused LoRA path and chunked cross-entropy off; PEFT's generic LoRA forward, the model's loss")
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.native_amp:
         _wrap_forward_in_autocast(accelerator, model)

@@ -503,17 +503,19 @@ class Trainer:
 
     def _apply_speed_options(self, module: LoraModule) -> None:
         """Switch the training-step optimisations of ``train.speed`` on (before DDP / FSDP wrapping)."""
-        from ..modeling.optimizations import apply_training_optimizations
+        from .. import speed as training_speed
 
         speed = self.config.speed
-        done = apply_training_optimizations(
+        done = training_speed.apply(
             module.unwrapped_model,
-            fused_lora=speed.fused_lora,
-            keep_dense_for_backward=speed.keep_dense_for_backward,
-            group_projections=speed.group_projections and speed.fused_lora,
-            chunked_loss=speed.chunked_loss,
-            loss_chunk_size=speed.loss_chunk_size,
-            fused_kernels={"auto": "auto", "on": True, "off": False}[speed.fused_kernels],
+            training_speed.SpeedConfig(
+                fused_lora=speed.fused_lora,
+                keep_dense_for_backward=speed.keep_dense_for_backward,
+                group_projections=speed.group_projections and speed.fused_lora,
+                chunked_loss=speed.chunked_loss,
+                loss_chunk_size=speed.loss_chunk_size,
+                fused_kernels=speed.fused_kernels,
+            ),
         )
         logger.info("training-step optimisations: %s", done)
 

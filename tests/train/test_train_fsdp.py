@@ -38,13 +38,13 @@ from int4lora_train.train.distributed import (
 def _tiny_lora_model(tiny_int4_dir: Path):
     from peft import get_peft_model
 
-    from int4lora_train.modeling.fused_lora import enable_fused_lora
+    from int4lora_train import speed
     from int4lora_train.modeling.loader import load_int4_model
     from int4lora_train.modeling.peft_integration import make_lora_config
 
     torch.manual_seed(0)
     model = get_peft_model(load_int4_model(tiny_int4_dir, dtype=torch.float32), make_lora_config(r=4, lora_alpha=8))
-    enable_fused_lora(model, False)  # as prepare_fsdp does: the fused kernels read INT4 buffers only
+    speed.apply(model, fused_lora=False)  # as prepare_fsdp does: the fused kernels read INT4 buffers only
     with torch.no_grad():  # lora_B starts at zero: make the adapters part of the output
         for name, param in model.named_parameters():
             if "lora_B" in name:

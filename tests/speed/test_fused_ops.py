@@ -1,25 +1,15 @@
-"""Fused RMSNorm / SwiGLU against transformers' own modules (values and gradients), the Triton kernels against the
-torch references (CPU interpreter without CUDA), and which modules get patched."""
+"""Fused RMSNorm / SwiGLU against transformers' own modules (values and gradients), and which modules get patched.
+The Triton kernels against the torch references: tests/kernels/test_norm_mlp.py."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 from modeling_helpers import rel_diff, tiny_int4_lora_model
 
 from int4lora_train.errors import ConfigError
-from int4lora_train.modeling.fused_ops import (
-    disable_fused_kernels,
-    enable_fused_kernels,
-    rms_norm_bwd_torch,
-    rms_norm_fwd_torch,
-    swiglu_bwd_torch,
-    swiglu_fwd_torch,
-)
 from int4lora_train.modeling.tiny_models import build_tiny_model
+from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
 
 
 def _fwd_bwd(module, x: torch.Tensor):
@@ -86,7 +76,7 @@ def test_other_layouts_are_left_alone_and_disable_restores():
 
 
 def test_min_elements_keeps_small_inputs_on_the_module_forward(monkeypatch):
-    from int4lora_train.modeling import fused_ops
+    from int4lora_train.speed import fused_ops
 
     model = build_tiny_model("llama", seed=0, dtype=torch.float32)
     for p in model.parameters():
@@ -102,54 +92,3 @@ def test_min_elements_keeps_small_inputs_on_the_module_forward(monkeypatch):
     assert calls == [1]
     enable_fused_kernels(model, min_elements="auto")
     assert norm._int4lora_fused_min_elements == fused_ops.AUTO_MIN_ELEMENTS
-
-
-@pytest.fixture(scope="module")
-def kernels():
-    """The Triton kernels: compiled on CUDA, else in Triton's CPU interpreter (set before the module loads)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        from int4lora_train.modeling import triton_norm_mlp
-
-        return triton_norm_mlp
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"
-    try:
-        from int4lora_train.modeling import triton_norm_mlp
-
-        if not triton_norm_mlp.interpreting():
-            triton_norm_mlp = importlib.reload(triton_norm_mlp)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return triton_norm_mlp
-
-
-def test_rms_norm_kernels_equal_torch(kernels):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    x = (torch.randn(5, 48, generator=gen) * 3).to(device)  # 48: not a power of two, masked tail
-    w = (torch.rand(48, generator=gen) + 0.5).to(device)
-    g = torch.randn(5, 48, generator=gen).to(device)
-    ref_y, ref_rstd = rms_norm_fwd_torch(x, w, 1e-6)
-    ref_dx = rms_norm_bwd_torch(g, x, w, ref_rstd)
-    for _ in range(2):  # the second launch of a specialization goes straight to the compiled kernel (on CUDA)
-        y, rstd = kernels.rms_norm_fwd(x, w, 1e-6)
-        assert rel_diff(y, ref_y) <= 1e-6 and rel_diff(rstd, ref_rstd) <= 1e-6
-        assert rel_diff(kernels.rms_norm_bwd(g, x, w, rstd), ref_dx) <= 1e-6
-
-
-def test_swiglu_kernels_equal_torch(kernels):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    gen = torch.Generator().manual_seed(0)
-    # 1100 columns: a partial block; gate and up as column slices of one [3, 2200] buffer, as a projection group
-    # hands them over (strided rows)
-    both = torch.randn(3, 2200, generator=gen).to(device) * 4
-    gate, up = both[:, :1100], both[:, 1100:]
-    dh = torch.randn(3, 1100, generator=gen).to(device)
-    for _ in range(2):  # the second launch goes straight to the compiled kernel (on CUDA)
-        assert rel_diff(kernels.swiglu_fwd(gate, up), swiglu_fwd_torch(gate, up)) <= 1e-6
-        for got, ref in zip(kernels.swiglu_bwd(dh, gate, up), swiglu_bwd_torch(dh, gate, up)):
-            assert rel_diff(got, ref) <= 1e-6

@@ -1,35 +1,24 @@
-"""The fused INT4 + LoRA autograd node against PEFT's generic path and a hand-written reference; when it falls back;
-gradient checkpointing (reentrant and not) with dropout; the dense weight kept for backward in a recompute."""
+"""Int4LoraLinear's fused INT4 + LoRA autograd node against PEFT's generic path and a hand-written reference; when it
+falls back; gradient checkpointing (reentrant and not) with dropout; the dense weight kept for backward in a
+recompute. PEFT registration and the options the layer refuses: test_peft.py."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from modeling_helpers import rel_diff, tiny_int4_lora_model
 from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from int4lora_train.errors import ConfigError
-from int4lora_train.modeling import (
-    Int4Linear,
-    Int4LoraLinear,
-    fused_lora,
-    int4_linear,
-    prepare_for_training,
-    quantize_model_rtn,
-)
-from int4lora_train.modeling.fused_lora import configure_int4_training, dropout_mask, enable_fused_lora
+from int4lora_train.kernels.dequantizer import TorchDequantizer
+from int4lora_train.modeling import Int4Linear, Int4LoraLinear, lora_layer, prepare_for_training
 from int4lora_train.modeling.int4_linear import dense_save_is_transient
-from int4lora_train.modeling.tiny_models import build_tiny_model
+from int4lora_train.modeling.lora_layer import dropout_mask
 from int4lora_train.quant.packer import quantize_rtn
 
 IN, OUT, R = 64, 48, 8
-
-
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    """Max |a - b| relative to max |b| (absolute below 1): fp32 sums of ~100 products agree to ~1e-7 relative."""
-    return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
 
 
 class _Wrapper(nn.Module):
@@ -77,15 +66,16 @@ def _run(layer: nn.Module, x: torch.Tensor, seed: int = 0) -> tuple[torch.Tensor
 
 def _count_fused(monkeypatch) -> list[int]:
     calls: list[int] = []
-    original = fused_lora.Int4LoraFunction.apply
-    monkeypatch.setattr(fused_lora.Int4LoraFunction, "apply", lambda *a: calls.append(1) or original(*a))
+    original = lora_layer.Int4LoraFunction.apply
+    monkeypatch.setattr(lora_layer.Int4LoraFunction, "apply", lambda *a: calls.append(1) or original(*a))
     return calls
 
 
 def _count_dequant(monkeypatch) -> list[int]:
+    """Counts the dense weights made by the layers' dequantizers (the tiny models run on the CPU: torch)."""
     calls: list[int] = []
-    original = int4_linear.dequantize
-    monkeypatch.setattr(int4_linear, "dequantize", lambda *a, **k: calls.append(1) or original(*a, **k))
+    original = TorchDequantizer.__call__
+    monkeypatch.setattr(TorchDequantizer, "__call__", lambda *a, **k: calls.append(1) or original(*a, **k))
     return calls
 
 
@@ -101,14 +91,14 @@ def test_fused_equals_peft_generic_path_fp32(bias, rslora, monkeypatch):
     layer.fused_lora = False
     ref_out, ref_grads = _run(layer, _x())
     assert calls == [1]  # the generic path did not call the fused node
-    assert _max_diff(fused_out, ref_out) <= 1e-5
+    assert rel_diff(fused_out, ref_out) <= 1e-5
     assert (
         set(fused_grads)
         == set(ref_grads)
         == {"x", "lora_A.default.weight", "lora_B.default.weight"} | ({"base_layer.bias"} if bias else set())
     )
     for name in ref_grads:
-        assert _max_diff(fused_grads[name], ref_grads[name]) <= 1e-5, name
+        assert rel_diff(fused_grads[name], ref_grads[name]) <= 1e-5, name
 
 
 def test_fused_dropout_equals_reference_with_the_same_mask():
@@ -127,10 +117,10 @@ def test_fused_dropout_equals_reference_with_the_same_mask():
     dense = layer.get_base_layer().dequantize(torch.float32)
     ref = F.linear(xr, dense) + F.linear(F.linear(xr * mask / (1 - p), a), b) * layer.scaling["default"]
     (ref * torch.randn(ref.shape, generator=torch.Generator().manual_seed(3))).sum().backward()
-    assert _max_diff(out, ref) <= 1e-5
-    assert _max_diff(grads["x"], xr.grad) <= 1e-5
-    assert _max_diff(grads["lora_A.default.weight"], a.grad) <= 1e-5
-    assert _max_diff(grads["lora_B.default.weight"], b.grad) <= 1e-5
+    assert rel_diff(out, ref) <= 1e-5
+    assert rel_diff(grads["x"], xr.grad) <= 1e-5
+    assert rel_diff(grads["lora_A.default.weight"], a.grad) <= 1e-5
+    assert rel_diff(grads["lora_B.default.weight"], b.grad) <= 1e-5
 
 
 def test_dropout_is_off_in_eval_mode():
@@ -156,7 +146,7 @@ def test_falls_back_with_two_active_adapters_or_adapters_disabled(monkeypatch):
     base_only, _ = _run(layer, _x())
     assert calls == [1]
     assert torch.equal(base_only, layer.get_base_layer()(_x()))
-    assert _max_diff(both, base_only) > 1e-2  # the adapters were applied
+    assert rel_diff(both, base_only) > 1e-2  # the adapters were applied
 
 
 def test_falls_back_when_adapter_dtype_differs_outside_autocast(monkeypatch):
@@ -180,21 +170,10 @@ def test_autocast_bf16_matches_generic_path_and_keeps_fp32_adapter_grads():
     assert fused_grads["lora_A.default.weight"].dtype == torch.float32
     assert fused_grads["lora_B.default.weight"].dtype == torch.float32
     scale = ref_out.float().abs().max().item()
-    assert _max_diff(fused_out, ref_out) <= 2e-2 * scale
+    assert rel_diff(fused_out, ref_out) <= 2e-2 * scale
     for name in ref_grads:
         ref = ref_grads[name].float()
-        assert _max_diff(fused_grads[name], ref) <= 2e-2 * ref.abs().max().item(), name
-
-
-def _tiny_peft(dropout: float):
-    model = build_tiny_model("llama", seed=0, dtype=torch.float32)
-    quantize_model_rtn(model, 32, symmetric=False)
-    torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
-    for name, param in sorted(peft_model.named_parameters()):
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
-    return peft_model
+        assert rel_diff(fused_grads[name], ref) <= 2e-2 * ref.abs().max().item(), name
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])
@@ -203,8 +182,10 @@ def test_checkpointing_with_dropout_gives_the_same_grads_and_dequantizes_twice(u
     layers = 2 * 7  # tiny llama: 2 decoder layers of 7 projections
 
     def grads(checkpointing: bool, keep_dense: bool = True):
-        peft_model = _tiny_peft(dropout=0.1)
-        configure_int4_training(peft_model, keep_dense_for_backward=keep_dense)
+        peft_model = tiny_int4_lora_model(lora_dropout=0.1)
+        for module in peft_model.modules():
+            if isinstance(module, Int4Linear):
+                module.keep_dense_for_backward = keep_dense
         prepare_for_training(peft_model, gradient_checkpointing=checkpointing, use_reentrant=use_reentrant)
         peft_model.train()
         calls = _count_dequant(monkeypatch)
@@ -223,7 +204,7 @@ def test_checkpointing_with_dropout_gives_the_same_grads_and_dequantizes_twice(u
     assert redone_calls == 3 * layers  # forward + recompute + backward
     for other in (kept, redone):
         assert set(other) == set(plain) and all(g is not None for g in other.values())
-        assert max(_max_diff(plain[n], other[n]) for n in plain) <= 1e-6
+        assert max(rel_diff(plain[n], other[n]) for n in plain) <= 1e-6
 
 
 def test_dense_save_is_transient_only_under_checkpointing():
@@ -246,98 +227,6 @@ def test_dense_save_is_transient_only_under_checkpointing():
     assert seen["non_reentrant"] == [True, True]  # the hook drops what the first forward saves; then the recompute
     assert seen["reentrant"][1] is True  # the recompute (the first forward ran under no_grad)
     assert seen["offload"] == [False]
-
-
-def test_configure_and_enable_switches_and_validation():
-    model = _tiny_peft(dropout=0.0)
-    assert enable_fused_lora(model, False) == 14
-    assert all(not m.fused_lora for m in model.modules() if isinstance(m, Int4LoraLinear))
-    counts = configure_int4_training(model, fused_lora=True, keep_dense_for_backward=False)
-    assert counts == {"lora_layers": 14, "int4_layers": 14, "groups": 0}
-    assert all(m.fused_lora for m in model.modules() if isinstance(m, Int4LoraLinear))
-    assert all(not m.keep_dense_for_backward for m in model.modules() if isinstance(m, Int4Linear))
-    with pytest.raises(ConfigError, match="fused_lora must be true or false"):
-        configure_int4_training(model, fused_lora="yes")
-
-
-# ------------------------------------------------------------------------------------------------ projection groups
-
-
-def _count_calls(monkeypatch, cls) -> list[int]:
-    calls: list[int] = []
-    original = cls.apply
-    monkeypatch.setattr(cls, "apply", lambda *a: calls.append(1) or original(*a))
-    return calls
-
-
-@pytest.mark.parametrize("checkpointing,use_reentrant", [(False, False), (True, False), (True, True)])
-def test_projection_groups_equal_separate_projections(checkpointing, use_reentrant, monkeypatch):
-    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-
-    def run(grouped: bool):
-        peft_model = _tiny_peft(dropout=0.0)
-        counts = configure_int4_training(peft_model, group_projections=grouped)
-        assert counts["groups"] == (4 if grouped else 0)  # 2 layers x (q/k/v, gate/up)
-        prepare_for_training(peft_model, gradient_checkpointing=checkpointing, use_reentrant=use_reentrant)
-        peft_model.train()
-        group_calls = _count_calls(monkeypatch, fused_lora.Int4LoraGroupFunction)
-        single_calls = _count_calls(monkeypatch, fused_lora.Int4LoraFunction)
-        out = peft_model(tokens, labels=tokens)
-        out.loss.backward()
-        monkeypatch.undo()
-        grads = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-        return out.logits.detach(), grads, len(group_calls), len(single_calls)
-
-    ref_logits, ref_grads, _, ref_single = run(False)
-    logits, grads, group_calls, single_calls = run(True)
-    passes = 2 if checkpointing else 1  # forward (+ recompute)
-    assert group_calls == 2 * 2 * passes and single_calls == 2 * 2 * passes  # per layer: 2 groups, o and down
-    assert ref_single == 7 * 2 * passes
-    assert _max_diff(logits, ref_logits) <= 1e-5
-    assert set(grads) == set(ref_grads)
-    assert max(_max_diff(grads[n], ref_grads[n]) for n in grads) <= 1e-5
-
-
-def test_projection_groups_with_unequal_ranks_and_fallbacks(monkeypatch):
-    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-
-    def build(dropout: float):
-        model = build_tiny_model("llama", seed=0, dtype=torch.float32)
-        quantize_model_rtn(model, 32, symmetric=False)
-        torch.manual_seed(0)
-        config = LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout, rank_pattern={"k_proj": 8})
-        peft_model = get_peft_model(model, config)
-        for name, param in sorted(peft_model.named_parameters()):
-            if "lora_B" in name:
-                param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
-        return peft_model
-
-    results = []
-    for grouped in (False, True):
-        peft_model = build(0.0)
-        configure_int4_training(peft_model, group_projections=grouped)
-        peft_model(tokens, labels=tokens).loss.backward()
-        results.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
-    assert max(_max_diff(results[1][n], results[0][n]) for n in results[0]) <= 1e-5
-
-    peft_model = build(0.1)  # dropout draws one mask per projection: the group steps aside
-    configure_int4_training(peft_model, group_projections=True)
-    peft_model.train()
-    group_calls = _count_calls(monkeypatch, fused_lora.Int4LoraGroupFunction)
-    peft_model(tokens, labels=tokens)
-    assert group_calls == []
-
-    peft_model.eval()  # no dropout in eval: grouped again
-    peft_model(tokens)
-    assert len(group_calls) == 4
-    # A member called alone still gets its own output; the next input replaces what the group kept for the others.
-    attention = peft_model.base_model.model.model.layers[0].self_attn
-    h, h2 = torch.randn(1, 5, 128), torch.randn(1, 5, 128)
-    grouped = [attention.k_proj(h), attention.k_proj(h2), attention.v_proj(h2), attention.q_proj(h2)]
-    assert len(group_calls) == 6
-    configure_int4_training(peft_model, group_projections=False)
-    alone = [attention.k_proj(h), attention.k_proj(h2), attention.v_proj(h2), attention.q_proj(h2)]
-    assert max(_max_diff(a, b) for a, b in zip(grouped, alone)) <= 1e-6
 
 
 def test_fused_path_reads_int4_tensors_registered_as_parameters():

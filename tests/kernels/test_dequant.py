@@ -1,36 +1,28 @@
-"""The fused Triton kernel against the torch reference, bit for bit.
+"""The fused Triton dequantization kernel against the torch reference, bit for bit.
 
-Without CUDA the kernel runs in Triton's CPU interpreter: ``TRITON_INTERPRET=1`` must be in the environment before
-the kernel is decorated, so it is set here, before the kernel module is imported (and the module is reloaded if an
-earlier test imported it compiled). With CUDA the same tests run the compiled kernel on the GPU.
+Without CUDA the kernel runs in Triton's CPU interpreter (the ``triton_kernels`` fixture, tests/conftest.py); with
+CUDA the same tests run the compiled kernel on the GPU.
 """
 
 from __future__ import annotations
 
-import importlib
-import os
-
 import pytest
 import torch
 
-if not torch.cuda.is_available():
-    os.environ["TRITON_INTERPRET"] = "1"
+from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
+from int4lora_train.quant.dequant import dequantize, dequantize_torch
+from int4lora_train.quant.layout import Int4Weight
 
-pytest.importorskip("triton")
-
-from int4lora_train.errors import Int4FormatError, UnsupportedFormatError  # noqa: E402
-from int4lora_train.quant import triton_dequant  # noqa: E402
-from int4lora_train.quant.dequant import dequantize, dequantize_torch  # noqa: E402
-from int4lora_train.quant.layout import Int4Weight  # noqa: E402
-
-if os.environ.get("TRITON_INTERPRET") == "1" and not triton_dequant._interpreting():
-    triton_dequant = importlib.reload(triton_dequant)
-
-LaunchConfig = triton_dequant.LaunchConfig
-DEVICE = "cpu" if triton_dequant._interpreting() else "cuda"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FLOATS = (torch.float16, torch.bfloat16, torch.float32)
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in cast:RuntimeWarning")
+
+
+@pytest.fixture(scope="module")
+def dequant(triton_kernels):
+    """int4lora_train.kernels.dequant, compiled on CUDA, else in Triton's CPU interpreter."""
+    return triton_kernels.dequant
 
 
 def random_weight(
@@ -69,13 +61,13 @@ def random_weight(
     return Int4Weight.create(packed, scales.to(scale_dtype), in_features, group_size, zero_points, g_idx)
 
 
-def assert_bit_exact(weight: Int4Weight, config: LaunchConfig | None = None) -> None:
+def assert_bit_exact(dequant, weight: Int4Weight, config=None) -> None:
     """Every output dtype: the kernel's bits equal the torch reference's bits (NaN, -0 and all)."""
     for dtype in FLOATS:
         if config is None:
-            got = triton_dequant.dequantize_triton(weight, dtype)
+            got = dequant.dequantize_triton(weight, dtype)
         else:
-            got = triton_dequant.launch_dequant(weight, dtype, None, config)
+            got = dequant.launch_dequant(weight, dtype, None, config)
         want = dequantize_torch(weight, dtype)
         assert got.shape == want.shape and got.dtype == want.dtype == dtype
         as_int = torch.int32 if dtype == torch.float32 else torch.int16
@@ -90,81 +82,83 @@ def assert_bit_exact(weight: Int4Weight, config: LaunchConfig | None = None) -> 
 @pytest.mark.parametrize("scale_dtype", FLOATS)
 @pytest.mark.parametrize("group_size", [32, 64, 128])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_grouped_matches_torch(symmetric: bool, group_size: int, scale_dtype: torch.dtype, word_padded: bool) -> None:
+def test_grouped_matches_torch(
+    dequant, symmetric: bool, group_size: int, scale_dtype: torch.dtype, word_padded: bool
+) -> None:
     # 300 columns: not a multiple of 8 nor of any group size; 5 rows: odd.
     weight = random_weight(5, 300, group_size, scale_dtype, symmetric, seed=group_size, word_padded=word_padded)
-    assert_bit_exact(weight)
+    assert_bit_exact(dequant, weight)
 
 
 @pytest.mark.parametrize("scale_dtype", FLOATS)
 @pytest.mark.parametrize("per_tensor", [False, True], ids=["channel", "tensor"])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_single_group_matches_torch(symmetric: bool, per_tensor: bool, scale_dtype: torch.dtype) -> None:
+def test_single_group_matches_torch(dequant, symmetric: bool, per_tensor: bool, scale_dtype: torch.dtype) -> None:
     weight = random_weight(7, 37, None, scale_dtype, symmetric, per_tensor=per_tensor, word_padded=symmetric)
     assert weight.num_groups == 1
     if per_tensor:
         assert weight.scales.stride(0) == 0, "the per-tensor case must exercise a stride-0 scale view"
-    assert_bit_exact(weight)
+    assert_bit_exact(dequant, weight)
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("symmetric", [True, False], ids=["sym", "asym"])
-def test_g_idx_matches_torch(symmetric: bool, scale_dtype: torch.dtype) -> None:
+def test_g_idx_matches_torch(dequant, symmetric: bool, scale_dtype: torch.dtype) -> None:
     weight = random_weight(3, 101, 32, scale_dtype, symmetric, activation_order=True, seed=3, word_padded=symmetric)
-    assert_bit_exact(weight)
+    assert_bit_exact(dequant, weight)
 
 
-def test_odd_group_size_matches_torch() -> None:
+def test_odd_group_size_matches_torch(dequant) -> None:
     # An odd group size splits some bytes' two nibbles across groups (the per-column gather path).
-    assert_bit_exact(random_weight(4, 45, 9, torch.bfloat16, symmetric=False, seed=4))
+    assert_bit_exact(dequant, random_weight(4, 45, 9, torch.bfloat16, symmetric=False, seed=4))
 
 
 @pytest.mark.parametrize("word_loads", [False, True], ids=["bytes", "words"])
 @pytest.mark.parametrize("block", [(2, 32, 1), (4, 64, 2), (8, 128, 4), (16, 256, 4)], ids=lambda b: f"{b[0]}x{b[1]}")
-def test_every_tile_shape_and_group_path(block: tuple[int, int, int], word_loads: bool) -> None:
+def test_every_tile_shape_and_group_path(dequant, block: tuple[int, int, int], word_loads: bool) -> None:
     # Groups of 64 against tiles of 32..256 columns: one group per tile (32, 64) or several (128, 256); 333 columns
     # and 9 rows leave partial tiles at both edges. Groups of 48 straddle every tile (the per-column gather).
-    config = LaunchConfig(*block, word_loads=word_loads)
+    config = dequant.LaunchConfig(*block, word_loads=word_loads)
     for group_size in (64, 48):
         weight = random_weight(9, 333, group_size, torch.bfloat16, symmetric=False, seed=5, word_padded=True)
-        assert triton_dequant._word_aligned(weight.packed, weight.in_features)
-        assert_bit_exact(weight, config)
+        assert dequant._word_aligned(weight.packed, weight.in_features)
+        assert_bit_exact(dequant, weight, config)
 
 
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 3), (13, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
-def test_tiny_and_narrow_layers(shape: tuple[int, int]) -> None:
+def test_tiny_and_narrow_layers(dequant, shape: tuple[int, int]) -> None:
     # The default tile shape adapts to narrow rows (block_k down to 8 columns); single rows and columns still work.
     out_features, in_features = shape
-    assert_bit_exact(random_weight(out_features, in_features, None, torch.bfloat16, symmetric=False, seed=12))
+    assert_bit_exact(dequant, random_weight(out_features, in_features, None, torch.bfloat16, symmetric=False, seed=12))
 
 
 @pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("magnitude", [1e-7, 3e3], ids=["subnormal", "overflow"])
-def test_extreme_scales_round_like_torch(scale_dtype: torch.dtype, magnitude: float) -> None:
+def test_extreme_scales_round_like_torch(dequant, scale_dtype: torch.dtype, magnitude: float) -> None:
     # Tiny scales give fp16 subnormals, huge ones overflow fp16 to inf: both must round exactly as torch does.
-    assert_bit_exact(random_weight(4, 64, 32, scale_dtype, symmetric=False, seed=6, scale_magnitude=magnitude))
+    assert_bit_exact(dequant, random_weight(4, 64, 32, scale_dtype, symmetric=False, seed=6, scale_magnitude=magnitude))
 
 
-def test_padded_and_strided_packed_bytes() -> None:
+def test_padded_and_strided_packed_bytes(dequant) -> None:
     weight = random_weight(6, 36, 32, torch.float16, symmetric=False, seed=7)
     # compressed-tensors pads rows to whole int32 words: 36 columns -> 20 bytes, of which 18 hold columns.
     padded = torch.cat([weight.packed, torch.full((6, 2), 0xFF, dtype=torch.uint8, device=DEVICE)], dim=1)
-    assert_bit_exact(Int4Weight.create(padded, weight.scales, 36, 32, weight.zero_points))
+    assert_bit_exact(dequant, Int4Weight.create(padded, weight.scales, 36, 32, weight.zero_points))
     # A column-strided view (here a transpose of a transpose's copy) is made contiguous, not misread.
     strided = padded.t().contiguous().t()
     assert strided.stride(1) != 1
-    assert_bit_exact(Int4Weight.create(strided, weight.scales, 36, 32, weight.zero_points))
+    assert_bit_exact(dequant, Int4Weight.create(strided, weight.scales, 36, 32, weight.zero_points))
 
 
-def test_out_buffer_is_filled_and_returned() -> None:
+def test_out_buffer_is_filled_and_returned(dequant) -> None:
     weight = random_weight(5, 70, 32, torch.bfloat16, seed=8)
     want = dequantize_torch(weight, torch.float16)
     buffer = torch.full((5, 70), float("nan"), dtype=torch.float16, device=DEVICE)
-    assert triton_dequant.dequantize_triton(weight, out=buffer) is buffer
+    assert dequant.dequantize_triton(weight, out=buffer) is buffer
     assert torch.equal(buffer, want)
     # Rows of a wider buffer: only the first 70 columns of each row are written.
     wide = torch.full((5, 80), -1.0, dtype=torch.float16, device=DEVICE)
-    triton_dequant.dequantize_triton(weight, torch.float16, out=wide[:, :70])
+    dequant.dequantize_triton(weight, torch.float16, out=wide[:, :70])
     assert torch.equal(wide[:, :70], want)
     assert (wide[:, 70:] == -1).all()
 
@@ -179,32 +173,32 @@ def test_out_buffer_is_filled_and_returned() -> None:
     ],
     ids=["shape", "dtype", "strides", "device"],
 )
-def test_bad_out_buffer_is_rejected(make_out, message: str) -> None:
+def test_bad_out_buffer_is_rejected(dequant, make_out, message: str) -> None:
     weight = random_weight(5, 70, 32, torch.bfloat16, seed=9)
     out = make_out()
     if out.device.type != "meta":
         out = out.to(DEVICE)
     with pytest.raises(Int4FormatError, match=message):
-        triton_dequant.dequantize_triton(weight, torch.float16, out=out)
+        dequant.dequantize_triton(weight, torch.float16, out=out)
 
 
-def test_non_float_output_dtype_is_rejected() -> None:
+def test_non_float_output_dtype_is_rejected(dequant) -> None:
     with pytest.raises(UnsupportedFormatError, match="float16, bfloat16 or float32"):
-        triton_dequant.dequantize_triton(random_weight(2, 8, None, torch.float16), torch.int8)
+        dequant.dequantize_triton(random_weight(2, 8, None, torch.float16), torch.int8)
 
 
-def test_tensors_on_another_device_are_rejected(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_tensors_on_another_device_are_rejected(dequant, monkeypatch: pytest.MonkeyPatch) -> None:
     weight = random_weight(2, 16, 8, torch.float16).to("cpu")
-    monkeypatch.setattr(triton_dequant, "_interpreting", lambda: False)
+    monkeypatch.setattr(dequant, "INTERPRETED", False)
     with pytest.raises(UnsupportedFormatError, match="CUDA"):
-        triton_dequant.dequantize_triton(weight)
+        dequant.dequantize_triton(weight)
     moved = Int4Weight(weight.packed, weight.scales.to("meta"), 16, 8)
-    monkeypatch.setattr(triton_dequant, "_interpreting", lambda: True)
+    monkeypatch.setattr(dequant, "INTERPRETED", True)
     with pytest.raises(Int4FormatError, match="scales is on meta"):
-        triton_dequant.dequantize_triton(moved)
+        dequant.dequantize_triton(moved)
 
 
-def test_dequantize_dispatches_to_the_kernel() -> None:
+def test_dequantize_dispatches_to_the_kernel(dequant) -> None:
     weight = random_weight(3, 40, 16, torch.bfloat16, symmetric=False, seed=10)
     got = dequantize(weight, torch.float32, backend="triton")
     assert torch.equal(got.view(torch.int32), dequantize_torch(weight, torch.float32).view(torch.int32))

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.kernels.backend import use_triton
 
 logger = logging.getLogger(__name__)
 
@@ -62,7 +63,7 @@ def cross_entropy_rows_torch(
     ignore_index: int = IGNORE_INDEX,
     compute_grad: bool = True,
 ) -> torch.Tensor:
-    """The reference for :func:`~int4lora_train.modeling.triton_cross_entropy.cross_entropy_rows_triton`: per-row
+    """The reference for :func:`~int4lora_train.kernels.cross_entropy.cross_entropy_rows_triton`: per-row
     loss ``[C]`` (fp32) of ``logits`` ``[C, V]``; with ``compute_grad`` the logits are overwritten by
     ``scale * d(sum of valid row losses)/d(logits)`` (``scale``: 0-d fp32 tensor)."""
     z = logits.float()
@@ -87,18 +88,12 @@ def cross_entropy_rows_torch(
 
 
 def _rows_fn(device: torch.device, backend: str):
-    if backend not in ("auto", "torch", "triton"):
-        raise UnsupportedFormatError(f"chunked loss backend must be 'auto', 'torch' or 'triton', got {backend!r}")
-    if backend == "torch" or (backend == "auto" and device.type != "cuda"):
-        return cross_entropy_rows_torch
-    try:
-        from int4lora_train.modeling.triton_cross_entropy import cross_entropy_rows_triton
-    except ImportError as exc:
-        if backend == "triton":
-            raise UnsupportedFormatError(f"chunked loss backend 'triton' needs Triton: {exc}") from exc
-        logger.info("Triton unavailable (%s); the chunked loss uses torch", exc)
-        return cross_entropy_rows_torch
-    return cross_entropy_rows_triton
+    """The per-chunk function for ``backend`` ("auto", "torch", "triton"; :mod:`int4lora_train.kernels.backend`)."""
+    if use_triton(device, backend):
+        from int4lora_train.kernels.cross_entropy import cross_entropy_rows_triton  # imports Triton (optional)
+
+        return cross_entropy_rows_triton
+    return cross_entropy_rows_torch
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):

@@ -15,7 +15,8 @@ Saved for backward: the norm's input (already alive) and ``r`` ``[tokens]``; Swi
 
 :func:`enable_fused_kernels` patches the modules of a model in place (instance ``forward``), and falls back to the
 module's own forward where it does not apply (a trainable norm weight, a weight dtype other than the input's).
-Triton on CUDA, the same maths in torch elsewhere.
+Triton on CUDA (:mod:`int4lora_train.kernels.norm_mlp`), the same maths in torch elsewhere; the choice is
+:func:`int4lora_train.kernels.backend.use_triton`'s.
 """
 
 from __future__ import annotations
@@ -28,22 +29,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.errors import ConfigError
+from int4lora_train.kernels.backend import use_triton
 
 logger = logging.getLogger(__name__)
 
 RMSNORM_CLASSES = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Phi3RMSNorm"})
 """Norms computing ``weight * (x * rsqrt(mean(x^2) + eps)).to(dtype)`` (Gemma's ``1 + weight`` form is left alone)."""
 SWIGLU_ACTIVATIONS = frozenset({"silu", "swish"})
-
-
-def _use_triton(t: torch.Tensor) -> bool:
-    if t.device.type != "cuda":
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ torch references
@@ -89,8 +81,8 @@ class RMSNormFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps: float):
         x2 = x.reshape(-1, x.shape[-1]).contiguous()
-        if _use_triton(x2):
-            from int4lora_train.modeling.triton_norm_mlp import rms_norm_fwd
+        if use_triton(x2.device):
+            from int4lora_train.kernels.norm_mlp import rms_norm_fwd
 
             y, rstd = rms_norm_fwd(x2, weight, eps)
         else:
@@ -102,8 +94,8 @@ class RMSNormFunction(torch.autograd.Function):
     def backward(ctx, grad_y):
         x2, weight, rstd = ctx.saved_tensors
         g2 = grad_y.reshape(x2.shape).contiguous()
-        if _use_triton(x2):
-            from int4lora_train.modeling.triton_norm_mlp import rms_norm_bwd
+        if use_triton(x2.device):
+            from int4lora_train.kernels.norm_mlp import rms_norm_bwd
 
             dx = rms_norm_bwd(g2, x2, weight, rstd)
         else:
@@ -123,8 +115,8 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, gate, up):
         shape = gate.shape
-        if _use_triton(gate):
-            from int4lora_train.modeling.triton_norm_mlp import swiglu_fwd
+        if use_triton(gate.device):
+            from int4lora_train.kernels.norm_mlp import swiglu_fwd
 
             gate, up = _rows(gate), _rows(up)
             h = swiglu_fwd(gate, up)
@@ -137,8 +129,8 @@ class SwiGLUFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dh):
         gate, up = ctx.saved_tensors
-        if _use_triton(gate):
-            from int4lora_train.modeling.triton_norm_mlp import swiglu_bwd
+        if use_triton(gate.device):
+            from int4lora_train.kernels.norm_mlp import swiglu_bwd
 
             dg, du = swiglu_bwd(dh.reshape(gate.shape).contiguous(), gate, up)
             return dg.reshape(ctx.shape), du.reshape(ctx.shape)

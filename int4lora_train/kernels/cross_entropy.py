@@ -10,7 +10,7 @@ For each row ``i`` of ``logits`` ``[C, V]`` (bf16 / fp16 / fp32) with target ``t
 
 ``scale_i`` is ``scale`` (a 0-d fp32 tensor, read on the device: no host sync) for valid rows and 0 for ignored
 ones. Memory traffic is two reads and one write of the logits; the torch version (:func:`cross_entropy_rows_torch`
-in :mod:`int4lora_train.modeling.chunked_loss`) makes fp32 copies. The arithmetic is the same as
+in :mod:`int4lora_train.speed.chunked_loss`) makes fp32 copies. The arithmetic is the same as
 ``F.cross_entropy(logits.float(), ...)`` and its gradient, up to the order of the fp32 sums.
 
 The vocabulary size is a compile-time constant (one compiled kernel per vocabulary; Triton's CPU interpreter, used
@@ -24,7 +24,8 @@ import triton
 import triton.language as tl
 
 from int4lora_train.errors import UnsupportedFormatError
-from int4lora_train.modeling.launch_cache import DirectLauncher
+from int4lora_train.kernels.backend import built_for_interpreter
+from int4lora_train.kernels.launch import DirectLauncher
 
 _MAX_BLOCK = 4096
 
@@ -157,6 +158,5 @@ def cross_entropy_rows_triton(
     return loss
 
 
-def interpreting() -> bool:
-    """True when this module's kernel was built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_cross_entropy_rows_kernel, triton.runtime.JITFunction)
+INTERPRETED = built_for_interpreter(_cross_entropy_rows_kernel)
+"""The kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""

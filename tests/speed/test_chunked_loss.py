@@ -1,18 +1,15 @@
-"""The chunked causal-LM loss against transformers' own loss (values and gradients, fp32), its per-chunk maths against
-``F.cross_entropy``, and the Triton row kernel against the torch rows (CPU interpreter without CUDA)."""
+"""The chunked causal-LM loss against transformers' own loss (values and gradients, fp32), and its per-chunk maths
+against ``F.cross_entropy``. The Triton row kernel against the torch rows: tests/kernels/test_cross_entropy.py."""
 
 from __future__ import annotations
-
-import importlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from modeling_helpers import rel_diff, tiny_int4_lora_model
+from modeling_helpers import logits_case, rel_diff, tiny_int4_lora_model
 
 from int4lora_train.errors import UnsupportedFormatError
-from int4lora_train.modeling.chunked_loss import (
+from int4lora_train.speed.chunked_loss import (
     chunked_causal_lm_loss,
     chunked_loss_enabled,
     cross_entropy_rows_torch,
@@ -32,17 +29,9 @@ def _reference_rows(logits: torch.Tensor, targets: torch.Tensor, scale: float, s
     return rows.detach(), z.grad
 
 
-def _rows_case(seed: int = 0, rows: int = 6, vocab: int = 100, dtype=torch.float32):
-    gen = torch.Generator().manual_seed(seed)
-    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
-    targets = torch.randint(0, vocab, (rows,), generator=gen)
-    targets[1] = -100
-    return logits, targets
-
-
 @pytest.mark.parametrize("softcap", [None, 5.0])
 def test_torch_rows_equal_cross_entropy_and_its_gradient(softcap):
-    logits, targets = _rows_case()
+    logits, targets = logits_case()
     ref_loss, ref_grad = _reference_rows(logits, targets, 0.25, softcap)
     work = logits.clone()
     loss = cross_entropy_rows_torch(work, targets, torch.tensor(0.25), softcap)
@@ -159,55 +148,3 @@ def test_unsupported_models_are_refused_with_the_fix():
         enable_chunked_loss(model)
     with pytest.raises(UnsupportedFormatError, match="chunk_size must be a positive integer"):
         enable_chunked_loss(_peft_model("llama"), chunk_size=0)
-
-
-# ------------------------------------------------------------------------------------------- the Triton kernel
-
-
-@pytest.fixture(scope="module")
-def triton_rows():
-    """The Triton row kernel: compiled on CUDA, else in Triton's CPU interpreter (set before the module loads)."""
-    pytest.importorskip("triton")
-    if torch.cuda.is_available():
-        from int4lora_train.modeling import triton_cross_entropy
-
-        return triton_cross_entropy
-    previous = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "1"  # read when the kernel is decorated: (re)load the module under it
-    try:
-        from int4lora_train.modeling import triton_cross_entropy
-
-        if not triton_cross_entropy.interpreting():
-            triton_cross_entropy = importlib.reload(triton_cross_entropy)
-    finally:
-        if previous is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = previous
-    return triton_cross_entropy
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("softcap", [None, 5.0])
-def test_triton_rows_equal_torch_rows(triton_rows, dtype, softcap):
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    logits, targets = _rows_case(seed=3, rows=5, vocab=100, dtype=dtype)
-    logits, targets = logits.to(device), targets.to(device)
-    scale = torch.tensor(0.5, device=device)
-    ref = logits.clone()
-    ref_loss = cross_entropy_rows_torch(ref, targets, scale, softcap)
-    tol = 1e-5 if dtype == torch.float32 else 1e-2  # bf16 gradients: one rounding each, ties may differ
-    for _ in range(2):  # the second launch goes straight to the compiled kernel (on CUDA)
-        work = logits.clone()
-        loss = triton_rows.cross_entropy_rows_triton(work, targets, scale, softcap, block=32)  # 4 blocks, 1 partial
-        assert rel_diff(loss, ref_loss) <= 1e-5
-        assert rel_diff(work, ref) <= tol
-    untouched = logits.clone()
-    loss_only = triton_rows.cross_entropy_rows_triton(untouched, targets, scale, softcap, compute_grad=False, block=32)
-    assert torch.equal(untouched, logits) and rel_diff(loss_only, ref_loss) <= 1e-5
-
-
-def test_triton_rows_reject_strided_logits(triton_rows):
-    logits = torch.randn(4, 10).t()
-    with pytest.raises(UnsupportedFormatError, match="unit column stride"):
-        triton_rows.cross_entropy_rows_triton(logits, torch.zeros(10, dtype=torch.long), torch.tensor(1.0))

@@ -6,8 +6,9 @@ nibbles in column order, applies each column's group scale (and zero point) and 
 Only the output is written to device memory: per row the kernel reads ``in / 2`` bytes plus the scales and writes
 ``in * itemsize`` bytes; for a bf16 output that is 5/8 of the traffic of a device-to-device copy of the output.
 
-The arithmetic is the toolkit's bit-exact rule (see :mod:`int4lora_train.quant.dequant`): ``(q - zp) * scale`` in
-fp32, rounded once (to nearest, ties to even) to the scale's dtype, then cast to the output dtype.
+The arithmetic is the toolkit's bit-exact rule (the torch reference, :mod:`int4lora_train.quant.dequant`):
+``(q - zp) * scale`` in fp32, rounded once (to nearest, ties to even) to the scale's dtype, then cast to the output
+dtype.
 
 How a tile meets the groups is chosen on the host, so the common case loads one scale per row and group:
 
@@ -22,13 +23,14 @@ import functools
 import logging
 import sys
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import triton
 import triton.language as tl
 
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
+from int4lora_train.kernels.backend import built_for_interpreter
+from int4lora_train.kernels.launch import KernelLaunch
 from int4lora_train.quant.layout import FLOAT_DTYPES, NIBBLE_OFFSET, Int4Weight
 
 logger = logging.getLogger(__name__)
@@ -241,6 +243,10 @@ def _dequant_kernel(
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], values, mask=row_ok[:, None] & col_ok[None, :])
 
 
+INTERPRETED = built_for_interpreter(_dequant_kernel)
+"""The kernel runs in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
+
+
 def dequantize_triton(
     weight: Int4Weight, dtype: torch.dtype | None = None, out: torch.Tensor | None = None
 ) -> torch.Tensor:
@@ -253,21 +259,6 @@ def dequantize_triton(
     return launch_dequant(weight, dtype, out)
 
 
-@dataclass(frozen=True)
-class KernelLaunch:
-    """One launch of the dequantization kernel: ``kernel[grid](*args, **kwargs)``; ``out_index`` is the position of
-    the output tensor in ``args`` (callers that replay a launch swap in a new output there)."""
-
-    kernel: Any
-    grid: tuple[int, int]
-    args: tuple
-    kwargs: dict
-    out_index: int
-
-    def __call__(self) -> None:
-        self.kernel[self.grid](*self.args, **self.kwargs)
-
-
 def launch_dequant(
     weight: Int4Weight,
     dtype: torch.dtype | None = None,
@@ -275,7 +266,7 @@ def launch_dequant(
     config: LaunchConfig | None = None,
 ) -> torch.Tensor:
     """:func:`dequantize_triton` with an explicit tile shape (the tests and the benchmark sweep use it)."""
-    out = _output_buffer(weight, dtype, out)
+    out = output_buffer(weight, dtype, out)
     launch = plan_dequant_launch(weight, out, config)
     if launch is not None:
         launch()
@@ -285,7 +276,7 @@ def launch_dequant(
 def plan_dequant_launch(
     weight: Int4Weight, out: torch.Tensor, config: LaunchConfig | None = None
 ) -> KernelLaunch | None:
-    """The launch that dequantizes ``weight`` into ``out`` (already checked by :func:`_output_buffer`), without
+    """The launch that dequantizes ``weight`` into ``out`` (already checked by :func:`output_buffer`), without
     running it; None when there is nothing to do (no rows)."""
     config = config or config_for(weight)
     if config.block_k < 8 or config.block_k & (config.block_k - 1) or config.block_n & (config.block_n - 1):
@@ -327,7 +318,7 @@ def plan_dequant_launch(
         BLOCK_N=config.block_n,
         BLOCK_K=config.block_k,
         WORD_LOADS=word_loads,
-        INTEGER_ROUNDING=_interpreting(),
+        INTEGER_ROUNDING=INTERPRETED,
         num_warps=config.num_warps,
     )
     return KernelLaunch(_dequant_kernel, grid, args, kwargs, out_index=4)
@@ -378,7 +369,7 @@ def _checked_tensors(
         raise Int4FormatError(
             f"packed weight must be a 2-D uint8 tensor [out, in/2], got {packed.dtype} of shape {tuple(packed.shape)}"
         )
-    if packed.device.type != "cuda" and not _interpreting():
+    if packed.device.type != "cuda" and not INTERPRETED:
         raise UnsupportedFormatError(
             f"dequantize_triton runs on CUDA tensors, but the weight is on {packed.device}; use "
             "int4lora_train.quant.dequant.dequantize() (torch on other devices), or set TRITON_INTERPRET=1 before "
@@ -411,7 +402,7 @@ def _checked_tensors(
     return packed, scales, zero_points, g_idx
 
 
-def _output_buffer(weight: Int4Weight, dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
+def output_buffer(weight: Int4Weight, dtype: torch.dtype | None, out: torch.Tensor | None) -> torch.Tensor:
     """Validate ``out`` (or allocate it): shape ``[out, in]``, the requested dtype, the weight's device."""
     shape = weight.shape
     if out is None:
@@ -441,8 +432,3 @@ def _multiprocessors(device: torch.device) -> int:
     if device.type != "cuda":
         return 1
     return torch.cuda.get_device_properties(device).multi_processor_count
-
-
-def _interpreting() -> bool:
-    """True when the kernel was built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import time)."""
-    return not isinstance(_dequant_kernel, triton.runtime.JITFunction)

@@ -1,4 +1,4 @@
-"""Helpers shared by the modeling tests (plain functions; fixtures live in conftest.py)."""
+"""Helpers shared by the tests of tiny models (plain functions; fixtures live in conftest.py files)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ def tiny(arch: str = "llama", **overrides) -> nn.Module:
     return build_tiny_model(arch, seed=0, dtype=torch.float32, **overrides)
 
 
-def tiny_int4_lora_model(arch: str = "llama", r: int = 4) -> nn.Module:
+def tiny_int4_lora_model(arch: str = "llama", r: int = 4, lora_dropout: float = 0.0) -> nn.Module:
     """A tiny fp32 model, RTN-quantized to INT4 (asym, group 32), with PEFT LoRA on all linears and a random,
     deterministic ``lora_B`` (so the adapter changes the output)."""
     from peft import LoraConfig, get_peft_model
@@ -27,7 +27,7 @@ def tiny_int4_lora_model(arch: str = "llama", r: int = 4) -> nn.Module:
     model = tiny(arch)
     quantize_model_rtn(model, GROUP_SIZE, symmetric=False)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules="all-linear"))
+    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules="all-linear", lora_dropout=lora_dropout))
     for name, param in sorted(peft_model.named_parameters()):
         if "lora_B" in name:
             param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
@@ -41,3 +41,12 @@ def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max |a - b| relative to max |b| (absolute below 1)."""
     return (a.float() - b.float()).abs().max().item() / max(1.0, b.float().abs().max().item())
+
+
+def logits_case(seed: int = 0, rows: int = 6, vocab: int = 100, dtype=torch.float32):
+    """Random ``[rows, vocab]`` logits and their targets, row 1 ignored (-100)."""
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(rows, vocab, generator=gen) * 4).to(dtype)
+    targets = torch.randint(0, vocab, (rows,), generator=gen)
+    targets[1] = -100
+    return logits, targets

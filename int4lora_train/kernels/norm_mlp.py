@@ -1,10 +1,10 @@
 """Triton kernels for the decoder's memory-bound pieces: Llama-style RMSNorm and the SwiGLU product, forward and
 backward, each one pass over its tensors. The arithmetic (fp32 inside, the same roundings to the tensors' dtype as
-transformers' modules) and the torch references live in :mod:`int4lora_train.modeling.fused_ops`.
+transformers' modules) and the torch references live in :mod:`int4lora_train.speed.fused_ops`.
 
 Row widths are compile-time constants (one compiled kernel per hidden size; Triton's CPU interpreter, used by the
 tests, cannot run loops with run-time bounds). Reductions use ``tl.reduce`` with this module's own combine
-function (see :mod:`int4lora_train.modeling.triton_cross_entropy` for why).
+function (see :mod:`int4lora_train.kernels.cross_entropy` for why).
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 import triton
 import triton.language as tl
 
-from int4lora_train.modeling.launch_cache import DirectLauncher
+from int4lora_train.kernels.backend import built_for_interpreter
+from int4lora_train.kernels.launch import DirectLauncher
 
 _ELEMENTWISE_BLOCK = 1024
 
@@ -24,12 +25,20 @@ def _sum_of(a, b):
 
 
 @triton.jit
-def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+def _norm_row(x_ptr, w_ptr, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    """This program's row of ``x`` ``[R, N_COLS]`` and the weight ``[N_COLS]`` in fp32 (0 in the masked tail), with
+    the row index, the column offsets and their mask."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < N_COLS
     x = tl.load(x_ptr + row * N_COLS + cols, mask=ok, other=0.0).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
+    return row, cols, ok, x, w
+
+
+@triton.jit
+def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
+    row, cols, ok, x, w = _norm_row(x_ptr, w_ptr, N_COLS, BLOCK)
     rstd = 1.0 / tl.sqrt(tl.reduce(x * x, 0, _sum_of) / N_COLS + eps)
     normed = (x * rstd).to(y_ptr.dtype.element_ty).to(tl.float32)  # transformers rounds before the weight
     tl.store(y_ptr + row * N_COLS + cols, (w * normed).to(y_ptr.dtype.element_ty), mask=ok)
@@ -38,12 +47,8 @@ def _rms_norm_fwd_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, eps, N_COLS: tl.constexp
 
 @triton.jit
 def _rms_norm_bwd_kernel(g_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, N_COLS: tl.constexpr, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < N_COLS
+    row, cols, ok, x, w = _norm_row(x_ptr, w_ptr, N_COLS, BLOCK)
     g = tl.load(g_ptr + row * N_COLS + cols, mask=ok, other=0.0).to(tl.float32)
-    x = tl.load(x_ptr + row * N_COLS + cols, mask=ok, other=0.0).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=ok, other=0.0).to(tl.float32)
     rstd = tl.load(rstd_ptr + row)
     gn = (g * w).to(dx_ptr.dtype.element_ty).to(tl.float32)  # the gradient of the rounded normed value
     dot = tl.reduce(gn * x, 0, _sum_of)
@@ -138,6 +143,5 @@ def swiglu_bwd(dh: torch.Tensor, gate: torch.Tensor, up: torch.Tensor) -> tuple[
     return dg, du
 
 
-def interpreting() -> bool:
-    """True when the kernels were built for Triton's CPU interpreter (``TRITON_INTERPRET=1`` at import)."""
-    return not isinstance(_swiglu_fwd_kernel, triton.runtime.JITFunction)
+INTERPRETED = built_for_interpreter(_swiglu_fwd_kernel)
+"""The kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""

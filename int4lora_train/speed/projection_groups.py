@@ -1,0 +1,195 @@
+"""Sibling INT4 LoRA projections that read the same input (q/k/v, gate/up) as one autograd node.
+
+The first member called with an input dequantizes every member's weight into one stacked temporary and runs one
+base matmul and one LoRA pair (:class:`Int4LoraGroupFunction`); the others get their outputs when the attention or
+MLP module calls them with the same tensor. At batch size 1 the step is bound by host-side launches, and this cut it
+by 9% (BENCHMARKS.md). Members reach their group through ``Int4LoraLinear.lora_group``, which
+:func:`int4lora_train.speed.apply` sets (``group_projections``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
+from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, fused_lora_applies
+
+GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling projections that read the same input in Llama-style decoder layers (attention, MLP)."""
+
+
+@dataclass(frozen=True)
+class _GroupSpec:
+    """The non-tensor half of a projection group: the input width, each member's weight spec, width, rank and
+    scaling."""
+
+    dtype: torch.dtype
+    in_features: int
+    specs: tuple  # one _WeightSpec per member
+    outs: tuple[int, ...]
+    ranks: tuple[int, ...]
+    scalings: tuple[float, ...]
+    keep_dense: bool
+
+    def dense(self, buffers: tuple, device: torch.device) -> torch.Tensor:
+        """The members' dense weights stacked along the output axis, ``[sum(outs), in]``, one row slice each."""
+        weight = torch.empty(sum(self.outs), self.in_features, dtype=self.dtype, device=device)
+        start = 0
+        for i, (spec, rows) in enumerate(zip(self.specs, self.outs)):
+            spec.dense(*buffers[4 * i : 4 * i + 4], out=weight[start : start + rows])
+            start += rows
+        return weight
+
+
+class Int4LoraGroupFunction(torch.autograd.Function):
+    """Several LoRA'd INT4 projections of one input as one node (dropout off)::
+
+        W = [W_1; ...; W_n]                       [O, in]   (O = sum of the outputs), dequantized slice by slice
+        y = x @ W.T + (x @ A.T) @ Bs.T            A = [A_1; ...; A_n] [R, in], Bs = blockdiag(s_i B_i) [O, R]
+        outputs: y's column slices, one per member
+
+    One base matmul and one LoRA pair instead of n of each (and n times fewer host launches); the gradients are
+    those of the n separate projections.
+    """
+
+    @staticmethod
+    def forward(ctx, x, group: _GroupSpec, *tensors):
+        n, dtype = len(group.outs), group.dtype
+        lora_a, lora_b, buffers = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
+        x2 = x.reshape(-1, x.shape[-1])  # [T, in]
+        weight = group.dense(buffers, x.device)  # [O, in]
+        a_cat = torch.cat([a.to(dtype) for a in lora_a])  # [R, in]
+        bs = torch.block_diag(*[b.to(dtype) * s for b, s in zip(lora_b, group.scalings)])  # [O, R]
+        y = F.linear(x2, weight)  # [T, O]
+        xa = x2 @ a_cat.t()  # [T, R]
+        y.addmm_(xa, bs.t())
+        spec = _WeightSpec(dtype, None, keep_dense=group.keep_dense)  # only keep_dense matters to the policy
+        save_weight_tensors(ctx, weight, buffers, spec, ctx.needs_input_grad[0], x2, xa, a_cat, bs)
+        ctx.group, ctx.x_shape = group, x.shape
+        ctx.param_dtypes = tuple(t.dtype for t in tensors[: 2 * n])
+        outputs, start = [], 0
+        for rows in group.outs:
+            outputs.append(y[:, start : start + rows].view(*x.shape[:-1], rows))
+            start += rows
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        saved = ctx.saved_tensors  # read once: a non-reentrant checkpoint allows a single unpack
+        x2, xa, a_cat, bs = saved[:4]
+        group = ctx.group
+        n, dtype = len(group.outs), group.dtype
+        g = torch.cat(
+            [
+                torch.zeros(x2.shape[0], rows, dtype=dtype, device=x2.device)
+                if grad is None
+                else grad.reshape(-1, rows).to(dtype)
+                for grad, rows in zip(grads, group.outs)
+            ],
+            dim=1,
+        )  # [T, O]
+        gs = g @ bs  # [T, R], the scalings included
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            weight = saved[4] if ctx.dense_saved else group.dense(saved[4:], x2.device)
+            grad_x = (g @ weight).addmm_(gs, a_cat).reshape(ctx.x_shape)
+        grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
+        gb = g.t() @ xa  # [O, R]: the diagonal blocks are the members' gradients
+        grads_a, grads_b, row, col = [], [], 0, 0
+        for i, (rows, rank, s) in enumerate(zip(group.outs, group.ranks, group.scalings)):
+            grads_a.append(grad_a[i].to(ctx.param_dtypes[i]))
+            grads_b.append(gb[row : row + rows, col : col + rank].to(ctx.param_dtypes[n + i]).mul_(s))
+            row, col = row + rows, col + rank
+        return (grad_x, None, *grads_a, *grads_b, *([None] * (4 * n)))
+
+
+class ProjectionGroup:
+    """Sibling :class:`~int4lora_train.modeling.lora_layer.Int4LoraLinear` layers that read the same input.
+
+    The first member called with an input computes every member's output in one
+    :class:`Int4LoraGroupFunction` node and hands the others theirs when they are called with the same tensor
+    (the attention module calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in a row). Whenever the group cannot
+    run as one node (dropout, a bias, different adapters or dtypes, another input) each member computes alone.
+    """
+
+    def __init__(self, members: list) -> None:
+        self.members = list(members)
+        self._input: weakref.ref | None = None
+        self._outputs: dict[int, torch.Tensor] = {}
+
+    def __getstate__(self) -> dict:
+        # Outputs waiting for their member belong to one forward pass; a copy or a pickle starts without them.
+        return {"members": self.members, "_input": None, "_outputs": {}}
+
+    def forward_member(self, layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor | None:
+        """``layer``'s output for ``x`` from the group node, or None (compute it alone)."""
+        if self._input is not None and self._input() is x and id(layer) in self._outputs:
+            out = self._outputs.pop(id(layer))
+            if not self._outputs:
+                self._input = None
+            return out
+        self._input, self._outputs = None, {}
+        calls = [call if m is layer else fused_lora_applies(m, x, (), {}) for m in self.members]
+        group = self._spec(calls)
+        if group is None:
+            return None
+        tensors = [c.lora_a for c in calls] + [c.lora_b for c in calls]
+        for c in calls:
+            tensors += c.base.int4_tensors()
+        outputs = Int4LoraGroupFunction.apply(x.to(group.dtype), group, *tensors)
+        mine = None
+        for member, out in zip(self.members, outputs):
+            if member is layer:
+                mine = out
+            else:
+                self._outputs[id(member)] = out
+        self._input = weakref.ref(x)
+        return mine if call.autocast else mine.to(x.dtype)
+
+    @staticmethod
+    def _spec(calls: list) -> _GroupSpec | None:
+        """The group node's description, or None when the members cannot run as one node."""
+        first = calls[0]
+        if first is None:
+            return None
+        for c in calls:
+            if (
+                c is None
+                or c.adapter != first.adapter
+                or c.p > 0
+                or c.dtype != first.dtype
+                or c.base.bias is not None
+                or c.base.cache is not None
+                or c.base.in_features != first.base.in_features
+            ):
+                return None
+        specs = tuple(c.base.weight_spec(c.dtype) for c in calls)
+        return _GroupSpec(
+            first.dtype,
+            first.base.in_features,
+            specs,
+            tuple(c.base.out_features for c in calls),
+            tuple(c.lora_a.shape[0] for c in calls),
+            tuple(c.scaling for c in calls),
+            all(spec.keep_dense for spec in specs),
+        )
+
+
+def find_projection_groups(model: nn.Module) -> list[ProjectionGroup]:
+    """The :data:`GROUPS` of INT4 LoRA layers in ``model`` (every module whose children include all of a group's
+    names as ``Int4LoraLinear`` layers of one input width)."""
+    groups = []
+    for module in model.modules():
+        for names in GROUPS:
+            members = [getattr(module, name, None) for name in names]
+            if all(isinstance(m, Int4LoraLinear) for m in members):
+                widths = {m.get_base_layer().in_features for m in members}
+                if len(widths) == 1:
+                    groups.append(ProjectionGroup(members))
+    return groups
