@@ -151,3 +151,29 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["val_loss"] < summary["val_loss_initial"]
+
+
+@pytest.mark.parametrize("problem", ["does not exist", "holds no config.json"])
+def test_a_wrong_model_path_is_named_before_anything_loads(tmp_path, tiny_int4_dir, capsys, problem):
+    model_dir = tmp_path / "models" / "mine"
+    if problem == "holds no config.json":  # a tokenizer alone does not make a model directory
+        model_dir.mkdir(parents=True)
+        (model_dir / "tokenizer.json").write_bytes((tiny_int4_dir / "tokenizer.json").read_bytes())
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q", f"model.path={model_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {model_dir} (model.path) {problem}" in err
+    assert "config.json (with a quantization_config" in err and "safetensors" in err and "tokenizer" in err
+    assert "no loadable tokenizer" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_loader_names_a_missing_model_directory(tmp_path):
+    from int4lora_train.errors import CheckpointError
+    from int4lora_train.modeling.loader import load_int4_model, load_tokenizer
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError, match=f"model directory {missing} .* does not exist; an INT4 model dir"):
+        load_int4_model(missing)
+    with pytest.raises(CheckpointError, match=f"model directory {missing} .* does not exist"):
+        load_tokenizer(missing)
