@@ -69,3 +69,17 @@ def check_model_dir(path: str | os.PathLike, *, key: str = "model.path", need_co
         f"model directory {directory} ({key}) {problem}; {MODEL_DIR_CONTENTS}. Point {key} at such a directory "
         "(or use model.path=demo for the built-in tiny model)."
     )
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped training after ``step`` of ``max_steps`` steps; ``checkpoint`` is the newest checkpoint (written
+    at the interruption when that was safe), ``None`` when there is none.
+
+    A ``KeyboardInterrupt``, so code that lets Ctrl-C through keeps doing so; the CLI turns it into the command that
+    resumes the run and exit status 130.
+    """
+
+    def __init__(self, step: int, max_steps: int, checkpoint: str | None):
+        self.step, self.max_steps, self.checkpoint = step, max_steps, checkpoint
+        where = f"the newest checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
+        super().__init__(f"training interrupted at step {step}/{max_steps}; {where}")

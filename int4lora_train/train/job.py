@@ -161,6 +161,15 @@ def resume_checkpoint(config: RunConfig) -> Path | None:
     return path
 
 
+def resume_command(config: RunConfig) -> str:
+    """The command line that resumes this run from its newest checkpoint (fresh if it has none): its saved
+    ``config.yaml`` with ``train.resume=latest``."""
+    command = f"int4lora-train train --config {Path(config.output.dir) / CONFIG_FILE} train.resume=latest"
+    if not Path(config.output.dir).is_absolute():
+        command = f"cd {Path.cwd()} && {command}"  # the config's relative paths are relative to this directory
+    return command
+
+
 def check_run_dir(config: RunConfig, resuming: bool) -> list[str]:
     """The toolkit's files already in the run directory that this run will replace (``[]`` when resuming).
 

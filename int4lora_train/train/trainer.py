@@ -34,7 +34,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -141,6 +141,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress_bar = progress_bar
         self.should_stop = False
+        self._updating = False
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         trackers: list[Any] = [self.metrics_tracker]
         self.tensorboard_dir: Path | None = None
@@ -198,7 +199,12 @@ class Trainer:
         resume_from: str | Path | None = None,
         pad_token_id: int = 0,
     ) -> FitResult:
-        """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given."""
+        """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given.
+
+        Ctrl-C (``KeyboardInterrupt``) raises :class:`~int4lora_train.errors.TrainingInterrupted` naming the newest
+        checkpoint; one process alone first writes a checkpoint of the last whole step (a half step is dropped), so
+        resuming from it continues exactly as if never interrupted.
+        """
         acc, cfg = self.accelerator, self.config
         module.trainer = self
         self.should_stop = False
@@ -237,12 +243,16 @@ class Trainer:
         )
 
         last_checkpoint = str(resume_from) if resume_from is not None else None
+        saved_step = state.step if resume_from is not None else None
         session, window = _Throughput(), _Throughput()  # whole session; since the last log line
         bar = self._progress(max_steps, state.step)
+        step_rng = None
         try:
             if cfg.eval_at_start and val_data and state.step == 0:
                 state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
             while state.step < max_steps and not self.should_stop:
+                if plan.world_size == 1:  # what a checkpoint written mid-step (Ctrl-C) must hold to resume exactly
+                    step_rng = ckpt.capture_rng_state()
                 started = time.perf_counter()
                 loss, grad_norm, lr, tokens = self._train_step(
                     module, optimizer, scheduler, plan, train_data, state.step, last_checkpoint
@@ -254,6 +264,7 @@ class Trainer:
                 state.tokens += tokens
                 state.window_loss += loss
                 state.window_steps += 1
+                self._updating, step_rng = False, None  # weights, optimizer and counters agree again
                 if state.train_loss_first is None:
                     state.train_loss_first = loss
                 metrics = {
@@ -274,7 +285,20 @@ class Trainer:
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
                 if final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0):
                     last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
+                    saved_step = state.step
+        except KeyboardInterrupt:
+            if self._updating or plan.world_size > 1 or state.step == 0 or saved_step == state.step:
+                # Mid-update the weights and counters disagree; several processes would each have to join the
+                # save's collectives wherever Ctrl-C caught them. The newest checkpoint is what there is.
+                logger.warning("interrupted at step %d; not writing a checkpoint now", state.step)
+            else:
+                optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped, and redone on resume
+                if step_rng is not None:
+                    ckpt.restore_rng_state(step_rng)  # as the step left it, not as the half step left it
+                last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
+            raise TrainingInterrupted(state.step, max_steps, last_checkpoint) from None
         finally:
+            self._updating = False
             bar.close()
             for tracker in acc.trackers:
                 tracker.finish()
@@ -286,7 +310,7 @@ class Trainer:
             max_steps=max_steps,
             world_size=plan.world_size,
             elapsed_s=session.seconds,
-            tokens=session.tokens,
+            tokens=state.tokens,  # the whole run: the checkpoint carries the count over a resume
             tokens_per_s=session.rate,
             train_loss_first=state.train_loss_first,
             train_loss_final=state.train_loss_last,
@@ -344,6 +368,7 @@ class Trainer:
         if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
             optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
+        self._updating = True  # until fit counts the step: no checkpoint can be written from here (Ctrl-C)
         optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
             scheduler.step()

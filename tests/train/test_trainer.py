@@ -8,7 +8,7 @@ import pytest
 import torch
 from train_helpers import arithmetic_records, tiny_peft_model, write_jsonl
 
-from int4lora_train.errors import CheckpointError, TrainingError
+from int4lora_train.errors import CheckpointError, TrainingError, TrainingInterrupted
 from int4lora_train.modeling.tiny_models import build_tokenizer
 from int4lora_train.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from int4lora_train.train.config import load_config
@@ -113,6 +113,37 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
         ]
 
     assert losses("interrupted") == losses("straight")
+
+
+def test_ctrl_c_mid_step_checkpoints_the_last_whole_step_and_resuming_is_exact(tmp_path):
+    """Ctrl-C inside step 6 (one micro-batch's gradients accumulated, dropout RNG advanced) checkpoints step 5 as
+    step 5 left it; resuming from it gives the uninterrupted run's weights, losses and token count."""
+    trainer, module, data = _setup(tmp_path, "straight")
+    straight = trainer.fit(module, data.train, data.validation)
+    expected = _trainable(module)
+
+    class CtrlCInStep6(LoraModule):
+        calls = 0
+
+        def training_step(self, batch):
+            type(self).calls += 1
+            if type(self).calls == 12:  # 2 micro-batches per step: calls 11 and 12 are step 6
+                raise KeyboardInterrupt
+            return super().training_step(batch)
+
+    trainer, module, data = _setup(tmp_path, "interrupted", module_cls=CtrlCInStep6)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(module, data.train, data.validation)
+    root = tmp_path / "interrupted" / "checkpoints"
+    assert (stop.value.step, stop.value.max_steps, stop.value.checkpoint) == (5, 8, str(root / "step-5"))
+    assert [step for step, _ in list_checkpoints(root)] == [2, 4, 5]
+
+    trainer, module, data = _setup(tmp_path, "interrupted")
+    resumed = trainer.fit(module, data.train, data.validation, resume_from=root / "step-5")
+    got = _trainable(module)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert (resumed.train_loss_final, resumed.val_loss) == (straight.train_loss_final, straight.val_loss)
+    assert resumed.tokens == straight.tokens  # the whole run's, not only the resumed part's
 
 
 def test_resume_from_an_older_checkpoint_is_exact_too(tmp_path):
