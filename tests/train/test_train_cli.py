@@ -9,6 +9,7 @@ import yaml
 from train_helpers import arithmetic_records, write_jsonl
 
 from int4lora_train import cli
+from int4lora_train.train.module import LoraModule
 
 
 def _config(tmp_path, model_dir, **train) -> str:
@@ -70,14 +71,15 @@ def test_train_writes_the_whole_run_directory(tmp_path, tiny_int4_dir, capsys):
 def test_existing_run_is_refused_then_resumed_or_overwritten(tmp_path, tiny_int4_dir, capsys):
     config = _config(tmp_path, tiny_int4_dir)
     assert cli.main(["train", "--config", config, "-q"]) == 0
+    tokens = json.loads((tmp_path / "run" / "summary.json").read_text())["tokens"]
     (tmp_path / "run" / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert cli.main(["train", "--config", config, "-q"]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    # A finished run resumed: nothing left to train, the adapter is exported again.
+    # A finished run resumed: nothing left to train, the adapter is exported again; the counts are the whole run's.
     assert cli.main(["train", "--config", config, "-q", "train.resume=latest"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["tokens"] == 0 and summary["resumed_from"].endswith("step-6")
+    assert summary["steps"] == 6 and summary["tokens"] == tokens > 0 and summary["resumed_from"].endswith("step-6")
     assert cli.main(["train", "--config", config, "-q", "output.if_exists=overwrite", "train.max_steps=3"]) == 0
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the toolkit's own files are replaced
     assert not (tmp_path / "run" / "checkpoints" / "step-6").exists()
@@ -119,6 +121,10 @@ def test_export_from_a_run_directory(tmp_path, tiny_int4_dir, capsys):
     assert cli.main(["export", str(run), "--out", str(tmp_path / "served")]) == 0
     assert (tmp_path / "served" / "adapter_model.safetensors").is_file()
     assert "--max-lora-rank 8" in capsys.readouterr().out
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "served")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in err and "overwrite=True" not in err
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "served"), "--overwrite"]) == 0
 
 
 def test_inspect_prints_the_int4_layout(tiny_int4_dir, capsys):
@@ -177,3 +183,22 @@ def test_the_loader_names_a_missing_model_directory(tmp_path):
         load_int4_model(missing)
     with pytest.raises(CheckpointError, match=f"model directory {missing} .* does not exist"):
         load_tokenizer(missing)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, tiny_int4_dir, capsys, monkeypatch):
+    def ctrl_c_after_step_4(self, step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoraModule, "on_train_step_end", ctrl_c_after_step_4)
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q"]) == 130
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert f"Interrupted at step 4/6; the newest checkpoint is {run / 'checkpoints' / 'step-4'}." in err
+    assert "Traceback" not in err
+    command = f"int4lora-train train --config {run / 'config.yaml'} train.resume=latest"
+    assert f"Resume with:\n  {command}" in err
+    monkeypatch.undo()
+    assert cli.main([*command.split()[1:], "-q"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 6 and summary["resumed_from"].endswith("step-4")
