@@ -90,9 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.set_defaults(handler=_cmd_inspect)
 
     # verify's options live with it (export/verify.py, which imports torch): _cmd_verify parses them.
-    verify = commands.add_parser(
-        "verify", help=VERIFY_HELP, description=VERIFY_HELP, parents=[common], add_help=False
-    )
+    verify = commands.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP, parents=[common], add_help=False)
     verify.set_defaults(handler=_cmd_verify)
     return parser
 

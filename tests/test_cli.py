@@ -15,9 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 def _python(code: str, **kwargs) -> subprocess.CompletedProcess:
     """Run ``code`` in a fresh interpreter that imports this checkout's package."""
-    return subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs
-    )
+    return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs)
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["export"], ["inspect"], ["verify"]])
