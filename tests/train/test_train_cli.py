@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -202,3 +203,22 @@ def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path,
     assert cli.main([*command.split()[1:], "-q"]) == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["completed"] and summary["steps"] == 6 and summary["resumed_from"].endswith("step-4")
+
+
+def test_the_adapter_records_its_base_as_an_absolute_path(tmp_path, tiny_int4_dir, capsys, monkeypatch):
+    """A relative model.path (and the demo's model, built under a relative output.dir) is recorded absolute, so the
+    printed `vllm serve` command works from any directory."""
+    from int4lora_train import demo
+
+    monkeypatch.chdir(tiny_int4_dir.parent)
+    base = Path.cwd() / tiny_int4_dir.name
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q", f"model.path={tiny_int4_dir.name}", "train.max_steps=1"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "int4lora_base.json").read_text())["base_model"] == str(base)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert f"vllm serve {base} " in capsys.readouterr().out
+
+    monkeypatch.setattr(demo, "build_demo_checkpoint", lambda out_dir: out_dir)  # where it would be built
+    resolved = demo.resolve_demo(demo.demo_config(["output.dir=runs/demo"]))
+    assert resolved.model.path == str(Path.cwd() / "runs" / "demo" / "demo-model")
