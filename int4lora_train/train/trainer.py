@@ -212,6 +212,7 @@ class Trainer:
         plan = self.plan_for(len(train_data))
         max_steps = self.max_steps_for(plan)
         data_id = fingerprint(train_data)
+        self._explain_data_use(plan, max_steps, has_validation=bool(val_data))
         if cfg.gradient_checkpointing:
             from ..modeling.peft_integration import prepare_for_training
 
@@ -514,6 +515,27 @@ class Trainer:
         return state
 
     # -- helpers -----------------------------------------------------------------------------------------------
+
+    def _explain_data_use(self, plan: BatchPlan, max_steps: int, has_validation: bool) -> None:
+        """Say what of the data will not be used: rows beyond the last whole global batch, and evaluation that
+        was asked for without validation data."""
+        left_over = plan.num_rows - plan.steps_per_epoch * plan.global_batch_size
+        if left_over and max_steps >= plan.steps_per_epoch:
+            logger.info(
+                "each epoch trains on %d of the %d rows: the last %d do not fill a global batch of %d and are left "
+                "out (different ones each epoch)",
+                plan.num_rows - left_over,
+                plan.num_rows,
+                left_over,
+                plan.global_batch_size,
+            )
+        asked = [f"train.{k}" for k in ("eval_every", "eval_at_start") if getattr(self.config, k)]
+        if asked and not has_validation:
+            logger.warning(
+                "%s is set but there is no validation data, so evaluation will not run; set data.validation_file "
+                "or data.validation_split",
+                " and ".join(asked),
+            )
 
     def _progress(self, total: int, initial: int):
         from tqdm.auto import tqdm

@@ -60,6 +60,18 @@ class StopAt(LoraModule):
             self.trainer.should_stop = True
 
 
+def test_unused_rows_and_evaluation_without_validation_data_are_said(tmp_path, caplog):
+    overrides = ["data.validation_split=0", "data.packing=false", "train.micro_batch_size=3", "train.max_steps=6"]
+    trainer, module, data = _setup(tmp_path, "run", overrides)
+    assert (len(data.train), len(data.validation)) == (40, 0)  # 6 steps of 6 rows per epoch, 4 rows left over
+    with caplog.at_level("INFO", logger="int4lora_train.train.trainer"):
+        result = trainer.fit(module, data.train, data.validation)
+    assert result.val_loss is None
+    assert "each epoch trains on 36 of the 40 rows: the last 4 do not fill a global batch of 6" in caplog.text
+    warning = next(r for r in caplog.records if r.levelname == "WARNING")
+    assert warning.getMessage().startswith("train.eval_every is set but there is no validation data, so evaluation")
+
+
 def test_batch_plan_gives_every_world_size_the_same_global_batches():
     one = BatchPlan(num_rows=20, micro_batch_size=4, accumulation_steps=2, world_size=1, seed=3)
     two = BatchPlan(num_rows=20, micro_batch_size=2, accumulation_steps=2, world_size=2, seed=3)
