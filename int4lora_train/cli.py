@@ -181,12 +181,15 @@ def _train(config, quiet: bool) -> int:
         return report.out_dir
 
     from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as hf_logging
 
     from .errors import TrainingInterrupted
     from .train.job import resume_command
 
     try:
-        with logging_redirect_tqdm(loggers=[logger]):  # log lines print above the progress bar, not through it
+        # On a terminal, log lines print above the progress bar, not through it (transformers' too: its handler is
+        # set up on first use, so before the redirect swaps it).
+        with logging_redirect_tqdm(loggers=[logger, hf_logging.get_logger()]):
             summary = run_training(config, export_fn=export_fn, progress_bar=not quiet)
     except TrainingInterrupted as stop:
         where = f"the newest checkpoint is {stop.checkpoint}" if stop.checkpoint else "no checkpoint was written yet"

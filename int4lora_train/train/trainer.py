@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -279,8 +280,8 @@ class Trainer:
                 final = state.step == max_steps
                 if state.step % cfg.log_every == 0 or final:
                     self._log_window(state, metrics, window, max_steps)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}")
                 module.on_train_step_end(state.step, metrics)
                 if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
@@ -538,10 +539,14 @@ class Trainer:
             )
 
     def _progress(self, total: int, initial: int):
-        from tqdm.auto import tqdm
-
+        """A tqdm bar on a terminal; into a file or pipe, where a redrawn bar is noise, a plain log line now and
+        then (:class:`PlainProgress`)."""
         enabled = self.progress_bar and self.accelerator.is_local_main_process
-        return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+        if enabled and _is_terminal(sys.stderr):
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        return PlainProgress(total, initial, every_s=PROGRESS_EVERY_S if enabled else math.inf)
 
     @property
     def strategy(self) -> str:
@@ -593,6 +598,59 @@ class Trainer:
         mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], device=self.device)
         gathered = self.accelerator.gather(mine)
         return bool((gathered == gathered[0]).all())
+
+
+PROGRESS_EVERY_S = 30.0
+"""Seconds between two progress lines when the output is not a terminal."""
+
+
+class PlainProgress:
+    """The progress bar's stand-in when stderr is not a terminal: the bar's ``set_postfix`` / ``update`` / ``close``,
+    logging ``progress: step 40/200 (20%)  loss 1.2345  1,234 tokens/s  eta 4m20s`` at most every ``every_s``
+    seconds (and never with ``every_s=inf``)."""
+
+    def __init__(self, total: int, initial: int = 0, every_s: float = PROGRESS_EVERY_S):
+        self.total, self.step, self.every_s = total, initial, every_s
+        self.postfix: dict[str, str] = {}
+        self._start_step, self._start = initial, time.monotonic()
+        self._last = self._start
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        rate = (self.step - self._start_step) / max(now - self._start, 1e-9)  # steps/s, evaluation included
+        eta = (self.total - self.step) / rate if rate > 0 else math.inf
+        parts = [f"progress: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)"]
+        if "loss" in self.postfix:
+            parts.append(f"loss {self.postfix['loss']}")
+        if "tok_s" in self.postfix:
+            parts.append(f"{float(self.postfix['tok_s']):,.0f} tokens/s")
+        parts.append(f"eta {_duration(eta)}")
+        logger.info("  ".join(parts))
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list, fsdp_plugin=None) -> Accelerator:

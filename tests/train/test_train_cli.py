@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -222,3 +225,21 @@ def test_the_adapter_records_its_base_as_an_absolute_path(tmp_path, tiny_int4_di
     monkeypatch.setattr(demo, "build_demo_checkpoint", lambda out_dir: out_dir)  # where it would be built
     resolved = demo.resolve_demo(demo.demo_config(["output.dir=runs/demo"]))
     assert resolved.model.path == str(Path.cwd() / "runs" / "demo" / "demo-model")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path, tiny_int4_dir, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # before main: the log handler and the bar both write here
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "train.log_every=1"]) == 0
+    text = terminal.getvalue()
+    assert "train: " in text and ("step/s" in text or "s/step" in text)  # the bar was drawn
+    shown = [line.split("\r")[-1] for line in text.split("\n")]  # what each terminal line ends up showing
+    logged = [line for line in shown if " INFO " in line]
+    assert any("step 3/6  loss" in line for line in logged)
+    assert all(re.match(r"\d\d:\d\d:\d\d INFO int4lora_train", line) for line in logged), logged

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import torch
@@ -70,6 +72,23 @@ def test_unused_rows_and_evaluation_without_validation_data_are_said(tmp_path, c
     assert "each epoch trains on 36 of the 40 rows: the last 4 do not fill a global batch of 6" in caplog.text
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
     assert warning.getMessage().startswith("train.eval_every is set but there is no validation data, so evaluation")
+
+
+def test_without_a_terminal_progress_is_a_plain_log_line_not_a_bar(tmp_path, caplog, monkeypatch):
+    from int4lora_train.train import trainer as trainer_module
+
+    stderr = io.StringIO()  # not a terminal, like a log file or a pipe
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(trainer_module, "PROGRESS_EVERY_S", 0.0)  # a line at every step
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=3"])
+    trainer.progress_bar = True
+    with caplog.at_level("INFO", logger="int4lora_train.train.trainer"):
+        trainer.fit(module, data.train, data.validation)
+    lines = [m for m in caplog.messages if m.startswith("progress:")]
+    assert [line.split("  ")[0] for line in lines] == [f"progress: step {k}/3 ({100 * k / 3:.0f}%)" for k in (1, 2, 3)]
+    assert all(" loss " in line and " tokens/s" in line and "eta " in line for line in lines)
+    assert lines[-1].endswith("eta 0s")
+    assert stderr.getvalue() == ""  # no bar drawn
 
 
 def test_batch_plan_gives_every_world_size_the_same_global_batches():
