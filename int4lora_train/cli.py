@@ -23,6 +23,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +35,12 @@ EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
 
 
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+"""PEFT (0.21) reads transformers' old property name in every PeftModel; nothing a user (or this toolkit) can change."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "verify":  # verify parses its own options (_cmd_verify)

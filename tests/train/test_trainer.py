@@ -91,6 +91,32 @@ def test_without_a_terminal_progress_is_a_plain_log_line_not_a_bar(tmp_path, cap
     assert stderr.getvalue() == ""  # no bar drawn
 
 
+def test_training_calls_no_deprecated_transformers_name(tmp_path):
+    """transformers 5 renamed gradient_checkpointing_* and past_key_values; using the old names prints deprecation
+    noise on every run (a FutureWarning, a transformers log line)."""
+    import logging
+    import warnings
+
+    class Remember(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    said: list[str] = []
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler := Remember())
+    if hasattr(logging.Logger, "warning_once"):  # transformers' once-per-process cache
+        logging.Logger.warning_once.cache_clear()
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=2", "train.gradient_checkpointing=true"])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, data.train, data.validation)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert [m for m in said if "deprecated" in m] == []
+
+
 def test_batch_plan_gives_every_world_size_the_same_global_batches():
     one = BatchPlan(num_rows=20, micro_batch_size=4, accumulation_steps=2, world_size=1, seed=3)
     two = BatchPlan(num_rows=20, micro_batch_size=2, accumulation_steps=2, world_size=2, seed=3)
