@@ -558,7 +558,7 @@ class Trainer:
         from ..modeling.optimizations import apply_training_optimizations
 
         speed = self.config.speed
-        done = apply_training_optimizations(
+        apply_training_optimizations(  # logs what it switched on
             module.unwrapped_model,
             fused_lora=speed.fused_lora,
             keep_dense_for_backward=speed.keep_dense_for_backward,
@@ -567,7 +567,6 @@ class Trainer:
             loss_chunk_size=speed.loss_chunk_size,
             fused_kernels={"auto": "auto", "on": True, "off": False}[speed.fused_kernels],
         )
-        logger.info("training-step optimisations: %s", done)
 
     def _report_sharding(self, module: LoraModule) -> None:
         """Log what each process holds of the INT4 weights and LoRA; the main process writes ``sharding.json``."""
