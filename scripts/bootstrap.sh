@@ -7,16 +7,15 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
 VENV=.venv
 stamp="$VENV/.int4lora-installed"
-want="$(sha256sum pyproject.toml scripts/bootstrap.sh | sha256sum | cut -c1-16)"
+want="$(sha256sum pyproject.toml scripts/bootstrap.sh scripts/pip_quiet.sh | sha256sum | cut -c1-16)"
 if [ -x "$VENV/bin/python" ] && [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-# pip's notices about this machine's optional local package folders are noise here; real errors still show.
-pip_install() { "$VENV/bin/python" -m pip install -q "$@" 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }; }
+source scripts/pip_quiet.sh
 echo "[bootstrap] setting up $VENV (first run: a few minutes) ..."
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-pip_install "torch==2.13.0"
-pip_install "triton==3.6.0" -e ".[test,plots]"
+pip_quiet "$VENV/bin/python" "torch==2.13.0"
+pip_quiet "$VENV/bin/python" "triton==3.6.0" -e ".[test,plots]"
 echo "$want" > "$stamp"
 echo "[bootstrap] ready: $("$VENV/bin/python" -c 'import torch, transformers, peft; print("torch", torch.__version__, "| transformers", transformers.__version__, "| peft", peft.__version__)')"

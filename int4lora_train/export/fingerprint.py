@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from int4lora_train.errors import CheckpointError
-from int4lora_train.quant.layout import Int4Weight
+from int4lora_train.quant.layout import Int4Weight, pack_nibbles, unpack_nibbles
 
 logger = logging.getLogger(__name__)
 
@@ -102,11 +102,9 @@ def weight_digest(weight: Int4Weight) -> str:
     ``in_features`` is masked), so writers that pad differently give the same digest.
     """
     in_features = weight.in_features
-    used = (in_features + 1) // 2
-    packed = weight.packed[:, :used]
-    if in_features % 2:
-        packed = packed.clone()
-        packed[:, -1] &= 0x0F
+    packed = weight.packed[:, : (in_features + 1) // 2]
+    if in_features % 2:  # repack the real columns: the padding nibble becomes 0
+        packed = pack_nibbles(unpack_nibbles(packed)[:, :in_features])[:, : packed.shape[1]]
     h = hashlib.sha256()
     h.update(
         struct.pack(
@@ -214,41 +212,24 @@ def model_identity(model: torch.nn.Module, base_model: str | None = None) -> Bas
 
 
 def checkpoint_identity(model_dir: str | Path) -> BaseIdentity:
-    """The identity of an INT4 checkpoint directory, read tensor by tensor from its safetensors files.
+    """The identity of an INT4 checkpoint directory, read module by module from its safetensors files.
 
     Gives the same fingerprint as :func:`model_identity` on the model the toolkit's loader builds from it.
     """
-    from safetensors import safe_open
-
     from int4lora_train.quant.checkpoint_config import read_checkpoint_quant_config
-    from int4lora_train.quant.formats import read_int4_weight
+    from int4lora_train.quant.checkpoint_dir import CheckpointDir, read_json
 
     model_dir = Path(model_dir)
-    config = json.loads((model_dir / "config.json").read_text())
-    quant = read_checkpoint_quant_config(model_dir)
-    if quant is None:
-        raise CheckpointError(
-            f"{model_dir / 'config.json'}: no quantization_config; {model_dir} is not an INT4 checkpoint."
-        )
-    files = _safetensors_files(model_dir)
-    digests: dict[str, str] = {}
-    for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            keys = list(f.keys())
-            for prefix in sorted(_int4_prefixes(keys)):
-                scheme = quant.scheme_for(prefix, "Linear")
-                if scheme is None:
-                    continue
-                names = [k for k in keys if k.rsplit(".", 1)[0] == prefix]
-                tensors = {k.rsplit(".", 1)[1]: f.get_tensor(k) for k in names}
-                digests[prefix] = weight_digest(read_int4_weight(tensors, prefix, scheme))
+    quant = read_checkpoint_quant_config(model_dir, required=True)
+    checkpoint = CheckpointDir.open(model_dir)
+    digests = {name: weight_digest(weight) for name, weight, _ in checkpoint.iter_int4_weights(quant)}
     if not digests:
-        raise CheckpointError(f"{model_dir}: no INT4 tensors found in {[p.name for p in files]}.")
+        raise CheckpointError(f"{model_dir}: no INT4 tensors found in {[p.name for p in checkpoint.shards]}.")
     return BaseIdentity(
         fingerprint=combine_digests(digests),
         module_digests=digests,
         quantization_config=quant.to_dict(),
-        model_type=config.get("model_type"),
+        model_type=read_json(model_dir / "config.json", "config.json").get("model_type"),
         base_model=str(model_dir),
     )
 
@@ -303,13 +284,6 @@ def read_sidecar(adapter_dir: str | Path) -> BaseIdentity | None:
 # --------------------------------------------------------------------------------------------------------- helpers
 
 
-_INT4_TENSOR_NAMES = ("weight_packed", "qweight")
-
-
-def _int4_prefixes(keys) -> set[str]:
-    return {k.rsplit(".", 1)[0] for k in keys if k.rsplit(".", 1)[-1] in _INT4_TENSOR_NAMES}
-
-
 def _is_lora_wrapper(module: torch.nn.Module) -> bool:
     try:
         from peft.tuners.tuners_utils import BaseTunerLayer
@@ -339,14 +313,3 @@ def _quant_summary(block: Mapping | None) -> str:
         f"{'' if scheme.group_size is None else f' gs={scheme.group_size}'} "
         f"{'symmetric' if scheme.symmetric else 'asymmetric'}{' act-order' if scheme.actorder else ''}"
     )
-
-
-def _safetensors_files(model_dir: Path) -> list[Path]:
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text()).get("weight_map") or {}
-        return [model_dir / name for name in sorted(set(weight_map.values()))]
-    files = sorted(model_dir.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{model_dir}: no *.safetensors files (only safetensors checkpoints are read).")
-    return files

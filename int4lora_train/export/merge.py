@@ -29,6 +29,7 @@ from torch import nn
 
 from int4lora_train.atomic import atomic_directory
 from int4lora_train.errors import ExportError
+from int4lora_train.quant.layout import INT4_TENSOR_NAMES
 from int4lora_train.quant.packer import ShardWriter
 
 logger = logging.getLogger(__name__)
@@ -162,11 +163,11 @@ def iter_merged_tensors(model: nn.Module, adapter_names: Sequence[str] | None = 
             yield MergedTensor(
                 f"{prefix}weight", _merged_weight(module, name, adapters), isinstance(base_layer, Int4Linear)
             )
-            for key, tensor in _own_tensors(base_layer, prefix, skip=("weight",) + _INT4_BUFFERS):
+            for key, tensor in _own_tensors(base_layer, prefix, skip=("weight",) + INT4_TENSOR_NAMES):
                 yield MergedTensor(key, tensor)
         elif kind == "int4":
             yield MergedTensor(f"{prefix}weight", module.dequantize(torch.float32), True)
-            for key, tensor in _own_tensors(module, prefix, skip=_INT4_BUFFERS):
+            for key, tensor in _own_tensors(module, prefix, skip=INT4_TENSOR_NAMES):
                 yield MergedTensor(key, tensor)
         else:
             for key, tensor in _own_tensors(module, prefix):
@@ -175,9 +176,6 @@ def iter_merged_tensors(model: nn.Module, adapter_names: Sequence[str] | None = 
                     continue  # tied to a tensor already written (lm_head <- embed_tokens)
                 seen.add(identity)
                 yield MergedTensor(key, tensor)
-
-
-_INT4_BUFFERS = ("packed", "scales", "zero_points", "g_idx")
 
 
 def _merged_weight(layer: nn.Module, name: str, adapters: Sequence[str]) -> torch.Tensor:

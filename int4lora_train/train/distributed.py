@@ -67,12 +67,9 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..modeling.int4_linear import Int4Linear
+from ..quant.layout import INT4_TENSOR_NAMES  # the INT4 tensors FSDP shards (buffers, or frozen parameters)
 
 logger = logging.getLogger(__name__)
-
-INT4_TENSOR_NAMES = ("packed", "scales", "zero_points", "g_idx")
-"""The INT4 tensors of an ``Int4Linear`` that FSDP shards (buffers normally, frozen parameters under FSDP)."""
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # INT4 buffers <-> frozen parameters

@@ -82,3 +82,30 @@ def lora_model(int4_model):
     model = seeded_peft_model(int4_model, LoraConfig(r=8, lora_alpha=16, target_modules=list(PROJECTIONS)))
     randomize_lora_b(model, std=0.05)
     return model
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# A run that selected the real-vLLM parity tests must have run at least one vLLM path (int4 or dense): a machine on
+# which every path is skipped would otherwise pass without the proof.
+
+PARITY_MODULE = "test_vllm_parity.py"
+_parity = {"selected": 0, "ran": 0}
+
+
+def pytest_runtest_logreport(report):
+    if PARITY_MODULE in report.nodeid and "[" in report.nodeid and report.when == "call":
+        _parity["ran"] += 1
+    if PARITY_MODULE in report.nodeid and "[" in report.nodeid and report.when == "setup":
+        _parity["selected"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _parity["selected"] and not _parity["ran"] and exitstatus == 0:
+        session.exitstatus = 1
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(
+                f"FAILED: no real-vLLM parity path ran ({_parity['selected']} parity tests selected, all skipped); "
+                "see the skip reasons above (scripts/setup_vllm_cpu.sh makes .venv-vllm).",
+                red=True,
+            )

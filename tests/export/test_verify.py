@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,6 +97,71 @@ def test_missing_vllm_is_a_clear_error(monkeypatch, tmp_path):
         find_vllm_python(tmp_path / "missing-python")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_probe_cache():
+    """Probes are cached per interpreter; a stand-in's answer must neither see nor leave a real one."""
+    verify._probe.cache_clear()
+    yield
+    verify._probe.cache_clear()
+
+
+AVX512 = {
+    "vllm_version": "0.32.0",
+    "device_type": "cpu",
+    "cpu_flags": {"avx2": True, "avx512f": True, "avx512_bf16": True, "amx_bf16": False},
+    "kernel_library": "_C",
+    "w4a16_kernel": True,
+    "compressed_tensors_version": "0.17.0",
+}
+AVX2 = {**AVX512, "cpu_flags": {"avx2": True, "avx512f": False}, "kernel_library": "_C_AVX2", "w4a16_kernel": False}
+
+
+def test_auto_path_serves_the_int4_checkpoint_where_vllm_has_a_w4a16_kernel():
+    path = verify.choose_vllm_path(verify.VllmCapabilities.from_probe(AVX512))
+    assert (path.name, path.dtype, path.tolerance) == ("int4", "float16", 1e-2)
+    assert "avx512f" in path.reason and "W4A16 kernel" in path.reason
+    dense = verify.choose_vllm_path(verify.VllmCapabilities.from_probe(AVX512), "dense")
+    assert (dense.name, dense.dtype, dense.tolerance) == ("dense", "float32", 1e-4) and "asked for" in dense.reason
+
+
+def test_auto_path_on_an_avx2_cpu_is_the_dense_copy_and_says_why():
+    caps = verify.VllmCapabilities.from_probe(AVX2)
+    path = verify.choose_vllm_path(caps)
+    assert path.name == "dense" and path.dtype == "float32"
+    assert "_C_AVX2" in path.reason and "lacks avx512f" in path.reason and "compressed-tensors 0.17.0" in path.reason
+    with pytest.raises(ExportError, match=r"int4 vLLM path cannot run here.*lacks avx512f.*--path dense"):
+        verify.choose_vllm_path(caps, "int4")
+
+
+def test_no_vllm_path_is_one_clear_error():
+    caps = verify.VllmCapabilities.from_probe(AVX2)
+    with pytest.raises(ExportError, match=r"no W4A16 kernel.*compressed-tensors checkpoints only.*'gptq'.*AVX-512"):
+        verify.choose_vllm_path(caps, "auto", quant_method="gptq")
+    bare = verify.VllmCapabilities.from_probe({**AVX2, "compressed_tensors_version": None})
+    with pytest.raises(ExportError, match="no compressed-tensors library"):
+        verify.choose_vllm_path(bare, "dense")
+    with pytest.raises(ExportError, match="unknown vLLM path 'fp8'"):
+        verify.choose_vllm_path(bare, "fp8")
+
+
+def test_a_crashing_vllm_is_one_paragraph_naming_the_log(monkeypatch, tmp_path):
+    script = tmp_path / "python"
+    script.write_text(
+        "#!/bin/sh\necho 'Traceback (most recent call last):' >&2\n"
+        "echo \"AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'\" >&2\n"
+        "exit 1\n"
+    )
+    script.chmod(0o755)
+    with pytest.raises(ExportError) as caught:
+        verify.run_vllm_worker({"model": "m"}, script)
+    message = str(caught.value)
+    assert "\n" not in message and "failed while serving" in message and "cpu_gemm_wna16" in message
+    log = message.split("Full output: ")[1].split(". To fix")[0]
+    assert "Traceback" in Path(log).read_text()
+    with pytest.raises(ExportError, match=r"could not even be probed.*setup_vllm_cpu.sh"):
+        verify.run_vllm_worker(None, script)
+
+
 class _ToolkitAsVllm:
     """Stands in for the vLLM worker: answers each request with the toolkit's own greedy logprobs (top 5)."""
 
@@ -109,6 +175,8 @@ class _ToolkitAsVllm:
 
     @torch.no_grad()
     def __call__(self, request, vllm_python=None, timeout=900):
+        if request is None:  # the probe: an AVX-512 CPU where vLLM has its W4A16 kernel
+            return {**AVX512, "vllm_version": "stand-in"}
         self.requests.append(request)
         model = self.load_int4_model(self.model_dir, dtype=torch.float32)
         for name, path in request["adapters"].items():
@@ -138,7 +206,8 @@ def test_verify_with_vllm_runs_the_whole_check(lora_model, tiny_checkpoint, tmp_
     assert status == 0 and "PASS" in table and "stand-in" in table
     (request,) = fake.requests
     assert request["prompts"] == [list(b"Hello")] and request["modes"] == ["base", "adapter"]
-    assert request["max_lora_rank"] == 8 and request["dtype"] == "float16"
+    assert request["max_lora_rank"] == 8 and request["dtype"] == "float16" and request["path"] == "int4"
+    assert "vLLM path: int4" in table and "PASS [int4 path]" in table
     report = verify.verify_with_vllm(tiny_checkpoint, tmp_path / "adapter", [[257, 65, 66]], max_tokens=2)
     assert report.passed and report.max_abs_diff() < 1e-5 and len(report.rows) == 2
     assert report.adapter_effect["adapter"] > 1e-2  # measured inside the stand-in, on two prompt positions
