@@ -10,7 +10,11 @@
 
 ``train`` without ``--config`` runs the embedded demo config. Under ``accelerate launch`` every process runs the
 same command (``scripts/train.py`` is this entry point); only the main process prints. Exit status: 0 done, 2 an
-error the message explains (config, data, checkpoint, export), 3 a run that stopped before its last step.
+error the message explains (config, data, checkpoint, export), 3 a run that stopped before its last step, 130
+interrupted (Ctrl-C; a training run saves a checkpoint and prints the command that resumes it).
+
+Start-up stays fast: torch, transformers and PEFT are imported inside the commands that need them, never at the
+top of this module (``--help`` imports none of them).
 """
 
 from __future__ import annotations
@@ -23,29 +27,47 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from .errors import Int4LoraError
+from .errors import ConfigError, ExportError, Int4LoraError
 
 logger = logging.getLogger("int4lora_train")
 
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE
+
+
+PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
+"""PEFT (0.21) reads transformers' old property name in every PeftModel; nothing a user (or this toolkit) can change."""
+
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # transformers 5 renamed gradient_checkpointing_* (PEFT and our helpers still call the old names): noise to users.
-    warnings.filterwarnings("ignore", message=r".*gradient_checkpointing.* is deprecated", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command != "verify":  # verify parses its own options (_cmd_verify)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.handler(args)
     except Int4LoraError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # training handles its own (_train); anywhere else there is nothing to save
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`int4lora-train inspect --all | head`). Python flushes stdout again at exit and
+        # would fail there too, so stdout goes to /dev/null first; then exit quietly.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (replaced in-process): nothing to flush
+            pass
+        return EXIT_BROKEN_PIPE
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="int4lora-train", description="LoRA on the exact INT4 weights vLLM serves.")
-    common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    common.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
+    common = _common_options()
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def command(name: str, help: str) -> argparse.ArgumentParser:
@@ -73,12 +95,28 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--all", action="store_true", help="one line per module (default: grouped by layout)")
     inspect.set_defaults(handler=_cmd_inspect)
 
-    verify = command("verify", "check that vLLM reproduces the toolkit's model (+ adapter)")
+    # verify's options live with it (export/verify.py, which imports torch): _cmd_verify parses them.
+    verify = commands.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP, parents=[common], add_help=False)
+    verify.set_defaults(handler=_cmd_verify)
+    return parser
+
+
+def _common_options() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bar")
+    return common
+
+
+VERIFY_HELP = "check that vLLM reproduces the toolkit's model (+ adapter)"
+
+
+def _cmd_verify(args: argparse.Namespace) -> int:
     from .export.verify import add_arguments, run_from_args
 
-    add_arguments(verify)
-    verify.set_defaults(handler=run_from_args)
-    return parser
+    parser = argparse.ArgumentParser(prog="int4lora-train verify", description=VERIFY_HELP, parents=[_common_options()])
+    add_arguments(parser)
+    return run_from_args(parser.parse_args(args.extra))
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -86,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
+    _refuse_config_files_as_overrides("demo", args.overrides)
     from .demo import demo_config
 
     config = demo_config(args.overrides)
@@ -97,6 +136,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
+    _refuse_config_files_as_overrides("train", args.overrides)
     from .demo import demo_config
     from .train.config import load_config
 
@@ -106,6 +146,18 @@ def _cmd_train(args: argparse.Namespace) -> int:
     else:
         config = load_config(args.config, args.overrides)
     return _train(config, quiet=args.quiet)
+
+
+def _refuse_config_files_as_overrides(command: str, overrides: Sequence[str]) -> None:
+    """A config file given without ``--config`` (``int4lora-train train my.yaml``) is named as such, before
+    anything is announced or loaded."""
+    for item in overrides:
+        if "=" not in item and (item.lower().endswith((".yaml", ".yml")) or Path(item).is_file()):
+            fix = f"--config {item}" if command == "train" else f"`int4lora-train train --config {item}`"
+            raise ConfigError(
+                f"{item!r} is not a section.key=value override; did you mean {fix}? "
+                f"(`{command}` takes a config file only through --config)"
+            )
 
 
 def _train(config, quiet: bool) -> int:
@@ -135,9 +187,26 @@ def _train(config, quiet: bool) -> int:
         return report.out_dir
 
     from tqdm.contrib.logging import logging_redirect_tqdm
+    from transformers.utils import logging as hf_logging
 
-    with logging_redirect_tqdm(loggers=[logger]):  # log lines print above the progress bar, not through it
-        summary = run_training(config, export_fn=export_fn, progress_bar=not quiet)
+    from .errors import TrainingInterrupted
+    from .train.job import resume_command
+
+    try:
+        # On a terminal, log lines print above the progress bar, not through it (transformers' too: its handler is
+        # set up on first use, so before the redirect swaps it).
+        with logging_redirect_tqdm(loggers=[logger, hf_logging.get_logger()]):
+            summary = run_training(config, export_fn=export_fn, progress_bar=not quiet)
+    except TrainingInterrupted as stop:
+        where = f"the newest checkpoint is {stop.checkpoint}" if stop.checkpoint else "no checkpoint was written yet"
+        launcher = " (under the same `accelerate launch` options)" if _world_size() > 1 else ""
+        if _is_main_process():
+            print(
+                f"Interrupted at step {stop.step}/{stop.max_steps}; {where}. Resume with{launcher}:\n"
+                f"  {resume_command(config)}",
+                file=sys.stderr,
+            )
+        return EXIT_INTERRUPTED
     if _is_main_process():
         for report in reports:
             print(report, end="\n\n")
@@ -202,6 +271,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         print(f"error: {args.source} is neither a run directory nor an adapter directory", file=sys.stderr)
         return 2
     out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
+    if out.exists() and not args.overwrite:  # export_adapter's own message names its argument, overwrite=True
+        raise ExportError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     report = export_adapter(
         str(source), out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite
     )
@@ -226,6 +297,10 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
+
+
+def _world_size() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def _say(message: str) -> None:

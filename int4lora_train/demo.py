@@ -102,7 +102,8 @@ def resolve_demo(config: RunConfig) -> RunConfig:
     model = config.model
     if model.path == DEMO:
         with _main_process_first(model.device):
-            path = build_demo_checkpoint(Path(config.output.dir) / DEMO_MODEL_DIR)
+            # Absolute, like every path the run records (config.yaml, the adapter's base, the serve command).
+            path = build_demo_checkpoint(Path(config.output.dir).absolute() / DEMO_MODEL_DIR)
         model = dataclasses.replace(model, path=str(path))
     train_files = [str(resource_path("demo_train.jsonl")) if f == DEMO else f for f in data.train_files]
     validation = str(resource_path("demo_val.jsonl")) if data.validation_file == DEMO else data.validation_file

@@ -7,6 +7,7 @@ such as ``modeling_helpers.py``, import by name from any test directory.
 from __future__ import annotations
 
 import importlib
+import logging
 import os
 from types import SimpleNamespace
 
@@ -41,3 +42,13 @@ def triton_kernels() -> SimpleNamespace:
         else:
             os.environ["TRITON_INTERPRET"] = previous
     return SimpleNamespace(**modules)
+
+
+@pytest.fixture(autouse=True)
+def _restore_the_cli_logger():
+    """``cli.main`` points the ``int4lora_train`` logger at the current ``sys.stderr``, which pytest closes after
+    the test; later tests would log into a closed stream (a 'Logging error' on stderr)."""
+    log = logging.getLogger("int4lora_train")
+    saved = log.handlers[:], log.level, log.propagate
+    yield
+    log.handlers[:], log.level, log.propagate = saved

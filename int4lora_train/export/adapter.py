@@ -26,6 +26,7 @@ the patterns (0.32) and on those that ignore them (which apply ``s`` everywhere)
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -148,7 +149,8 @@ def export_adapter(
             tensors,
             identity,
             out_dir,
-            base_model_dir=Path(base_model_dir) if base_model_dir is not None else None,
+            # Absolute: the recorded base and the printed serve command must work from any directory.
+            base_model_dir=Path(base_model_dir).expanduser().absolute() if base_model_dir is not None else None,
             fold_scaling=fold_scaling,
             overwrite=overwrite,
             dtype=dtype,
@@ -176,6 +178,8 @@ def _read_source(source, adapter_name: str, scratch: Path) -> tuple[dict, dict, 
     saved = scratch if adapter_name == "default" else scratch / adapter_name
     config, tensors = read_adapter_dir(saved)
     identity = model_identity(source)
+    if identity.base_model and Path(identity.base_model).is_dir():  # the directory the model was loaded from
+        identity = dataclasses.replace(identity, base_model=str(Path(identity.base_model).absolute()))
     model_type = identity.model_type
     if identity.num_modules == 0:
         logger.warning("the model holds no INT4 modules; the adapter records no base fingerprint")

@@ -36,7 +36,7 @@ import torch
 import transformers
 from torch import nn
 
-from int4lora_train.errors import CheckpointError
+from int4lora_train.errors import CheckpointError, check_model_dir
 from int4lora_train.modeling.architectures import check_loadable_architecture
 from int4lora_train.modeling.int4_linear import Int4Linear
 from int4lora_train.modeling.surgery import (
@@ -86,6 +86,7 @@ def load_int4_model(
     mode with ``model.int4_report`` (a :class:`SurgeryReport`), ``model.int4_checkpoint_config`` (the parsed
     quantization config; ``.to_dict()`` is the original block) and ``model.int4_checkpoint_dir``.
     """
+    check_model_dir(path)
     directory = Path(path)
     config_path = directory / "config.json"
     quant_config = read_checkpoint_quant_config(directory, required=True)
@@ -126,6 +127,7 @@ def load_int4_model(
 
 def load_tokenizer(path: str | os.PathLike, trust_remote_code: bool = False) -> transformers.PreTrainedTokenizerBase:
     """The tokenizer stored in the checkpoint directory."""
+    check_model_dir(path, key="model.tokenizer or model.path", need_config=False)
     try:
         return transformers.AutoTokenizer.from_pretrained(Path(path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as exc:

@@ -143,7 +143,11 @@ def prepare_for_training(
             raise UnsupportedFormatError(
                 f"{type(model).__name__} has no gradient_checkpointing_enable(); pass gradient_checkpointing=False."
             )
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        options = {"use_reentrant": use_reentrant}
+        if hasattr(model, "activation_checkpointing_enable"):  # transformers' current name (the old one warns)
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
         if use_reentrant:
             model.enable_input_require_grads()
     return model

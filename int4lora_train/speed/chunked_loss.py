@@ -295,12 +295,14 @@ def _chunked_forward(causal_lm: nn.Module, original, options: dict, *args: Any, 
     decoder = getattr(causal_lm, causal_lm.base_model_prefix)
     outputs = decoder(**kwargs)
     loss = _loss_from_hidden(causal_lm, outputs[0], labels, options, loss_kwargs)
+    # transformers renamed past_key_values to cache in 5.x (the old name logs a deprecation): use this version's.
+    cache = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     return CausalLMOutputWithPast(
         loss=loss,
         logits=None,
-        past_key_values=getattr(outputs, "past_key_values", None),
         hidden_states=getattr(outputs, "hidden_states", None),
         attentions=getattr(outputs, "attentions", None),
+        **{cache: getattr(outputs, cache, None)},
     )
 
 

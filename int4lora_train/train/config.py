@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import types
 import typing
 from collections.abc import Mapping, Sequence
@@ -25,6 +26,8 @@ from typing import Any, Literal, Union
 import yaml
 
 from ..errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 DEMO = "demo"
 """Reserved path value: the toolkit's own tiny INT4 model / bundled data set."""
@@ -71,6 +74,9 @@ ALIASES = {
     "output_dir": "output.dir",
 }
 """Names other trainers (axolotl, LLaMA-Factory, transformers' TrainingArguments) use, for "did you mean"."""
+
+EITHER_OR = (("train.max_steps", "train.epochs"), ("data.validation_file", "data.validation_split"))
+"""Keys a config sets one of, not both. A command-line override of one replaces the other if the file sets it."""
 
 
 def _opt(default: Any, help: str, *, min: float | None = None, max: float | None = None, above: float | None = None):
@@ -289,10 +295,14 @@ def config_from_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfi
 def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
     """Return a copy of ``raw`` with each ``section.key=value`` override applied (value parsed as YAML).
 
+    The command line wins: overriding one key of an :data:`EITHER_OR` pair (``train.max_steps``) removes the other
+    (``train.epochs``) from ``raw``, with an INFO log line, instead of making the config set both.
+
     Raises:
         ConfigError: an override without ``=``, or whose key path is not a config key (with a suggestion).
     """
     result = _deep_copy(raw)
+    overridden = set()
     for item in overrides:
         key, sep, text = item.partition("=")
         key = key.strip()
@@ -312,6 +322,16 @@ def apply_overrides(raw: Mapping[str, Any], overrides: Sequence[str]) -> dict[st
                 node[part] = child
             node = child
         node[parts[-1]] = value
+        if value is not None:
+            overridden.add(key)
+    for pair in EITHER_OR:
+        for key, other in (pair, pair[::-1]):
+            if key in overridden and other not in overridden:
+                section, name = other.split(".")
+                node = result.get(section)
+                dropped = node.pop(name, None) if isinstance(node, dict) else None
+                if dropped is not None:
+                    logger.info("%s from the command line overrides %s=%s of the config", key, other, dropped)
     return result
 
 

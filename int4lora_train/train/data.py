@@ -355,7 +355,11 @@ def load_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
         validation, val_stats = [], DataStats()
     if config.packing:
         train, validation = pack_samples(train, config.max_length), pack_samples(validation, config.max_length)
+    if not validation:
+        logger.info("no validation data (set data.validation_file or data.validation_split to evaluate)")
     for name, rows, stats in (("train", train, train_stats), ("validation", validation, val_stats)):
+        if not rows:
+            continue
         stats.samples = len(rows)
         stats.tokens = sum(len(r) for r in rows)
         stats.target_tokens = sum(r.num_targets for r in rows)

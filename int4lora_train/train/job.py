@@ -32,7 +32,7 @@ import torch
 from torch import nn
 
 from ..atomic import atomic_directory
-from ..errors import ConfigError, ExportError
+from ..errors import ConfigError, ExportError, check_model_dir
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
 from .data import load_datasets
@@ -75,6 +75,9 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     """
     if DEMO in (config.model.path, config.data.validation_file, *config.data.train_files):
         raise ConfigError("the config still names `demo` paths; pass it through int4lora_train.demo.resolve_demo")
+    check_model_dir(config.model.path)  # before anything loads: a wrong path is named as such
+    if config.model.tokenizer is not None:
+        check_model_dir(config.model.tokenizer, key="model.tokenizer", need_config=False)
     run_dir = Path(config.output.dir)
     trainer = Trainer(
         config.train,
@@ -156,6 +159,15 @@ def resume_checkpoint(config: RunConfig) -> Path | None:
     if not (path / ckpt.STATE_FILE).is_file():
         raise ConfigError(f"train.resume={target!r} is not a checkpoint directory (no {ckpt.STATE_FILE} in it)")
     return path
+
+
+def resume_command(config: RunConfig) -> str:
+    """The command line that resumes this run from its newest checkpoint (fresh if it has none): its saved
+    ``config.yaml`` with ``train.resume=latest``."""
+    command = f"int4lora-train train --config {Path(config.output.dir) / CONFIG_FILE} train.resume=latest"
+    if not Path(config.output.dir).is_absolute():
+        command = f"cd {Path.cwd()} && {command}"  # the config's relative paths are relative to this directory
+    return command
 
 
 def check_run_dir(config: RunConfig, resuming: bool) -> list[str]:

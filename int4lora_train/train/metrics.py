@@ -82,7 +82,11 @@ def perplexity(loss: float) -> float:
 
 @dataclass
 class FitResult:
-    """What :meth:`Trainer.fit` did: steps, time, throughput and losses."""
+    """What :meth:`Trainer.fit` did: steps, time, throughput and losses.
+
+    ``steps``, ``tokens`` and the losses count the whole run, across resumes; ``elapsed_s`` and ``tokens_per_s``
+    measure this session's training steps only.
+    """
 
     completed: bool
     steps: int
@@ -124,9 +128,10 @@ class RunSummary(FitResult):
             return "n/a" if value is None else format(value, spec)
 
         state = "finished" if self.completed else "stopped early (resume with train.resume=latest)"
+        session = " (this session)" if self.resumed_from else ""
         lines = [
-            f"Run {state}: {self.steps}/{self.max_steps} steps on {self.world_size} process(es) in "
-            f"{self.elapsed_s:.1f} s, {self.tokens:,} tokens, {self.tokens_per_s:,.0f} tokens/s",
+            f"Run {state}: {self.steps}/{self.max_steps} steps, {self.tokens:,} tokens on {self.world_size} "
+            f"process(es); {self.elapsed_s:.1f} s{session}, {self.tokens_per_s:,.0f} tokens/s",
             f"  train loss  {num(self.train_loss_first)} -> {num(self.train_loss_final)}",
         ]
         if self.val_loss is not None:

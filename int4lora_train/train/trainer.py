@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import math
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -34,7 +35,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
-from ..errors import CheckpointError, ConfigError, TrainingError
+from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from . import checkpoint as ckpt
 from . import distributed
 from .config import TrainConfig
@@ -141,6 +142,7 @@ class Trainer:
         self.run_dir = Path(run_dir)
         self.progress_bar = progress_bar
         self.should_stop = False
+        self._updating = False
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         trackers: list[Any] = [self.metrics_tracker]
         self.tensorboard_dir: Path | None = None
@@ -198,7 +200,12 @@ class Trainer:
         resume_from: str | Path | None = None,
         pad_token_id: int = 0,
     ) -> FitResult:
-        """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given."""
+        """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given.
+
+        Ctrl-C (``KeyboardInterrupt``) raises :class:`~int4lora_train.errors.TrainingInterrupted` naming the newest
+        checkpoint; one process alone first writes a checkpoint of the last whole step (a half step is dropped), so
+        resuming from it continues exactly as if never interrupted.
+        """
         acc, cfg = self.accelerator, self.config
         module.trainer = self
         self.should_stop = False
@@ -206,6 +213,7 @@ class Trainer:
         plan = self.plan_for(len(train_data))
         max_steps = self.max_steps_for(plan)
         data_id = fingerprint(train_data)
+        self._explain_data_use(plan, max_steps, has_validation=bool(val_data))
         if cfg.gradient_checkpointing:
             from ..modeling.peft_integration import prepare_for_training
 
@@ -237,12 +245,16 @@ class Trainer:
         )
 
         last_checkpoint = str(resume_from) if resume_from is not None else None
+        saved_step = state.step if resume_from is not None else None
         session, window = _Throughput(), _Throughput()  # whole session; since the last log line
         bar = self._progress(max_steps, state.step)
+        step_rng = None
         try:
             if cfg.eval_at_start and val_data and state.step == 0:
                 state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
             while state.step < max_steps and not self.should_stop:
+                if plan.world_size == 1:  # what a checkpoint written mid-step (Ctrl-C) must hold to resume exactly
+                    step_rng = ckpt.capture_rng_state()
                 started = time.perf_counter()
                 loss, grad_norm, lr, tokens = self._train_step(
                     module, optimizer, scheduler, plan, train_data, state.step, last_checkpoint
@@ -254,6 +266,7 @@ class Trainer:
                 state.tokens += tokens
                 state.window_loss += loss
                 state.window_steps += 1
+                self._updating, step_rng = False, None  # weights, optimizer and counters agree again
                 if state.train_loss_first is None:
                     state.train_loss_first = loss
                 metrics = {
@@ -267,14 +280,27 @@ class Trainer:
                 final = state.step == max_steps
                 if state.step % cfg.log_every == 0 or final:
                     self._log_window(state, metrics, window, max_steps)
+                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}", refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}")
                 module.on_train_step_end(state.step, metrics)
                 if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
                 if final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0):
                     last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
+                    saved_step = state.step
+        except KeyboardInterrupt:
+            if self._updating or plan.world_size > 1 or state.step == 0 or saved_step == state.step:
+                # Mid-update the weights and counters disagree; several processes would each have to join the
+                # save's collectives wherever Ctrl-C caught them. The newest checkpoint is what there is.
+                logger.warning("interrupted at step %d; not writing a checkpoint now", state.step)
+            else:
+                optimizer.zero_grad(set_to_none=True)  # a half-accumulated step is dropped, and redone on resume
+                if step_rng is not None:
+                    ckpt.restore_rng_state(step_rng)  # as the step left it, not as the half step left it
+                last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
+            raise TrainingInterrupted(state.step, max_steps, last_checkpoint) from None
         finally:
+            self._updating = False
             bar.close()
             for tracker in acc.trackers:
                 tracker.finish()
@@ -286,7 +312,7 @@ class Trainer:
             max_steps=max_steps,
             world_size=plan.world_size,
             elapsed_s=session.seconds,
-            tokens=session.tokens,
+            tokens=state.tokens,  # the whole run: the checkpoint carries the count over a resume
             tokens_per_s=session.rate,
             train_loss_first=state.train_loss_first,
             train_loss_final=state.train_loss_last,
@@ -344,6 +370,7 @@ class Trainer:
         if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
             optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
+        self._updating = True  # until fit counts the step: no checkpoint can be written from here (Ctrl-C)
         optimizer.step()
         if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
             scheduler.step()
@@ -490,11 +517,36 @@ class Trainer:
 
     # -- helpers -----------------------------------------------------------------------------------------------
 
-    def _progress(self, total: int, initial: int):
-        from tqdm.auto import tqdm
+    def _explain_data_use(self, plan: BatchPlan, max_steps: int, has_validation: bool) -> None:
+        """Say what of the data will not be used: rows beyond the last whole global batch, and evaluation that
+        was asked for without validation data."""
+        left_over = plan.num_rows - plan.steps_per_epoch * plan.global_batch_size
+        if left_over and max_steps >= plan.steps_per_epoch:
+            logger.info(
+                "each epoch trains on %d of the %d rows: the last %d do not fill a global batch of %d and are left "
+                "out (different ones each epoch)",
+                plan.num_rows - left_over,
+                plan.num_rows,
+                left_over,
+                plan.global_batch_size,
+            )
+        asked = [f"train.{k}" for k in ("eval_every", "eval_at_start") if getattr(self.config, k)]
+        if asked and not has_validation:
+            logger.warning(
+                "%s is set but there is no validation data, so evaluation will not run; set data.validation_file "
+                "or data.validation_split",
+                " and ".join(asked),
+            )
 
+    def _progress(self, total: int, initial: int):
+        """A tqdm bar on a terminal; into a file or pipe, where a redrawn bar is noise, a plain log line now and
+        then (:class:`PlainProgress`)."""
         enabled = self.progress_bar and self.accelerator.is_local_main_process
-        return tqdm(total=total, initial=initial, desc="train", unit="step", disable=not enabled, dynamic_ncols=True)
+        if enabled and _is_terminal(sys.stderr):
+            from tqdm.auto import tqdm
+
+            return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
+        return PlainProgress(total, initial, every_s=PROGRESS_EVERY_S if enabled else math.inf)
 
     @property
     def strategy(self) -> str:
@@ -506,7 +558,7 @@ class Trainer:
         from .. import speed as training_speed
 
         speed = self.config.speed
-        done = training_speed.apply(
+        training_speed.apply(  # logs what it switched on
             module.unwrapped_model,
             training_speed.SpeedConfig(
                 fused_lora=speed.fused_lora,
@@ -517,7 +569,6 @@ class Trainer:
                 fused_kernels=speed.fused_kernels,
             ),
         )
-        logger.info("training-step optimisations: %s", done)
 
     def _report_sharding(self, module: LoraModule) -> None:
         """Log what each process holds of the INT4 weights and LoRA; the main process writes ``sharding.json``."""
@@ -548,6 +599,59 @@ class Trainer:
         mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], device=self.device)
         gathered = self.accelerator.gather(mine)
         return bool((gathered == gathered[0]).all())
+
+
+PROGRESS_EVERY_S = 30.0
+"""Seconds between two progress lines when the output is not a terminal."""
+
+
+class PlainProgress:
+    """The progress bar's stand-in when stderr is not a terminal: the bar's ``set_postfix`` / ``update`` / ``close``,
+    logging ``progress: step 40/200 (20%)  loss 1.2345  1,234 tokens/s  eta 4m20s`` at most every ``every_s``
+    seconds (and never with ``every_s=inf``)."""
+
+    def __init__(self, total: int, initial: int = 0, every_s: float = PROGRESS_EVERY_S):
+        self.total, self.step, self.every_s = total, initial, every_s
+        self.postfix: dict[str, str] = {}
+        self._start_step, self._start = initial, time.monotonic()
+        self._last = self._start
+
+    def set_postfix(self, refresh: bool = True, **values: str) -> None:
+        self.postfix = values
+
+    def update(self, n: int = 1) -> None:
+        self.step += n
+        now = time.monotonic()
+        if now - self._last < self.every_s:
+            return
+        self._last = now
+        rate = (self.step - self._start_step) / max(now - self._start, 1e-9)  # steps/s, evaluation included
+        eta = (self.total - self.step) / rate if rate > 0 else math.inf
+        parts = [f"progress: step {self.step}/{self.total} ({100 * self.step / max(self.total, 1):.0f}%)"]
+        if "loss" in self.postfix:
+            parts.append(f"loss {self.postfix['loss']}")
+        if "tok_s" in self.postfix:
+            parts.append(f"{float(self.postfix['tok_s']):,.0f} tokens/s")
+        parts.append(f"eta {_duration(eta)}")
+        logger.info("  ".join(parts))
+
+    def close(self) -> None:
+        pass
+
+
+def _duration(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def _is_terminal(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams
+        return False
 
 
 def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list, fsdp_plugin=None) -> Accelerator:

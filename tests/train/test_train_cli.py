@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+import io
 import json
+import re
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
 from train_helpers import arithmetic_records, write_jsonl
 
 from int4lora_train import cli
+from int4lora_train.train.module import LoraModule
 
 
 def _config(tmp_path, model_dir, **train) -> str:
@@ -70,14 +75,15 @@ def test_train_writes_the_whole_run_directory(tmp_path, tiny_int4_dir, capsys):
 def test_existing_run_is_refused_then_resumed_or_overwritten(tmp_path, tiny_int4_dir, capsys):
     config = _config(tmp_path, tiny_int4_dir)
     assert cli.main(["train", "--config", config, "-q"]) == 0
+    tokens = json.loads((tmp_path / "run" / "summary.json").read_text())["tokens"]
     (tmp_path / "run" / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert cli.main(["train", "--config", config, "-q"]) == 2
     assert "already holds a run" in capsys.readouterr().err
-    # A finished run resumed: nothing left to train, the adapter is exported again.
+    # A finished run resumed: nothing left to train, the adapter is exported again; the counts are the whole run's.
     assert cli.main(["train", "--config", config, "-q", "train.resume=latest"]) == 0
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
-    assert summary["steps"] == 6 and summary["tokens"] == 0 and summary["resumed_from"].endswith("step-6")
+    assert summary["steps"] == 6 and summary["tokens"] == tokens > 0 and summary["resumed_from"].endswith("step-6")
     assert cli.main(["train", "--config", config, "-q", "output.if_exists=overwrite", "train.max_steps=3"]) == 0
     assert (tmp_path / "run" / "notes.txt").read_text() == "mine"  # only the toolkit's own files are replaced
     assert not (tmp_path / "run" / "checkpoints" / "step-6").exists()
@@ -119,6 +125,10 @@ def test_export_from_a_run_directory(tmp_path, tiny_int4_dir, capsys):
     assert cli.main(["export", str(run), "--out", str(tmp_path / "served")]) == 0
     assert (tmp_path / "served" / "adapter_model.safetensors").is_file()
     assert "--max-lora-rank 8" in capsys.readouterr().out
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "served")]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in err and "overwrite=True" not in err
+    assert cli.main(["export", str(run), "--out", str(tmp_path / "served"), "--overwrite"]) == 0
 
 
 def test_inspect_prints_the_int4_layout(tiny_int4_dir, capsys):
@@ -151,3 +161,85 @@ def test_demo_runs_end_to_end(tmp_path, capsys):
     assert (run / "adapter" / "adapter_model.safetensors").is_file()
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 4 and summary["val_loss"] < summary["val_loss_initial"]
+
+
+@pytest.mark.parametrize("problem", ["does not exist", "holds no config.json"])
+def test_a_wrong_model_path_is_named_before_anything_loads(tmp_path, tiny_int4_dir, capsys, problem):
+    model_dir = tmp_path / "models" / "mine"
+    if problem == "holds no config.json":  # a tokenizer alone does not make a model directory
+        model_dir.mkdir(parents=True)
+        (model_dir / "tokenizer.json").write_bytes((tiny_int4_dir / "tokenizer.json").read_bytes())
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q", f"model.path={model_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert f"model directory {model_dir} (model.path) {problem}" in err
+    assert "config.json (with a quantization_config" in err and "safetensors" in err and "tokenizer" in err
+    assert "no loadable tokenizer" not in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_loader_names_a_missing_model_directory(tmp_path):
+    from int4lora_train.errors import CheckpointError
+    from int4lora_train.modeling.loader import load_int4_model, load_tokenizer
+
+    missing = tmp_path / "nowhere"
+    with pytest.raises(CheckpointError, match=f"model directory {missing} .* does not exist; an INT4 model dir"):
+        load_int4_model(missing)
+    with pytest.raises(CheckpointError, match=f"model directory {missing} .* does not exist"):
+        load_tokenizer(missing)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_prints_the_command_that_resumes(tmp_path, tiny_int4_dir, capsys, monkeypatch):
+    def ctrl_c_after_step_4(self, step, metrics):
+        if step == 4:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoraModule, "on_train_step_end", ctrl_c_after_step_4)
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "-q"]) == 130
+    err = capsys.readouterr().err
+    run = tmp_path / "run"
+    assert f"Interrupted at step 4/6; the newest checkpoint is {run / 'checkpoints' / 'step-4'}." in err
+    assert "Traceback" not in err
+    command = f"int4lora-train train --config {run / 'config.yaml'} train.resume=latest"
+    assert f"Resume with:\n  {command}" in err
+    monkeypatch.undo()
+    assert cli.main([*command.split()[1:], "-q"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["completed"] and summary["steps"] == 6 and summary["resumed_from"].endswith("step-4")
+
+
+def test_the_adapter_records_its_base_as_an_absolute_path(tmp_path, tiny_int4_dir, capsys, monkeypatch):
+    """A relative model.path (and the demo's model, built under a relative output.dir) is recorded absolute, so the
+    printed `vllm serve` command works from any directory."""
+    from int4lora_train import demo
+
+    monkeypatch.chdir(tiny_int4_dir.parent)
+    base = Path.cwd() / tiny_int4_dir.name
+    config = _config(tmp_path, tiny_int4_dir)
+    assert cli.main(["train", "--config", config, "-q", f"model.path={tiny_int4_dir.name}", "train.max_steps=1"]) == 0
+    adapter = tmp_path / "run" / "adapter"
+    assert json.loads((adapter / "int4lora_base.json").read_text())["base_model"] == str(base)
+    assert json.loads((adapter / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    assert f"vllm serve {base} " in capsys.readouterr().out
+
+    monkeypatch.setattr(demo, "build_demo_checkpoint", lambda out_dir: out_dir)  # where it would be built
+    resolved = demo.resolve_demo(demo.demo_config(["output.dir=runs/demo"]))
+    assert resolved.model.path == str(Path.cwd() / "runs" / "demo" / "demo-model")
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path, tiny_int4_dir, monkeypatch):
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)  # before main: the log handler and the bar both write here
+    monkeypatch.setattr(sys, "stdout", io.StringIO())
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir), "train.log_every=1"]) == 0
+    text = terminal.getvalue()
+    assert "train: " in text and ("step/s" in text or "s/step" in text)  # the bar was drawn
+    shown = [line.split("\r")[-1] for line in text.split("\n")]  # what each terminal line ends up showing
+    logged = [line for line in shown if " INFO " in line]
+    assert any("step 3/6  loss" in line for line in logged)
+    assert all(re.match(r"\d\d:\d\d:\d\d INFO int4lora_train", line) for line in logged), logged

@@ -126,6 +126,18 @@ def test_an_override_beats_the_file(tmp_path):
     assert (config.train.lr, config.train.seed) == (0.2, 7)
 
 
+def test_an_override_of_one_of_an_either_or_pair_replaces_the_files_other(tmp_path, caplog):
+    path = _yaml(tmp_path, "train:\n  epochs: 2\ndata:\n  validation_split: 0.1\n")
+    with caplog.at_level("INFO", logger="int4lora_train.train.config"):
+        config = load_config(path, ["train.max_steps=3", "data.validation_file=v.jsonl"])
+    assert (config.train.max_steps, config.train.epochs) == (3, None)
+    assert (config.data.validation_file, config.data.validation_split) == ("v.jsonl", 0.0)
+    assert "train.max_steps from the command line overrides train.epochs=2 of the config" in caplog.messages
+    assert load_config(_yaml(tmp_path, "train:\n  max_steps: 9\n"), ["train.epochs=1.5"]).train.max_steps is None
+    with pytest.raises(ConfigError, match="not both"):  # both in the file: still the user's contradiction
+        load_config(_yaml(tmp_path, "train:\n  max_steps: 9\n  epochs: 1\n"), ["train.lr=0.1"])
+
+
 @pytest.mark.parametrize("override", ["train.lr", "=3", "train.lr.x=1"])
 def test_malformed_overrides(override):
     with pytest.raises(ConfigError):

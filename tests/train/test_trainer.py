@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+import sys
 
 import pytest
 import torch
 from train_helpers import arithmetic_records, tiny_peft_model, write_jsonl
 
-from int4lora_train.errors import CheckpointError, TrainingError
+from int4lora_train.errors import CheckpointError, TrainingError, TrainingInterrupted
 from int4lora_train.modeling.tiny_models import build_tokenizer
 from int4lora_train.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from int4lora_train.train.config import load_config
@@ -58,6 +60,61 @@ class StopAt(LoraModule):
     def on_train_step_end(self, step, metrics):
         if step == self.stop_at:
             self.trainer.should_stop = True
+
+
+def test_unused_rows_and_evaluation_without_validation_data_are_said(tmp_path, caplog):
+    overrides = ["data.validation_split=0", "data.packing=false", "train.micro_batch_size=3", "train.max_steps=6"]
+    trainer, module, data = _setup(tmp_path, "run", overrides)
+    assert (len(data.train), len(data.validation)) == (40, 0)  # 6 steps of 6 rows per epoch, 4 rows left over
+    with caplog.at_level("INFO", logger="int4lora_train.train.trainer"):
+        result = trainer.fit(module, data.train, data.validation)
+    assert result.val_loss is None
+    assert "each epoch trains on 36 of the 40 rows: the last 4 do not fill a global batch of 6" in caplog.text
+    warning = next(r for r in caplog.records if r.levelname == "WARNING")
+    assert warning.getMessage().startswith("train.eval_every is set but there is no validation data, so evaluation")
+
+
+def test_without_a_terminal_progress_is_a_plain_log_line_not_a_bar(tmp_path, caplog, monkeypatch):
+    from int4lora_train.train import trainer as trainer_module
+
+    stderr = io.StringIO()  # not a terminal, like a log file or a pipe
+    monkeypatch.setattr(sys, "stderr", stderr)
+    monkeypatch.setattr(trainer_module, "PROGRESS_EVERY_S", 0.0)  # a line at every step
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=3"])
+    trainer.progress_bar = True
+    with caplog.at_level("INFO", logger="int4lora_train.train.trainer"):
+        trainer.fit(module, data.train, data.validation)
+    lines = [m for m in caplog.messages if m.startswith("progress:")]
+    assert [line.split("  ")[0] for line in lines] == [f"progress: step {k}/3 ({100 * k / 3:.0f}%)" for k in (1, 2, 3)]
+    assert all(" loss " in line and " tokens/s" in line and "eta " in line for line in lines)
+    assert lines[-1].endswith("eta 0s")
+    assert stderr.getvalue() == ""  # no bar drawn
+
+
+def test_training_calls_no_deprecated_transformers_name(tmp_path):
+    """transformers 5 renamed gradient_checkpointing_* and past_key_values; using the old names prints deprecation
+    noise on every run (a FutureWarning, a transformers log line)."""
+    import logging
+    import warnings
+
+    class Remember(logging.Handler):
+        def emit(self, record):
+            said.append(record.getMessage())
+
+    said: list[str] = []
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(handler := Remember())
+    if hasattr(logging.Logger, "warning_once"):  # transformers' once-per-process cache
+        logging.Logger.warning_once.cache_clear()
+    trainer, module, data = _setup(tmp_path, "run", ["train.max_steps=2", "train.gradient_checkpointing=true"])
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.fit(module, data.train, data.validation)
+    finally:
+        transformers_logger.removeHandler(handler)
+    assert [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))] == []
+    assert [m for m in said if "deprecated" in m] == []
 
 
 def test_batch_plan_gives_every_world_size_the_same_global_batches():
@@ -113,6 +170,37 @@ def test_resume_reproduces_the_uninterrupted_run_bit_for_bit(tmp_path):
         ]
 
     assert losses("interrupted") == losses("straight")
+
+
+def test_ctrl_c_mid_step_checkpoints_the_last_whole_step_and_resuming_is_exact(tmp_path):
+    """Ctrl-C inside step 6 (one micro-batch's gradients accumulated, dropout RNG advanced) checkpoints step 5 as
+    step 5 left it; resuming from it gives the uninterrupted run's weights, losses and token count."""
+    trainer, module, data = _setup(tmp_path, "straight")
+    straight = trainer.fit(module, data.train, data.validation)
+    expected = _trainable(module)
+
+    class CtrlCInStep6(LoraModule):
+        calls = 0
+
+        def training_step(self, batch):
+            type(self).calls += 1
+            if type(self).calls == 12:  # 2 micro-batches per step: calls 11 and 12 are step 6
+                raise KeyboardInterrupt
+            return super().training_step(batch)
+
+    trainer, module, data = _setup(tmp_path, "interrupted", module_cls=CtrlCInStep6)
+    with pytest.raises(TrainingInterrupted) as stop:
+        trainer.fit(module, data.train, data.validation)
+    root = tmp_path / "interrupted" / "checkpoints"
+    assert (stop.value.step, stop.value.max_steps, stop.value.checkpoint) == (5, 8, str(root / "step-5"))
+    assert [step for step, _ in list_checkpoints(root)] == [2, 4, 5]
+
+    trainer, module, data = _setup(tmp_path, "interrupted")
+    resumed = trainer.fit(module, data.train, data.validation, resume_from=root / "step-5")
+    got = _trainable(module)
+    assert all(torch.equal(got[k], expected[k]) for k in expected)
+    assert (resumed.train_loss_final, resumed.val_loss) == (straight.train_loss_final, straight.val_loss)
+    assert resumed.tokens == straight.tokens  # the whole run's, not only the resumed part's
 
 
 def test_resume_from_an_older_checkpoint_is_exact_too(tmp_path):
