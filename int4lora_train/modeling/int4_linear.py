@@ -51,11 +51,19 @@ from torch import nn
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
 from int4lora_train.kernels.dequantizer import Dequantizer, compact_rows, int4_weight_view, select_dequantizer
 from int4lora_train.quant.dequant import dequantize
-from int4lora_train.quant.layout import INT4_TENSOR_NAMES, Int4Weight
+from int4lora_train.quant.layout import INT4_INTEGER_DTYPES, INT4_TENSOR_NAMES, Int4Weight
 
 logger = logging.getLogger(__name__)
 
 MODES = ("on_the_fly", "cache")
+
+
+def _as_int4_dtype(name: str, tensor: torch.Tensor | None) -> torch.Tensor | None:
+    """``tensor`` viewed in the canonical dtype of INT4 tensor ``name`` (a no-op for scales and absent tensors)."""
+    want = INT4_INTEGER_DTYPES.get(name)
+    if tensor is None or want is None or tensor.dtype == want:
+        return tensor
+    return tensor.view(want)
 
 
 def dense_save_is_transient() -> bool:
@@ -197,10 +205,15 @@ class Int4Linear(nn.Linear):
     # ------------------------------------------------------------------------------------------------ the weight
 
     def int4_tensors(self) -> list:
-        """``[packed, scales, zero_points, g_idx]``, read from the buffers, or from the parameters where FSDP sharding
-        re-registered them (``train.distributed``); no ``nn.Module.__getattr__`` detour (this runs on every call)."""
-        buffers, parameters = self._buffers, self._parameters
-        return [buffers[name] if name in buffers else parameters.get(name) for name in INT4_TENSOR_NAMES]
+        """``[packed, scales, zero_points, g_idx]`` in their canonical dtypes, read from the buffers, or from the
+        parameters where FSDP sharding re-registered them (``train.distributed``, which stores the integer ones in
+        float dtypes of the same width: viewed back here, no copy); no ``nn.Module.__getattr__`` detour (this runs
+        on every call)."""
+        buffers = self._buffers
+        if "packed" in buffers:
+            return [buffers.get(name) for name in INT4_TENSOR_NAMES]
+        parameters = self._parameters
+        return [_as_int4_dtype(name, parameters.get(name)) for name in INT4_TENSOR_NAMES]
 
     def int4_weight(self) -> Int4Weight:
         """The canonical weight viewing this layer's buffers (no copy; per-tensor scales expanded, stride 0)."""

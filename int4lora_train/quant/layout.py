@@ -38,6 +38,9 @@ FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 INT4_TENSOR_NAMES = ("packed", "scales", "zero_points", "g_idx")
 """The canonical weight's tensors, by the names :class:`Int4Weight` and ``Int4Linear``'s buffers use."""
 
+INT4_INTEGER_DTYPES = {"packed": torch.uint8, "zero_points": torch.int8, "g_idx": torch.int32}
+"""The integer tensors of the canonical weight and their dtypes (``scales`` are floating point)."""
+
 
 def signed_to_nibbles(values: torch.Tensor) -> torch.Tensor:
     """Signed INT4 values in [-8, 7] (any integer dtype) -> stored nibbles uint8 in 0..15 (``q + 8``)."""

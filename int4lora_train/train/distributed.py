@@ -19,14 +19,16 @@ against the two other known designs:
 - *4-bit data stored in a float-typed parameter* (fsdp_qlora / bitsandbytes ``quant_storage=bfloat16``) exists
   because FSDP1 flattens a unit's parameters into one tensor of one dtype. FSDP2 keeps per-parameter DTensors and
   all-gathers a unit whose parameters have mixed dtypes as raw bytes (``torch.uint8``; see
-  ``_get_all_gather_input_metadatas`` in ``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``), so uint8
-  ``packed``, bf16/fp16 ``scales``, int8 ``zero_points`` and int32 ``g_idx`` travel bit for bit as they are; a float
-  view would only add reinterpretation and an even-width rule.
+  ``_get_all_gather_input_metadatas`` in ``torch/distributed/fsdp/_fully_shard/_fsdp_collectives.py``), so the bytes
+  travel as they are whatever dtype they are viewed in. But FSDP2 before torch 2.13 cannot *create* an integer
+  parameter (:func:`float_storage` says why), so the integer tensors are stored as same-width float views
+  (``packed`` / ``zero_points`` as float8_e4m3fn, ``g_idx`` as float32: same shape, same bytes, no copy) and
+  ``Int4Linear.int4_tensors`` views them back; scales stay as they are.
 - *A tensor subclass with* ``fsdp_pre_all_gather`` / ``fsdp_post_all_gather`` (torchao's NF4Tensor) pays off when
   the gathered form must differ from the stored one (e.g. dequantize after the gather). Here the gathered form is the
   stored form, and a subclass would have to support every op the forward, PEFT, state dicts and the fingerprint
   apply to it, on torch 2.11 and 2.13 alike.
-- *Frozen parameters* (chosen): zero-copy, same state-dict keys and module attributes, reversible
+- *Frozen parameters* (chosen, with those float views): zero-copy, same state-dict keys and module attributes, reversible
   (:func:`int4_parameters_to_buffers`), and the forward reads the very bytes the checkpoint holds, so it is
   bit-identical to the unsharded model. Verified on torch 2.13 (CPU, gloo): FSDP2 ``fully_shard`` accepts uint8 /
   int8 / int32 parameters with ``requires_grad=False`` next to fp32 trainable ones in one unit, shards ``[1, G]``
@@ -67,7 +69,7 @@ from torch import nn
 
 from ..errors import CheckpointError, ConfigError
 from ..modeling.int4_linear import Int4Linear
-from ..quant.layout import INT4_TENSOR_NAMES  # the INT4 tensors FSDP shards (buffers, or frozen parameters)
+from ..quant.layout import INT4_INTEGER_DTYPES, INT4_TENSOR_NAMES  # the INT4 tensors FSDP shards
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,9 @@ def int4_buffers_to_parameters(model: nn.Module) -> int:
     """Re-register every ``Int4Linear``'s INT4 buffers as frozen ``nn.Parameter``\\ s (same names, no copy).
 
     ``packed`` uint8 ``[out, in/2]``, ``scales`` ``[out, G]`` (or ``[1, 1]``), ``zero_points`` int8 ``[out, G]``,
-    ``g_idx`` int32 ``[in]`` become parameters with ``requires_grad=False``; absent ones (None) stay None buffers.
-    The layer's forward is unchanged (it reads ``self.packed`` etc.). Idempotent; returns the number of layers
+    ``g_idx`` int32 ``[in]`` become parameters with ``requires_grad=False`` (the integer ones viewed as floats of the
+    same width, :func:`float_storage`); absent ones (None) stay None buffers. The layer's forward is unchanged (it
+    reads them through ``Int4Linear.int4_tensors``, which views them back). Idempotent; returns the number of layers
     converted by this call. Do not cast the model's dtype afterwards (``model.to(dtype)``): the scales' dtype is
     part of the exact weight and ``Int4Linear`` protects it only while it is a buffer.
     """
@@ -93,6 +96,25 @@ def int4_parameters_to_buffers(model: nn.Module) -> int:
     Raises ``ConfigError`` for a sharded (FSDP-wrapped) model: its parameters are shards, not whole tensors.
     """
     return _reregister_int4_tensors(model, as_parameters=False)
+
+
+FLOAT_STORAGE = {1: torch.float8_e4m3fn, 2: torch.bfloat16, 4: torch.float32}
+"""Per element size, the float dtype an integer INT4 tensor is viewed as while it is an FSDP parameter."""
+
+
+def float_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` viewed (no copy, same shape, same bytes) as a float dtype of its element size when it is an integer
+    tensor; float tensors as they are.
+
+    FSDP2 in torch < 2.13 creates its sharded parameters as ``nn.Parameter(dtensor)`` and only then sets
+    ``requires_grad``, which raises "only Tensors of floating point dtype can require gradients" for uint8 / int8 /
+    int32 parameters (pytorch issues #177844, #185239; fixed in 2.13). A float view passes on every version, and FSDP
+    only ever copies these bytes (shards, pads, all-gathers them as raw bytes), never computes on them.
+    ``Int4Linear.int4_tensors`` views them back to their canonical dtypes.
+    """
+    if tensor.is_floating_point():
+        return tensor
+    return tensor.view(FLOAT_STORAGE[tensor.element_size()])
 
 
 def _reregister_int4_tensors(model: nn.Module, as_parameters: bool) -> int:
@@ -116,7 +138,10 @@ def _reregister_int4_tensors(model: nn.Module, as_parameters: bool) -> int:
                     "become buffers again (gather what you need with full_trainable_state instead)"
                 )
             del source[name]
-            target[name] = nn.Parameter(tensor, requires_grad=False) if as_parameters else tensor.detach()
+            if as_parameters:
+                target[name] = nn.Parameter(float_storage(tensor), requires_grad=False)
+            else:
+                target[name] = tensor.detach().view(INT4_INTEGER_DTYPES.get(name, tensor.dtype))
             changed = True
         converted += changed
     return converted
@@ -328,18 +353,19 @@ def prepare_fsdp(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
     Every process calls it with the same, whole model. Then: the INT4 buffers become frozen parameters, accelerate's
     FSDP2 preparation shards each decoder layer (then embeddings, head, root), and the forward is wrapped in the
     accelerator's autocast exactly as its DDP preparation does (accelerate's FSDP2 path relies on FSDP mixed
-    precision instead, which the toolkit leaves off). The fused LoRA node and the chunked cross-entropy are switched
-    off (see the comments below); everything else of the model's training setup stays as it is.
+    precision instead, which the toolkit leaves off). The chunked cross-entropy is switched off (see the comment
+    below); everything else of the model's training setup, the fused LoRA node included, stays as it is.
     """
     from .. import speed
 
     converted = int4_buffers_to_parameters(model)
     logger.debug("FSDP: %d Int4Linear layers hold their INT4 tensors as frozen parameters", converted)
-    # The fused LoRA kernels read the INT4 tensors from Int4Linear._buffers (no nn.Module attribute lookup), where
-    # parameters are not: PEFT's generic path (Int4Linear.forward, attribute lookup) until they look in both.
-    # The chunked loss multiplies by lm_head.weight outside lm_head's forward, where FSDP has not gathered it.
-    speed.apply(model, fused_lora=False, chunked_loss=False)
-    logger.info("FSDP: fused LoRA path and chunked cross-entropy off; PEFT's generic LoRA forward, the model's loss")
+    # The fused LoRA node (and the q/k/v, gate/up groups) stay as configured: they read the INT4 tensors through
+    # Int4Linear.int4_tensors (buffers or these parameters) and the LoRA weights inside the decoder layer's forward,
+    # where FSDP has gathered that layer's unit. The chunked loss multiplies by lm_head.weight outside lm_head's
+    # forward, where FSDP has not gathered it: off.
+    speed.apply(model, chunked_loss=False)
+    logger.info("FSDP: chunked cross-entropy off (it reads the sharded output head outside its forward)")
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.native_amp:
         _wrap_forward_in_autocast(accelerator, model)

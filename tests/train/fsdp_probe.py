@@ -22,12 +22,15 @@ from int4lora_train.modeling.loader import load_int4_model
 from int4lora_train.modeling.peft_integration import make_lora_config
 from int4lora_train.train import distributed
 
+PACKED_DTYPES = (torch.uint8, distributed.FLOAT_STORAGE[1])  # a buffer; a parameter under FSDP (float_storage)
+
 
 def live_uint8_storage_bytes() -> int:
-    """Bytes of the distinct storages of all live uint8 tensors (DTensors counted through their local tensor)."""
+    """Bytes of the distinct storages of all live one-byte tensors that can hold packed weights (uint8, or their
+    float8 view while they are FSDP parameters; DTensors counted through their local tensor)."""
     storages = {}
     for obj in gc.get_objects():
-        if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor) and obj.dtype == torch.uint8:
+        if isinstance(obj, torch.Tensor) and not isinstance(obj, DTensor) and obj.dtype in PACKED_DTYPES:
             storage = obj.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
     return sum(storages.values())
