@@ -54,8 +54,9 @@ DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4+keep+kernels"}
 weight outside its forward, where FSDP has not gathered it)."""
 
 
-def make_accelerator(strategy: str, cpu: bool):
-    """The accelerator the trainer would make for ``train.strategy`` (bf16 autocast; FSDP: the toolkit's plugin)."""
+def make_accelerator(strategy: str, cpu: bool, ddp_options: dict | None = None):
+    """The accelerator the trainer would make for ``train.strategy`` (bf16 autocast; FSDP: the toolkit's plugin);
+    ``ddp_options``: extra ``DistributedDataParallelKwargs`` (e.g. ``comm_hook``, ``bucket_cap_mb``) to compare."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -65,7 +66,7 @@ def make_accelerator(strategy: str, cpu: bool):
     accelerator = Accelerator(
         cpu=cpu,
         mixed_precision="bf16",
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, **(ddp_options or {}))],
         fsdp_plugin=plugin,
     )
     sharded = plugin is not None and distributed.activate_fsdp(accelerator, plugin)
@@ -74,7 +75,16 @@ def make_accelerator(strategy: str, cpu: bool):
 
 def run(args) -> dict | None:
     cpu = args.device == "cpu" or not torch.cuda.is_available()
-    accelerator, sharded = make_accelerator(args.strategy, cpu)
+    ddp_options = {}
+    if args.comm_hook != "no":
+        from accelerate.utils import DDPCommunicationHookType
+
+        ddp_options["comm_hook"] = DDPCommunicationHookType(args.comm_hook)
+    if args.bucket_cap_mb:
+        ddp_options["bucket_cap_mb"] = args.bucket_cap_mb
+    if args.static_graph:
+        ddp_options.update(static_graph=True, gradient_as_bucket_view=True)
+    accelerator, sharded = make_accelerator(args.strategy, cpu, ddp_options)
     device = accelerator.device
     if args.strategy == "fsdp" and not sharded:
         raise SystemExit("--strategy fsdp needs several processes: accelerate launch --multi_gpu --num_processes N")
@@ -130,6 +140,11 @@ def run(args) -> dict | None:
         "rank": args.rank,
         "mode": args.mode,
         "gradient_checkpointing": not args.no_checkpointing,
+        "ddp_options": {
+            "comm_hook": args.comm_hook,
+            "bucket_cap_mb": args.bucket_cap_mb,
+            "static_graph": args.static_graph,
+        },
         "median_step_s": step,
         "tokens_per_s": world * args.bs * args.seq / step,
         "max_peak_memory_bytes": max(p["peak_memory_bytes"] for p in processes),
@@ -173,6 +188,9 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--steps", type=int, default=8, help="timed steps (after --warmup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--no-checkpointing", action="store_true")
+    parser.add_argument("--comm-hook", default="no", choices=("no", "fp16", "bf16"), help="DDP gradient comm hook")
+    parser.add_argument("--bucket-cap-mb", type=int, default=None, help="DDP bucket size (default: torch's 25)")
+    parser.add_argument("--static-graph", action="store_true", help="DDP static_graph + gradient_as_bucket_view")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the result here (main process)")
     parser.add_argument("--scaling", nargs="+", metavar="RESULT_JSON", help="compare result files; no run")

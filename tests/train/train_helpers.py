@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from int4lora_train.modeling.tiny_models import build_tiny_model
@@ -39,16 +40,24 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+TEST_DEVICE = os.environ.get("INT4LORA_TEST_DEVICE", "cpu")
+"""Where the multi-process tests run: ``cpu`` (2 gloo processes; CI) or ``cuda`` (2 GPUs over NCCL, one per process:
+``INT4LORA_TEST_DEVICE=cuda pytest tests/train/test_train_ddp.py tests/train/test_train_fsdp.py`` on a 2-GPU machine).
+"""
+
+
 def launch_two_processes(script: Path, *arguments: str) -> None:
-    """``accelerate launch`` ``script`` on 2 CPU processes (gloo) and check it succeeded.
+    """``accelerate launch`` ``script`` on 2 processes and check it succeeded: 2 CPU processes (gloo), or with
+    ``INT4LORA_TEST_DEVICE=cuda`` one per GPU (NCCL).
 
     ``--multi_gpu`` with no GPU visible starts 2 gloo processes (accelerate's ``--cpu`` alone starts one).
     """
-    import os
     import subprocess
     import sys
 
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    if TEST_DEVICE == "cpu":
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("ACCELERATE_USE_FSDP", None)
     command = [
         sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -62,7 +71,7 @@ def launch_two_processes(script: Path, *arguments: str) -> None:
 def small_run_config(model_dir: Path, data: Path, out_dir: Path, **train) -> dict:
     """A 4-step run on the tiny INT4 model (global batch 2 x 2 per process), checkpoints and eval every 2 steps."""
     return {
-        "model": {"path": str(model_dir), "dtype": "float32", "device": "cpu"},
+        "model": {"path": str(model_dir), "dtype": "float32", "device": TEST_DEVICE},
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train_files": [str(data)], "validation_split": 0.125, "format": "instruction", "max_length": 32},
         "train": {
