@@ -48,10 +48,10 @@ from train_step import SHAPES, _memory_now, _memory_peak, _memory_reset, _sync, 
 
 from int4lora_train.train import distributed  # noqa: E402
 
-DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4+keep+kernels"}
-"""``train_step.py`` modes: DDP with all of the toolkit's training optimisations; FSDP without the two that
-``prepare_fsdp`` switches off (the fused LoRA node reads the INT4 buffers; the chunked loss reads the output head's
-weight outside its forward, where FSDP has not gathered it)."""
+DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4+fused+keep+group+kernels"}
+"""``train_step.py`` modes: DDP with all of the toolkit's training optimisations; FSDP with all but the chunked loss,
+which ``prepare_fsdp`` switches off (it reads the output head's weight outside its forward, where FSDP has not
+gathered it)."""
 
 
 def make_accelerator(strategy: str, cpu: bool, ddp_options: dict | None = None):
@@ -176,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--mode",
         default=None,
-        help="train_step.py's INT4 mode (default: int4-opt for ddp, int4+keep for fsdp, see the module doc)",
+        help="train_step.py's INT4 mode (default: int4-opt for ddp, int4-opt without chunked for fsdp)",
     )
     parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape preset (default 8b)")
     for key in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
