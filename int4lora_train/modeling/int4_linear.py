@@ -209,11 +209,11 @@ class Int4Linear(nn.Linear):
         parameters where FSDP sharding re-registered them (``train.distributed``, which stores the integer ones in
         float dtypes of the same width: viewed back here, no copy); no ``nn.Module.__getattr__`` detour (this runs
         on every call)."""
-        buffers = self._buffers
-        if "packed" in buffers:
-            return [buffers.get(name) for name in INT4_TENSOR_NAMES]
-        parameters = self._parameters
-        return [_as_int4_dtype(name, parameters.get(name)) for name in INT4_TENSOR_NAMES]
+        buffers, parameters = self._buffers, self._parameters
+        return [
+            buffers[name] if name in buffers else _as_int4_dtype(name, parameters.get(name))
+            for name in INT4_TENSOR_NAMES
+        ]
 
     def int4_weight(self) -> Int4Weight:
         """The canonical weight viewing this layer's buffers (no copy; per-tensor scales expanded, stride 0)."""

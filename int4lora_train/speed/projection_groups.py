@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
-from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, fused_lora_applies
+from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, _dropped, dropout_mask, fused_lora_applies
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input in Llama-style decoder layers (attention, MLP)."""
@@ -36,6 +36,7 @@ class _GroupSpec:
     ranks: tuple[int, ...]
     scalings: tuple[float, ...]
     keep_dense: bool
+    p: float  # LoRA dropout, the same for every member (each draws its own mask)
 
     def dense(self, buffers: tuple, device: torch.device) -> torch.Tensor:
         """The members' dense weights stacked along the output axis, ``[sum(outs), in]``, one row slice each."""
@@ -48,14 +49,17 @@ class _GroupSpec:
 
 
 class Int4LoraGroupFunction(torch.autograd.Function):
-    """Several LoRA'd INT4 projections of one input as one node (dropout off)::
+    """Several LoRA'd INT4 projections of one input as one node::
 
         W = [W_1; ...; W_n]                       [O, in]   (O = sum of the outputs), dequantized slice by slice
-        y = x @ W.T + (x @ A.T) @ Bs.T            A = [A_1; ...; A_n] [R, in], Bs = blockdiag(s_i B_i) [O, R]
+        y = x @ W.T + xa @ Bs.T                   Bs = blockdiag(s_i B_i) [O, R]
+        xa = [d_1(x) @ A_1.T, ..., d_n(x) @ A_n.T] [T, R]   d_i: member i's dropout (its own mask), or x @ A.T
+                                                            with A = [A_1; ...; A_n] [R, in] without dropout
         outputs: y's column slices, one per member
 
-    One base matmul and one LoRA pair instead of n of each (and n times fewer host launches); the gradients are
-    those of the n separate projections.
+    One base matmul instead of n (and fewer host launches); the values and gradients are those of the n separate
+    projections, dropout masks included: each member draws its mask from the global RNG in member order, as the
+    separate projections, called in that order, would.
     """
 
     @staticmethod
@@ -67,10 +71,16 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         a_cat = torch.cat([a.to(dtype) for a in lora_a])  # [R, in]
         bs = torch.block_diag(*[b.to(dtype) * s for b, s in zip(lora_b, group.scalings)])  # [O, R]
         y = F.linear(x2, weight)  # [T, O]
-        xa = x2 @ a_cat.t()  # [T, R]
+        if group.p > 0:
+            masks = [dropout_mask(x2.shape, group.p, x2.device) for _ in range(n)]
+            a_parts = a_cat.split(list(group.ranks))
+            xa = torch.cat([_dropped(x2, m, group.p) @ a.t() for m, a in zip(masks, a_parts)], dim=1)  # [T, R]
+        else:
+            masks = []
+            xa = x2 @ a_cat.t()  # [T, R]
         y.addmm_(xa, bs.t())
         spec = _WeightSpec(dtype, None, keep_dense=group.keep_dense)  # only keep_dense matters to the policy
-        save_weight_tensors(ctx, weight, buffers, spec, ctx.needs_input_grad[0], x2, xa, a_cat, bs)
+        save_weight_tensors(ctx, weight, buffers, spec, ctx.needs_input_grad[0], x2, xa, a_cat, bs, *masks)
         ctx.group, ctx.x_shape = group, x.shape
         ctx.param_dtypes = tuple(t.dtype for t in tensors[: 2 * n])
         outputs, start = [], 0
@@ -85,6 +95,7 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         x2, xa, a_cat, bs = saved[:4]
         group = ctx.group
         n, dtype = len(group.outs), group.dtype
+        masks = saved[4 : ctx.num_extra]  # one per member with dropout, else none
         g = torch.cat(
             [
                 torch.zeros(x2.shape[0], rows, dtype=dtype, device=x2.device)
@@ -95,11 +106,22 @@ class Int4LoraGroupFunction(torch.autograd.Function):
             dim=1,
         )  # [T, O]
         gs = g @ bs  # [T, R], the scalings included
+        tensors = saved[ctx.num_extra :]
         grad_x = None
         if ctx.needs_input_grad[0]:
-            weight = saved[4] if ctx.dense_saved else group.dense(saved[4:], x2.device)
-            grad_x = (g @ weight).addmm_(gs, a_cat).reshape(ctx.x_shape)
-        grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
+            weight = tensors[0] if ctx.dense_saved else group.dense(tensors, x2.device)
+            grad_x = g @ weight
+            if masks:
+                parts = zip(gs.split(list(group.ranks), dim=1), a_cat.split(list(group.ranks)), masks)
+                for gs_i, a_i, mask in parts:
+                    grad_x.add_(_dropped(gs_i @ a_i, mask, group.p))
+            else:
+                grad_x.addmm_(gs, a_cat)
+            grad_x = grad_x.reshape(ctx.x_shape)
+        if masks:
+            grad_a = [gs_i.t() @ _dropped(x2, m, group.p) for gs_i, m in zip(gs.split(list(group.ranks), dim=1), masks)]
+        else:
+            grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
         gb = g.t() @ xa  # [O, R]: the diagonal blocks are the members' gradients
         grads_a, grads_b, row, col = [], [], 0, 0
         for i, (rows, rank, s) in enumerate(zip(group.outs, group.ranks, group.scalings)):
@@ -115,7 +137,7 @@ class ProjectionGroup:
     The first member called with an input computes every member's output in one
     :class:`Int4LoraGroupFunction` node and hands the others theirs when they are called with the same tensor
     (the attention module calls ``q_proj(h)``, ``k_proj(h)``, ``v_proj(h)`` in a row). Whenever the group cannot
-    run as one node (dropout, a bias, different adapters or dtypes, another input) each member computes alone.
+    run as one node (a bias, different adapters, dtypes or dropout rates, another input) each member computes alone.
     """
 
     def __init__(self, members: list) -> None:
@@ -162,7 +184,7 @@ class ProjectionGroup:
             if (
                 c is None
                 or c.adapter != first.adapter
-                or c.p > 0
+                or c.p != first.p
                 or c.dtype != first.dtype
                 or c.base.bias is not None
                 or c.base.cache is not None
@@ -178,6 +200,7 @@ class ProjectionGroup:
             tuple(c.lora_a.shape[0] for c in calls),
             tuple(c.scaling for c in calls),
             all(spec.keep_dense for spec in specs),
+            first.p,
         )
 
 

@@ -71,21 +71,42 @@ def test_projection_groups_with_unequal_ranks_and_fallbacks(monkeypatch):
         results.append({n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad})
     assert max(rel_diff(results[1][n], results[0][n]) for n in results[0]) <= 1e-5
 
-    peft_model = build(0.1)  # dropout draws one mask per projection: the group steps aside
-    speed.apply(peft_model, group_projections=True)
-    peft_model.train()
+    # Dropout: the group draws each member's own mask in member order, as the separate projections do, so with the
+    # same seed the values and gradients are the same; different rates step aside.
+    with_dropout = []
+    for grouped in (False, True):
+        peft_model = build(0.1)
+        speed.apply(peft_model, group_projections=grouped)
+        peft_model.train()
+        calls = _count_calls(monkeypatch, projection_groups.Int4LoraGroupFunction)
+        torch.manual_seed(5)
+        out = peft_model(tokens, labels=tokens)
+        out.loss.backward()
+        monkeypatch.undo()
+        assert len(calls) == (4 if grouped else 0)
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        with_dropout.append((out.logits.detach(), grads))
+    assert rel_diff(with_dropout[1][0], with_dropout[0][0]) <= 1e-5
+    assert max(rel_diff(with_dropout[1][1][n], with_dropout[0][1][n]) for n in with_dropout[0][1]) <= 1e-5
+    peft_model.zero_grad()
+    torch.manual_seed(6)  # and the masks did something: another seed gives other gradients
+    peft_model(tokens, labels=tokens).loss.backward()
+    other = {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
+    assert max(rel_diff(other[n], with_dropout[1][1][n]) for n in other) > 1e-3
+
+    peft_model.base_model.model.model.layers[0].self_attn.k_proj.lora_dropout["default"].p = 0.2
     group_calls = _count_calls(monkeypatch, projection_groups.Int4LoraGroupFunction)
     peft_model(tokens, labels=tokens)
-    assert group_calls == []
+    assert len(group_calls) == 3  # layer 0's q/k/v now differ in rate: computed alone
 
     peft_model.eval()  # no dropout in eval: grouped again
     peft_model(tokens)
-    assert len(group_calls) == 4
+    assert len(group_calls) == 3 + 4
     # A member called alone still gets its own output; the next input replaces what the group kept for the others.
     attention = peft_model.base_model.model.model.layers[0].self_attn
     h, h2 = torch.randn(1, 5, 128), torch.randn(1, 5, 128)
     grouped = [attention.k_proj(h), attention.k_proj(h2), attention.v_proj(h2), attention.q_proj(h2)]
-    assert len(group_calls) == 6
+    assert len(group_calls) == 3 + 4 + 2
     speed.apply(peft_model, group_projections=False)
     alone = [attention.k_proj(h), attention.k_proj(h2), attention.v_proj(h2), attention.q_proj(h2)]
     assert max(rel_diff(a, b) for a, b in zip(grouped, alone)) <= 1e-6
