@@ -44,3 +44,24 @@ def moe_checkpoints(tmp_path_factory):
         return made[key]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def grouped_dequant(triton_kernels):
+    """int4lora_train.kernels.grouped_dequant, compiled on CUDA, else reloaded for Triton's CPU interpreter after the
+    ``triton_kernels`` fixture reloaded the dequant kernels it builds on."""
+    import importlib
+    import os
+
+    module = importlib.import_module("int4lora_train.kernels.grouped_dequant")
+    if torch.cuda.is_available() or module.INTERPRETED:
+        return module
+    previous = os.environ.get("TRITON_INTERPRET")
+    os.environ["TRITON_INTERPRET"] = "1"
+    try:
+        return importlib.reload(module)
+    finally:
+        if previous is None:
+            del os.environ["TRITON_INTERPRET"]
+        else:
+            os.environ["TRITON_INTERPRET"] = previous
