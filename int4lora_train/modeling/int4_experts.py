@@ -22,7 +22,7 @@ and the routing (the expert ids and their row counts). Backward dequantizes agai
 no weight gradient exists (the base is frozen and has no weight parameter).
 
 Optional per-expert LoRA (``lora``: :class:`ExpertLora`) adds ``s * (x @ A_e.T) @ B_e.T`` to each projection with
-``A_gate_up [E, r, H]``, ``B_gate_up [E, 2I, r]``, ``A_down [E, r, I]``, ``B_down [E, H, r]`` (plain autograd
+``A_gate``, ``A_up [E, r, H]``, ``B_gate``, ``B_up [E, I, r]``, ``A_down [E, r, I]``, ``B_down [E, H, r]`` (plain autograd
 through the segment matmuls). The PEFT layer that owns those parameters is
 :class:`int4lora_train.modeling.expert_lora.Int4ExpertsLora`.
 """
@@ -106,13 +106,17 @@ class Int4ExpertsLinearFunction(torch.autograd.Function):
 
 @dataclass(frozen=True)
 class ExpertLora:
-    """One adapter's per-expert LoRA tensors (see the module docstring) and its scaling."""
+    """One adapter's per-expert LoRA tensors (see the module docstring), its scaling and input dropout. Gate and up
+    have their own A and B, as in checkpoints and vLLM's per-expert adapters."""
 
-    gate_up_A: torch.Tensor  # [E, r, H]
-    gate_up_B: torch.Tensor  # [E, 2I, r]
+    gate_A: torch.Tensor  # [E, r, H]
+    gate_B: torch.Tensor  # [E, I, r]
+    up_A: torch.Tensor  # [E, r, H]
+    up_B: torch.Tensor  # [E, I, r]
     down_A: torch.Tensor  # [E, r, I]
     down_B: torch.Tensor  # [E, H, r]
     scaling: float
+    dropout: object = None
 
 
 def _segment_lora(x, lora_A, lora_B, ids_list, counts, scaling, dtype) -> torch.Tensor:
@@ -143,6 +147,7 @@ class Int4Experts(nn.Module):
         backend: str | None = None,
         max_dense_experts: int | None = None,
         name: str = "experts",
+        projection_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
     ) -> None:
         super().__init__()
         if gate_up.num_experts != down.num_experts:
@@ -164,6 +169,8 @@ class Int4Experts(nn.Module):
         self.compute_dtype = compute_dtype
         self.backend = backend
         self.max_dense_experts = max_dense_experts
+        self.projection_names = tuple(projection_names)
+        """Per-expert (gate, up, down) names in checkpoints and adapters (Mixtral: w1, w3, w2)."""
         self.group_sizes = {"gate_up": gate_up.group_size, "down": down.group_size}
         for prefix, stack in (("gate_up", gate_up), ("down", down)):
             self.register_buffer(f"{prefix}_packed", stack.packed)
@@ -245,14 +252,18 @@ class Int4Experts(nn.Module):
             x, gate_up.packed, gate_up.scales, gate_up.zero_points, ids, spec_gu
         )
         if lora is not None:
-            projected = projected + _segment_lora(
-                x, lora.gate_up_A, lora.gate_up_B, ids_list, counts, lora.scaling, dtype
-            )
+            xd = lora.dropout(x) if lora.dropout is not None else x
+            delta = [
+                _segment_lora(xd, a, b, ids_list, counts, lora.scaling, dtype)
+                for a, b in ((lora.gate_A, lora.gate_B), (lora.up_A, lora.up_B))
+            ]
+            projected = projected + torch.cat(delta, dim=-1)
         gate, up = projected.chunk(2, dim=-1)
         h = self.act_fn(gate) * up
         y = Int4ExpertsLinearFunction.apply(h, down.packed, down.scales, down.zero_points, ids, spec_down)
         if lora is not None:
-            y = y + _segment_lora(h, lora.down_A, lora.down_B, ids_list, counts, lora.scaling, dtype)
+            hd = lora.dropout(h) if lora.dropout is not None else h
+            y = y + _segment_lora(hd, lora.down_A, lora.down_B, ids_list, counts, lora.scaling, dtype)
         weights = top_k_weights.reshape(-1)[order]
         y = y * weights[:, None].to(y.dtype)
         return final.index_add(0, token, y.to(final.dtype))

@@ -184,13 +184,22 @@ def install_experts(model: nn.Module, plan: ExpertsPlan, tensors: dict, device, 
         plan.name,
         device=device,
         compute_dtype=compute_dtype,
+        projection_names=spec.projections,
     )
     _replace(model, plan.name, new)
     return new
 
 
 def experts_from_weights(
-    module: nn.Module, gates, ups, downs, name: str, device=None, compute_dtype=None, backend=None
+    module: nn.Module,
+    gates,
+    ups,
+    downs,
+    name: str,
+    device=None,
+    compute_dtype=None,
+    backend=None,
+    projection_names=("gate_proj", "up_proj", "down_proj"),
 ) -> Int4Experts:
     """An :class:`Int4Experts` replacing the transformers experts ``module`` from per-expert canonical weights
     (gate and up stacked along the output axis per expert, as transformers' ``gate_up_proj``)."""
@@ -222,7 +231,15 @@ def experts_from_weights(
         )
     if device is not None:
         gate_up_stack, down_stack = gate_up_stack.to(device), down_stack.to(device)
-    new = Int4Experts(gate_up_stack, down_stack, module.act_fn, compute_dtype=compute_dtype, backend=backend, name=name)
+    new = Int4Experts(
+        gate_up_stack,
+        down_stack,
+        module.act_fn,
+        compute_dtype=compute_dtype,
+        backend=backend,
+        name=name,
+        projection_names=projection_names,
+    )
     new.source_class = type(module)
     return new
 
@@ -258,6 +275,7 @@ def quantize_experts_rtn(
             dense, group_size=group_size, symmetric=symmetric, strategy=strategy, scale_dtype=scale_dtype
         )
 
+    spec = moe_spec_for(model) or MoESpec("unknown")
     names = []
     for name, module in experts_modules(model):
         if isinstance(module, Int4Experts):
@@ -272,6 +290,7 @@ def quantize_experts_rtn(
             name,
             compute_dtype=compute_dtype,
             backend=backend,
+            projection_names=spec.projections,
         )
         _replace(model, name, new)
         names.append(name)
