@@ -5,26 +5,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from moe_helpers import GROUP_SIZE, tiny_moe
 
 from int4lora_train.modeling.moe import save_int4_moe_checkpoint
-from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
-
-MOE_ARCHS = ("qwen3_moe", "qwen2_moe", "mixtral")
-GROUP_SIZE = 32
-
-
-def tiny_moe(arch: str, seed: int = 0, dtype=torch.float32):
-    """A tiny dense MoE model; expert weights are scaled up so that the experts matter in the logits."""
-    overrides = {"intermediate_size": 64} if arch == "mixtral" else {}
-    model = build_tiny_model(arch, seed=seed, dtype=dtype, **overrides)
-    with torch.no_grad():
-        gen = torch.Generator().manual_seed(seed + 1)
-        for name, param in model.named_parameters():
-            if name.endswith(("gate_up_proj", "down_proj")) and param.dim() == 3:
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype) * 0.1)
-            elif name.endswith("mlp.gate.weight"):
-                param.copy_(torch.randn(param.shape, generator=gen, dtype=param.dtype))
-    return model
+from int4lora_train.modeling.tiny_models import build_tokenizer
 
 
 @pytest.fixture(scope="session")

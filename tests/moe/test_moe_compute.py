@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import GROUP_SIZE, MOE_ARCHS, tiny_moe
+from moe_helpers import GROUP_SIZE, MOE_ARCHS, tiny_moe
 
 from int4lora_train.modeling import load_int4_model, quantize_model_rtn
 from int4lora_train.modeling.int4_experts import Int4Experts

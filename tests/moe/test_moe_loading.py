@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from conftest import MOE_ARCHS
+from moe_helpers import MOE_ARCHS
 
 from int4lora_train.errors import CheckpointError, UnsupportedFormatError
 from int4lora_train.modeling import Int4Linear, load_int4_model

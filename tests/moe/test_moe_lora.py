@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import tiny_moe
+from moe_helpers import tiny_moe
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 
