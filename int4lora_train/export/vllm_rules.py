@@ -75,6 +75,14 @@ VLLM_LORA_MODULES: dict[str, ArchLoraModules] = {
     # inherits Llama's embedding_modules.
     "phi3": ArchLoraModules("Phi3ForCausalLM", _FUSED_PROJECTIONS, _EMBEDDINGS),
     "gemma2": ArchLoraModules("Gemma2ForCausalLM", _PROJECTIONS, frozenset()),
+    # Mixture-of-experts (see the MoE section below for the per-expert keys). "gate" is the router (a
+    # ReplicatedLinear in vLLM, but no Linear in transformers, so never a PEFT target); Qwen2-MoE adds
+    # shared_expert_gate and declares no embedding_modules.
+    "qwen3_moe": ArchLoraModules("Qwen3MoeForCausalLM", _PROJECTIONS | {"gate"}, _EMBEDDINGS),
+    "qwen2_moe": ArchLoraModules("Qwen2MoeForCausalLM", _PROJECTIONS | {"gate", "shared_expert_gate"}, frozenset()),
+    "mixtral": ArchLoraModules(
+        "MixtralForCausalLM", frozenset({"q_proj", "k_proj", "v_proj", "o_proj", "w1", "w2", "w3", "gate"}), _EMBEDDINGS
+    ),
 }
 
 
@@ -257,6 +265,9 @@ def module_violations(model_type: str | None, modules: Iterable[str]) -> tuple[l
             "when it loads the adapter."
         ]
     arch = VLLM_LORA_MODULES[model_type]
+    moe_errors = moe_expert_violations(model_type, modules)
+    if moe_errors:
+        return moe_errors, []
     bad = [m for m in modules if m.rsplit(".", 1)[-1] not in arch.supported]
     if not bad:
         return [], []
@@ -302,3 +313,53 @@ def serve_commands(
         "print(outputs[0].outputs[0].text)\n"
     )
     return {"api_server": api_server, "vllm_serve": vllm_serve, "offline": offline}
+
+
+# ------------------------------------------------------------------------------------------------------------ MoE
+
+MOE_EXPERT_PROJECTIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "qwen3_moe": ("mlp", frozenset({"gate_proj", "up_proj", "down_proj"})),
+    "qwen2_moe": ("mlp", frozenset({"gate_proj", "up_proj", "down_proj"})),
+    "mixtral": ("block_sparse_moe", frozenset({"w1", "w2", "w3"})),
+}
+"""Per MoE model type: vLLM's name of the MoE block and the per-expert projection names its LoRA loader expects.
+
+vLLM (``lora/utils.py`` ``process_packed_modules_mapping``; ``lora/lora_model.py`` ``check_unexpected_modules``)
+loads MoE expert LoRA for these models (``is_3d_moe_weight = False``) as one 2-D LoRA per expert and projection,
+``<block>.experts.<e>.<proj>.lora_A.weight`` ``[r, in]`` / ``.lora_B.weight`` ``[out, r]``, and packs them into its
+``FusedMoEWithLoRA`` (w13 = gate + up, w2 = down). The fused 3-D layout of PEFT's ``target_parameters`` wrapper
+(``experts.lora_A.weight``, ``experts.base_layer.lora_A.weight``) is read only for 3-D-weight models or with
+``--enable-mixed-moe-lora-format``, and is refused here."""
+
+
+def moe_expert_violations(model_type: str | None, modules: Iterable[str]) -> list[str]:
+    """Errors for expert LoRA modules (names without the PEFT prefix) that vLLM's MoE LoRA would not load."""
+    if model_type not in MOE_EXPERT_PROJECTIONS:
+        return []
+    block, projections = MOE_EXPERT_PROJECTIONS[model_type]
+    errors = []
+    for module in sorted(set(modules)):
+        parts = module.split(".")
+        if "experts" not in parts:
+            continue
+        at = parts.index("experts")
+        rest = parts[at + 1 :]
+        if not rest or rest == ["base_layer"]:
+            errors.append(
+                f"{module}: a fused 3-D expert LoRA (PEFT target_parameters layout); vLLM loads MoE LoRA for "
+                f"{model_type} per expert ('{block}.experts.<e>.<proj>'). Fix: train expert LoRA with "
+                "target_modules=['experts'] on the INT4 model (Int4ExpertsLora saves the per-expert layout)."
+            )
+        elif len(rest) != 2 or not rest[0].isdigit() or rest[1] not in projections:
+            errors.append(
+                f"{module}: not a per-expert projection vLLM's {model_type} MoE LoRA loads; expected "
+                f"'{block}.experts.<e>.<one of {sorted(projections)}>'."
+            )
+        elif at == 0 or parts[at - 1] != block:
+            errors.append(
+                f"{module}: vLLM's {model_type} names the MoE block '{block}', not '{parts[at - 1] if at else ''}'; "
+                f"its LoRA would match no module. Fix: rename '.{parts[at - 1] if at else ''}.experts.' to "
+                f"'.{block}.experts.' in the adapter keys (the toolkit does not rename Mixtral expert LoRA yet), or "
+                "train LoRA on attention only."
+            )
+    return errors

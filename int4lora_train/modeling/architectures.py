@@ -52,6 +52,13 @@ ARCHITECTURES["phi3"] = ArchitectureSpec(
 )
 """Model types whose INT4 surgery, loading and LoRA are tested on tiny models (tests/modeling)."""
 
+MOE_ARCHITECTURES: dict[str, ArchitectureSpec] = {
+    name: ArchitectureSpec(name, _LLAMA_ATTENTION, _LLAMA_MLP) for name in ("qwen3_moe", "qwen2_moe", "mixtral")
+}
+"""Mixture-of-experts model types whose fused experts load as ``Int4Experts`` (modeling/moe.py, tests/moe). Their
+``mlp`` names are those of the dense MLPs (Qwen2-MoE's ``shared_expert``) and of each expert in checkpoints and
+vLLM adapters; the experts module itself is targeted as ``experts``."""
+
 
 @dataclass(frozen=True)
 class FusedExperts:
@@ -74,7 +81,8 @@ def model_type_of(model_or_config) -> str | None:
 
 def architecture_for(model_or_config) -> ArchitectureSpec | None:
     """The tested spec of this model's type, or None (surgery still works; LoRA target names are then generic)."""
-    return ARCHITECTURES.get(model_type_of(model_or_config))
+    model_type = model_type_of(model_or_config)
+    return ARCHITECTURES.get(model_type) or MOE_ARCHITECTURES.get(model_type)
 
 
 def projection_names(model: nn.Module) -> tuple[str, ...]:
@@ -95,8 +103,12 @@ def projection_names(model: nn.Module) -> tuple[str, ...]:
 def find_fused_expert_modules(model: nn.Module) -> list[FusedExperts]:
     """Modules that own 3-D (or higher) weight tensors: MoE experts fused into ``[experts, out, in]`` parameters
     (transformers 5's Mixtral / Qwen-MoE layout) or INT4 tensors packed per expert."""
+    from int4lora_train.modeling.int4_experts import Int4Experts
+
     found = []
     for name, module in model.named_modules():
+        if isinstance(module, Int4Experts):  # already converted: INT4 experts the toolkit runs
+            continue
         shapes = {
             key: tuple(t.shape)
             for key, t in module_tensors(module).items()
@@ -127,16 +139,17 @@ def check_no_int4_fused_experts(model: nn.Module) -> None:
 
 def check_loadable_architecture(model: nn.Module, source: str) -> None:
     """Raise :class:`UnsupportedFormatError` when the skeleton built from ``source`` (a config.json path) has fused
-    3-D expert parameters: their checkpoint tensors (per-expert, often INT4) cannot be mapped onto them."""
+    3-D expert parameters and its model type is not one whose per-expert checkpoint tensors the loader maps onto them
+    (:data:`MOE_ARCHITECTURES`)."""
     experts = find_fused_expert_modules(model)
-    if experts:
+    if experts and model_type_of(model) not in MOE_ARCHITECTURES:
         listed = "; ".join(e.describe() for e in experts[:3]) + (
             f"; and {len(experts) - 3} more" if len(experts) > 3 else ""
         )
         raise UnsupportedFormatError(
             f"{source}: model_type {model_type_of(model)!r} stores MoE experts as fused 3-D parameters ({listed}); "
-            "this layout is not supported by the INT4 loader. Supported: dense decoder models "
-            f"({', '.join(sorted(ARCHITECTURES))} and similar)."
+            "this layout is not supported by the INT4 loader for this model type. Supported: dense decoder models "
+            f"({', '.join(sorted(ARCHITECTURES))} and similar) and the MoE types {sorted(MOE_ARCHITECTURES)}."
         )
     if architecture_for(model) is None:
         logger.warning(

@@ -37,6 +37,7 @@ import transformers
 from torch import nn
 
 from int4lora_train.errors import CheckpointError, check_model_dir
+from int4lora_train.modeling import moe
 from int4lora_train.modeling.architectures import check_loadable_architecture
 from int4lora_train.modeling.int4_linear import Int4Linear
 from int4lora_train.modeling.surgery import (
@@ -96,14 +97,17 @@ def load_int4_model(
 
     model = _build_skeleton(hf_config, dtype, trust_remote_code)
     check_loadable_architecture(model, str(config_path))
-    checkpoint = CheckpointDir.open(directory, allow_pickle)
-    plans, dense_keys = _plan(model, quant_config, checkpoint, config_path, strict)
+    checkpoint = moe.rename_checkpoint(model, CheckpointDir.open(directory, allow_pickle))
+    expert_plans = moe.plan_experts(model, quant_config, checkpoint, config_path)  # MoE: {} for dense models
+    plans, dense_keys = _plan(model, quant_config, checkpoint, config_path, strict, expert_plans)
 
     device = torch.device(device)
     report = SurgeryReport(mode=mode)
     cache = make_cache(mode, cache_max_bytes)
     report.converted.extend(
-        _load_tensors(model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path)
+        _load_tensors(
+            model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path, expert_plans
+        )
     )
 
     model.tie_weights()
@@ -154,15 +158,23 @@ def _build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> t
 # ------------------------------------------------------------------------------------------------------ tensors
 
 
-def _load_tensors(model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path):
+def _load_tensors(
+    model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path, expert_plans=None
+):
     """Read the checkpoint tensor by tensor (shard by shard, in file order) into ``model``; yield a report entry per
-    INT4 module, converted as soon as its last tensor is read. Each dense tensor is its own request."""
+    INT4 module, converted as soon as its last tensor is read. Each dense tensor is its own request; an experts
+    module (all its experts' INT4 tensors) is one."""
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
+    expert_plans = expert_plans or {}
     requests = {name: plan.keys for name, plan in plans.items()}
+    requests.update({name: plan.keys for name, plan in expert_plans.items()})
     requests.update({key: {module_and_local(key)[1]: key} for key in dense_keys if key in checkpoint.catalog})
     for name, tensors in checkpoint.iter_module_tensors(requests):
         plan = plans.get(name)
-        if plan is not None:
+        if name in expert_plans:
+            experts = moe.install_experts(model, expert_plans[name], tensors, device, compute_dtype)
+            yield moe.experts_report_entry(name, expert_plans[name], experts)
+        elif plan is not None:
             yield _install_int4(model, plan, tensors, device, compute_dtype, cache, config_path)
         else:
             target_dtype = torch.float32 if _keep_in_fp32(name, keep_fp32) else dtype
@@ -179,6 +191,7 @@ def _plan(
     checkpoint: CheckpointDir,
     config_path: Path,
     strict: bool,
+    expert_plans: Mapping | None = None,
 ) -> tuple[dict[str, _Int4Plan], set[str]]:
     """Match the checkpoint's tensors to the skeleton: INT4 modules (with their tensors) and dense keys.
 
@@ -213,11 +226,14 @@ def _plan(
                 )
         plans[name] = plan
 
-    int4_keys = {key for plan in plans.values() for key in plan.keys.values()}
+    expert_plans = expert_plans or {}
+    int4_keys = {key for plan in [*plans.values(), *expert_plans.values()] for key in plan.keys.values()}
     dense_expected = {}
     for key, tensor in model.state_dict(keep_vars=True).items():
         module_name, local = module_and_local(key)
         if module_name in plans and local == "weight":
+            continue
+        if module_name in expert_plans and local in ("gate_up_proj", "down_proj"):
             continue
         dense_expected[key] = tensor
     tied = _tied_keys(model)

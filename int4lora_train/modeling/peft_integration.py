@@ -46,6 +46,12 @@ def register_int4_lora(config: LoraConfig) -> LoraConfig:
         )
     if (getattr(config, "_custom_modules", None) or {}).get(Int4Linear) is not Int4LoraLinear:
         config._register_custom_module({Int4Linear: Int4LoraLinear})
+    # MoE: per-expert LoRA on INT4 experts (target_modules "experts"; modeling/expert_lora.py).
+    from int4lora_train.modeling.expert_lora import Int4ExpertsLora
+    from int4lora_train.modeling.int4_experts import Int4Experts
+
+    if config._custom_modules.get(Int4Experts) is not Int4ExpertsLora:
+        config._register_custom_module({Int4Experts: Int4ExpertsLora})
     return config
 
 
@@ -86,13 +92,18 @@ def install_peft_dispatch() -> None:
         return
 
     def _create_new_module(lora_config, adapter_name, target, **kwargs):
+        from int4lora_train.modeling.int4_experts import Int4Experts
+
         base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
-        if isinstance(base, Int4Linear):
+        if isinstance(base, (Int4Linear, Int4Experts)):
             register_int4_lora(lora_config)
         return current(lora_config, adapter_name, target, **kwargs)
 
     _create_new_module._int4lora_original = current
     LoraModel._create_new_module = staticmethod(_create_new_module)
+    from int4lora_train.modeling.expert_lora import install_transformers_conversion_passthrough
+
+    install_transformers_conversion_passthrough()
     logger.debug("installed the Int4Linear LoRA dispatch on peft.tuners.lora.model.LoraModel")
 
 

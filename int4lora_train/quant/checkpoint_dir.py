@@ -19,7 +19,7 @@ from __future__ import annotations
 import json
 import struct
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -218,6 +218,8 @@ class CheckpointDir:
     shards: list[Path]
     index: Path | None
     catalog: dict[str, TensorInfo]
+    stored_keys: dict[str, str] = field(default_factory=dict)
+    """Catalog key -> the key stored in the shard, for keys :meth:`renamed` changed (empty: none renamed)."""
 
     @classmethod
     def open(cls, path, allow_pickle: bool = False) -> CheckpointDir:
@@ -225,6 +227,20 @@ class CheckpointDir:
         directory = Path(path)
         shards, index = find_shards(directory, allow_pickle)
         return cls(directory, shards, index, read_catalog(shards, index))
+
+    def renamed(self, rename) -> CheckpointDir:
+        """This directory with every key ``k`` catalogued as ``rename(k)`` (reads still use the stored keys); for
+        checkpoints whose module names differ from the model's (Mixtral's ``block_sparse_moe`` is transformers 5's
+        ``mlp``)."""
+        catalog, stored = {}, {}
+        for key, info in self.catalog.items():
+            new = rename(key)
+            if new in catalog:
+                raise CheckpointError(f"{info.file}: {key!r} and another tensor both map to {new!r}.")
+            catalog[new] = info
+            if new != key or key in self.stored_keys:
+                stored[new] = self.stored_keys.get(key, key)
+        return replace(self, catalog=catalog, stored_keys=stored)
 
     @property
     def where(self) -> Path:
@@ -266,7 +282,8 @@ class CheckpointDir:
         pending: dict[str, dict[str, torch.Tensor]] = {}
         for shard in self.shards:
             in_shard = sorted((k for k in owner if self.catalog[k].file == shard), key=lambda k: self.catalog[k].offset)
-            for key, tensor in _iter_shard(shard, in_shard):
+            stored = [self.stored_keys.get(k, k) for k in in_shard]
+            for key, (_, tensor) in zip(in_shard, _iter_shard(shard, stored)):
                 name, local = owner[key]
                 pending.setdefault(name, {})[local] = tensor
                 remaining[name] -= 1

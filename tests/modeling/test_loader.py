@@ -235,16 +235,17 @@ def test_configs_the_loader_does_not_support(checkpoint, tmp_path):
 
 
 def test_moe_with_fused_3d_experts_is_refused_by_name(checkpoint, tmp_path):
-    mixtral = transformers.MixtralConfig(
+    # Mixtral / Qwen-MoE experts load as Int4Experts (tests/moe); other MoE types are still refused by name.
+    mixtral = transformers.OlmoeConfig(
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=64, num_local_experts=4,
+        vocab_size=64, num_experts=4,
     ).to_dict()  # fmt: skip
     quant = json.loads((checkpoint[0] / "config.json").read_text())["quantization_config"]
     path = tmp_path / "moe"
     path.mkdir()
     (path / "config.json").write_text(json.dumps({**mixtral, "quantization_config": quant}))
     save_file({"model.norm.weight": torch.ones(64)}, path / "model.safetensors")
-    with pytest.raises(UnsupportedFormatError, match=r"fused 3-D.*model\.layers\.0\.mlp\.experts \(MixtralExperts"):
+    with pytest.raises(UnsupportedFormatError, match=r"fused 3-D.*model\.layers\.0\.mlp\.experts \(OlmoeExperts"):
         load_int4_model(path)
 
 

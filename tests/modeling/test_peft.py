@@ -237,7 +237,10 @@ def test_make_lora_config_registers_and_checks_up_front():
     from peft.tuners.lora.model import LoraModel
 
     config = make_lora_config(r=8, lora_alpha=16, use_rslora=True)
-    assert config._custom_modules == {Int4Linear: Int4LoraLinear}
+    from int4lora_train.modeling.expert_lora import Int4ExpertsLora
+    from int4lora_train.modeling.int4_experts import Int4Experts
+
+    assert config._custom_modules == {Int4Linear: Int4LoraLinear, Int4Experts: Int4ExpertsLora}
     assert config.target_modules == "all-linear" and config.use_rslora
     with pytest.raises(UnsupportedFormatError, match="use_dora"):
         make_lora_config(use_dora=True)
