@@ -79,9 +79,10 @@ def write_checkpoint(args, model_dir: Path) -> None:
     print(f"[train_run] wrote {model_dir} in {time.perf_counter() - started:.0f} s", flush=True)
 
 
-def write_chat_data(path: Path, rows: int, seq: int) -> None:
+def write_chat_data(path: Path, rows: int, seq: int, whole_rows: bool = False) -> None:
     """``rows`` chat records of random words, each about a third of a packed row (the byte tokenizer: 1 token per
-    byte), so packing fills rows with several conversations."""
+    byte), so packing fills rows with several conversations; ``whole_rows``: each record nearly fills a row alone
+    (no sample boundary inside a row, so attention needs no packed-sequence mask)."""
     if path.is_file():
         return
     rng = random.Random(0)
@@ -95,6 +96,8 @@ def write_chat_data(path: Path, rows: int, seq: int) -> None:
     with path.open("w") as f:
         for _ in range(rows):
             user, answer = rng.randint(seq // 20, seq // 8), rng.randint(seq // 8, seq // 4)
+            if whole_rows:
+                user, answer = seq // 4, seq - seq // 4 - 64
             record = {
                 "messages": [{"role": "user", "content": text(user)}, {"role": "assistant", "content": text(answer)}]
             }
@@ -232,6 +235,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--dropout", type=float, default=0.05, help="LoRA dropout (the shipped 8B config: 0.05)")
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile", action="store_true", help="profile three steady-state steps of each base")
+    parser.add_argument("--whole-rows", action="store_true", help="one conversation per row (no packing mask)")
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -243,9 +247,9 @@ def main(argv: list[str] | None = None) -> dict | None:
 
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    model_dir, data = work / "model", work / "chat.jsonl"
+    model_dir, data = work / "model", work / ("chat-whole-rows.jsonl" if args.whole_rows else "chat.jsonl")
     write_checkpoint(args, model_dir)
-    write_chat_data(data, rows=max(64, 4 * args.steps * args.bs), seq=args.seq)
+    write_chat_data(data, rows=max(64, 4 * args.steps * args.bs), seq=args.seq, whole_rows=args.whole_rows)
     results = {}
     for base in args.bases.split(","):
         (work / f"{base}.yaml").write_text(

@@ -34,6 +34,7 @@ from accelerate import Accelerator, PartialState
 from accelerate.state import AcceleratorState
 from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from torch.profiler import record_function
 
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from . import checkpoint as ckpt
@@ -344,43 +345,50 @@ class Trainer:
     def _train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint):
         """One optimizer step; returns ``(loss, grad_norm, lr, tokens)`` agreed by all processes."""
         acc = self.accelerator
-        batches = [self._batch([train_data[i] for i in rows]) for rows in plan.micro_batches(step, acc.process_index)]
-        local = torch.tensor(
-            [sum(num_targets(b) for b in batches), sum(int(b["tokens"]) for b in batches)], device=acc.device
-        )
-        global_targets, global_tokens = acc.reduce(local, reduction="sum").tolist()
-        # DDP averages gradients over processes, so each process divides by (global targets / processes).
-        normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
+        with record_function("int4lora/data"):
+            # Counted on the host before the batches move: one process needs no device round trip for them.
+            rows = [[train_data[i] for i in r] for r in plan.micro_batches(step, acc.process_index)]
+            cpu_batches = [collate(r, self.pad_token_id) for r in rows]
+            counts = [sum(num_targets(b) for b in cpu_batches), sum(len(s) for r in rows for s in r)]
+            if plan.world_size > 1:
+                counts = acc.reduce(torch.tensor(counts, device=acc.device), reduction="sum").tolist()
+            global_targets, global_tokens = counts
+            batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+            # DDP averages gradients over processes, so each process divides by (global targets / processes).
+            normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
         module.model.train()
         step_loss = torch.zeros((), device=acc.device)
         for k, batch in enumerate(batches):
             batch[LOSS_NORMALIZER] = normalizer
             sync = k == len(batches) - 1
             with contextlib.nullcontext() if sync else acc.no_sync(module.model):
-                loss = module.training_step(batch)
-                acc.backward(loss)
+                with record_function("int4lora/forward"):
+                    loss = module.training_step(batch)
+                with record_function("int4lora/backward"):
+                    acc.backward(loss)
             step_loss += loss.detach().float()
-        loss_value = float(acc.reduce(step_loss, reduction="sum")) / plan.world_size
+        with record_function("int4lora/loss-sync"):
+            loss_value = float(acc.reduce(step_loss, reduction="sum")) / plan.world_size
         lr = scheduler.get_last_lr()[0]
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, f"the training loss is {loss_value}", last_checkpoint)
         max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, scale by exactly 1.0
-        grad_norm = float(acc.clip_grad_norm_([p for _, p in module.trainable_parameters()], max_norm))
+        with record_function("int4lora/clip"):
+            grad_norm = float(acc.clip_grad_norm_([p for _, p in module.trainable_parameters()], max_norm))
         if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
             optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
         self._updating = True  # until fit counts the step: no checkpoint can be written from here (Ctrl-C)
-        optimizer.step()
-        if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
-            scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+        with record_function("int4lora/optimizer"):
+            optimizer.step()
+            if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
         return loss_value, grad_norm, lr, int(global_tokens)
 
     def _batch(self, rows: Sequence[Sample]) -> dict[str, torch.Tensor]:
-        batch = {k: v.to(self.device) for k, v in collate(rows, self.pad_token_id).items()}
-        batch["tokens"] = torch.tensor(sum(len(r) for r in rows))
-        return batch
+        return {k: v.to(self.device) for k, v in collate(rows, self.pad_token_id).items()}
 
     def _diverged(self, step: int, what: str, last_checkpoint: str | None) -> TrainingError:
         if last_checkpoint:
