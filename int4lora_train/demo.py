@@ -116,7 +116,7 @@ def _main_process_first(device: str):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        from .train.trainer import use_cpu
+        from .train.strategy import use_cpu
 
         return PartialState(cpu=use_cpu(device)).main_process_first()
     return contextlib.nullcontext()
