@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import math
+import sys
 from pathlib import Path
 
 import pytest
@@ -202,6 +203,7 @@ def test_verify_with_vllm_runs_the_whole_check(lora_model, tiny_checkpoint, tmp_
     export_adapter(lora_model, tmp_path / "adapter", base_model_dir=tiny_checkpoint)
     fake = _ToolkitAsVllm(tiny_checkpoint)
     monkeypatch.setattr(verify, "run_vllm_worker", fake)
+    monkeypatch.setenv("INT4LORA_VLLM_PYTHON", sys.executable)  # the stand-in needs no vLLM venv on this machine
     status = cli.main(
         ["verify", str(tiny_checkpoint), str(tmp_path / "adapter"), "--prompt", "Hello", "--max-tokens", "3"]
     )
