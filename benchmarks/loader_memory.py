@@ -24,43 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import llama_config, proc_status, random_int4_weight
+
 
 def _status() -> dict[str, int]:
     """VmRSS / VmHWM / RssAnon / RssFile of this process, in bytes (Linux)."""
-    fields = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM", "RssAnon", "RssFile"):
-                fields[key] = int(value.split()[0]) * 1024
-    return fields
-
-
-def _config(args):
-    import transformers
-
-    return transformers.LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=131072,
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-    )
-
-
-def _random_int4(out_features: int, in_features: int, group_size: int, gen):
-    """A random symmetric INT4 weight (uniform nibbles, scales like a trained layer's ~ 1e-2)."""
-    import torch
-
-    from int4lora_train.quant.layout import Int4Weight
-
-    packed = torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8, generator=gen)
-    scales = (torch.rand(out_features, in_features // group_size, generator=gen) * 0.02 + 0.002).to(torch.bfloat16)
-    return Int4Weight.create(packed, scales, in_features, group_size)
+    return proc_status("VmRSS", "VmHWM", "RssAnon", "RssFile")
 
 
 def _stream(args):
@@ -84,7 +53,11 @@ def _stream(args):
         yield f"{prefix}.input_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
         yield f"{prefix}.post_attention_layernorm.weight", torch.ones(h, dtype=torch.bfloat16)
         for name, (out_features, in_features) in shapes.items():
-            yield f"{prefix}.{name}", _random_int4(out_features, in_features, args.group_size, gen)
+            # scales like a trained layer's ~ 1e-2
+            yield (
+                f"{prefix}.{name}",
+                random_int4_weight(out_features, in_features, args.group_size, generator=gen, scale_spread=0.02),
+            )
     yield "model.norm.weight", torch.ones(h, dtype=torch.bfloat16)
     yield "lm_head.weight", (torch.randn(args.vocab, h, generator=gen) * 0.02).to(torch.bfloat16)
 
@@ -96,7 +69,7 @@ def phase_write(args) -> dict:
 
     start = time.perf_counter()
     write_int4_checkpoint(
-        _config(args),
+        llama_config(args, max_position_embeddings=131072),
         _stream(args),
         args.out,
         format="compressed-tensors",

@@ -34,43 +34,30 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
+from common import (
+    add_shape_arguments,
+    apply_shape,
+    device_name,
+    memory_now,
+    memory_peak,
+    memory_reset,
+    parse_mode,
+    prepare,
+    sync,
+)
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # train_step.py: the model builder and memory helpers
-
-from train_step import SHAPES, _memory_now, _memory_peak, _memory_reset, _sync, parse_mode, prepare  # noqa: E402
-
-from int4lora_train.train import distributed  # noqa: E402
+from int4lora_train.train import distributed
+from int4lora_train.train.strategy import FSDPStrategy, select_strategy
 
 DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4+fused+keep+group+kernels"}
 """``train_step.py`` modes: DDP with all of the toolkit's training optimisations; FSDP with all but the chunked loss,
 which ``prepare_fsdp`` switches off (it reads the output head's weight outside its forward, where FSDP has not
 gathered it)."""
-
-
-def make_accelerator(strategy: str, cpu: bool, ddp_options: dict | None = None):
-    """The accelerator the trainer would make for ``train.strategy`` (bf16 autocast; FSDP: the toolkit's plugin);
-    ``ddp_options``: extra ``DistributedDataParallelKwargs`` (e.g. ``comm_hook``, ``bucket_cap_mb``) to compare."""
-    from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs
-
-    plugin = None
-    if distributed.fsdp_requested(strategy, PartialState(cpu=cpu).num_processes):
-        plugin = distributed.fsdp_plugin(reshard_after_forward=True)
-    accelerator = Accelerator(
-        cpu=cpu,
-        mixed_precision="bf16",
-        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False, **(ddp_options or {}))],
-        fsdp_plugin=plugin,
-    )
-    sharded = plugin is not None and distributed.activate_fsdp(accelerator, plugin)
-    return accelerator, sharded
 
 
 def run(args) -> dict | None:
@@ -84,41 +71,39 @@ def run(args) -> dict | None:
         ddp_options["bucket_cap_mb"] = args.bucket_cap_mb
     if args.static_graph:
         ddp_options.update(static_graph=True, gradient_as_bucket_view=True)
-    accelerator, sharded = make_accelerator(args.strategy, cpu, ddp_options)
+    # the trainer's strategy, with bf16 autocast (and the DDP options compared here)
+    strategy = select_strategy(args.strategy, cpu=cpu, mixed_precision="bf16", ddp_options=ddp_options)
+    accelerator, sharded = strategy.accelerator, isinstance(strategy, FSDPStrategy)
     device = accelerator.device
     if args.strategy == "fsdp" and not sharded:
         raise SystemExit("--strategy fsdp needs several processes: accelerate launch --multi_gpu --num_processes N")
-    _memory_reset(device)
+    memory_reset(device)
     started = time.perf_counter()
     model = prepare(args, args.mode, device)  # seeded: the same base and adapters in every process
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    if sharded:
-        model, optimizer = distributed.prepare_fsdp(accelerator, model, optimizer)
-        shards = distributed.sharding_report(model, accelerator.process_index)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-        shards = None
+    model, optimizer = strategy.prepare(model, optimizer)
+    shards = distributed.sharding_report(model, accelerator.process_index) if sharded else None
     build_s = time.perf_counter() - started
-    _memory_reset(device)
-    held = _memory_now(device)
+    memory_reset(device)
+    held = memory_now(device)
 
     gen = torch.Generator(device=device).manual_seed(1 + accelerator.process_index)  # each process its own batch
     tokens = torch.randint(0, args.vocab, (args.bs, args.seq), device=device, generator=gen)
     times, loss = [], torch.zeros(())
     for i in range(args.warmup + args.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         loss = model(input_ids=tokens, labels=tokens).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        _sync(device)
+        sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     mine = {
         "rank": accelerator.process_index,
         "median_step_s": statistics.median(times),
-        "peak_memory_bytes": _memory_peak(device),
+        "peak_memory_bytes": memory_peak(device),
         "held_after_prepare_bytes": held,
         "last_loss": float(loss.detach()),
         "build_s": build_s,
@@ -150,7 +135,7 @@ def run(args) -> dict | None:
         "max_peak_memory_bytes": max(p["peak_memory_bytes"] for p in processes),
         "per_process": processes,
         "env": {
-            "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+            "device": device_name(device),
             "torch": torch.__version__,
         },
     }
@@ -178,9 +163,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         default=None,
         help="train_step.py's INT4 mode (default: int4-opt for ddp, int4-opt without chunked for fsdp)",
     )
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape preset (default 8b)")
-    for key in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
-        parser.add_argument(f"--{key}", type=int, default=None, help="override the shape preset")
+    add_shape_arguments(parser)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=1, help="rows per process and step")
@@ -198,16 +181,14 @@ def main(argv: list[str] | None = None) -> dict | None:
     if args.scaling:
         print(scaling(args.scaling))
         return None
-    for key, value in SHAPES[args.shape].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_shape(args)
     args.mode = args.mode or DEFAULT_MODES[args.strategy]
     try:
         if not parse_mode(args.mode)[0] == "int4":
             parser.error(f"--mode {args.mode}: multi-GPU runs use the int4 base (on the fly)")
     except ValueError as exc:
         parser.error(str(exc))
-    args.cache_gb, args.reentrant, args.profile_modes = None, False, set()  # what train_step.prepare reads
+    args.cache_gb, args.reentrant, args.profile_modes = None, False, set()  # what common.prepare reads
     result = run(args)
     if result is not None:
         if args.json:

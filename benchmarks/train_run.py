@@ -42,7 +42,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # loader_memory.py / train_step.py: the checkpoint writer and the baseline builders
+sys.path.insert(0, str(HERE))  # common.py / loader_memory.py: the model builders and the checkpoint writer
 
 SHAPE_8B = dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
 BASES = ("int4", "bf16", "nf4")
@@ -57,7 +57,8 @@ def write_checkpoint(args, model_dir: Path) -> None:
     if (model_dir / "config.json").is_file() and any(model_dir.glob("*.safetensors")):
         return
     import torch
-    from loader_memory import _config, _stream
+    from common import llama_config
+    from loader_memory import _stream
 
     from int4lora_train.modeling.tiny_models import build_tokenizer
     from int4lora_train.quant.packer import write_int4_checkpoint
@@ -65,7 +66,7 @@ def write_checkpoint(args, model_dir: Path) -> None:
     started = time.perf_counter()
     shape = SimpleNamespace(**{k: getattr(args, k) for k in SHAPE_8B}, group_size=args.group_size)
     write_int4_checkpoint(
-        _config(shape),
+        llama_config(shape, max_position_embeddings=131072),
         _stream(shape),
         model_dir,
         format="compressed-tensors",
@@ -153,13 +154,13 @@ def child(args) -> None:
     config_path = work / f"{args.child}.yaml"
     device = torch.device(args.device if args.device != "auto" else "cuda")
     if args.child != "int4":
-        import train_step
+        from common import build_model
 
-        shape = SimpleNamespace(**vars(args), cache_gb=None)  # what train_step.build_model reads
+        shape = SimpleNamespace(**vars(args), cache_gb=None)  # what build_model reads
 
         def load_baseline(config, load_device):
             torch.manual_seed(0)
-            return train_step.build_model(shape, args.child, load_device, torch.bfloat16)
+            return build_model(shape, args.child, load_device, torch.bfloat16)
 
         job.load_model = load_baseline  # the same run_training; only the base model differs
 

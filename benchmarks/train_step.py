@@ -37,9 +37,7 @@ Modes are ``BASE[+OPTION...]``:
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -47,210 +45,31 @@ from pathlib import Path
 
 import torch
 import transformers
-from peft import LoraConfig, get_peft_model
+from common import (
+    PROJECTIONS,
+    add_shape_arguments,
+    apply_shape,
+    device_name,
+    memory_now,
+    memory_peak,
+    memory_reset,
+    parse_mode,
+    prepare,
+    random_int4_weight,
+    sync,
+)
 
-from int4lora_train import speed
 from int4lora_train.kernels import triton_available
-from int4lora_train.modeling import Int4Linear, prepare_for_training
-from int4lora_train.quant.layout import Int4Weight
-
-PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BASES = ("bf16", "nf4", "int4", "int4-cache")
-OPTIONS = ("fused", "keep", "group", "chunked", "kernels", "autokernels", "reentrant")
-ALIASES = {
-    "int4-opt": "int4+fused+keep+group+chunked+kernels",
-    "int4-default": "int4+fused+keep+group+chunked+autokernels",
-}
-SHAPES = {
-    "8b": dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256),
-    "70b": dict(layers=80, hidden=8192, intermediate=28672, heads=64, kv_heads=8, vocab=128256),
-}
-
-
-def parse_mode(mode: str) -> tuple[str, frozenset[str]]:
-    """``"int4+fused+chunked"`` -> ``("int4", {"fused", "chunked"})``; aliases expanded; unknown parts raise."""
-    head, *rest = mode.split("+")
-    base, *options = ALIASES.get(head, head).split("+")
-    options += rest
-    if base not in BASES or any(o not in OPTIONS for o in options):
-        raise ValueError(f"unknown mode {mode!r}: BASE[+OPTION...] with BASE in {BASES}, OPTION in {OPTIONS}")
-    if base in ("bf16", "nf4") and set(options) & {"fused", "keep", "group"}:
-        raise ValueError(f"mode {mode!r}: fused / keep / group apply to INT4 bases only")
-    return base, frozenset(options)
-
-
-def llama_config(args) -> transformers.LlamaConfig:
-    return transformers.LlamaConfig(
-        hidden_size=args.hidden,
-        intermediate_size=args.intermediate,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        vocab_size=args.vocab,
-        max_position_embeddings=max(args.seq, 2048),
-        rope_theta=500000.0,
-        tie_word_embeddings=False,
-        use_cache=False,
-    )
-
-
-def random_int4_weight(out_features: int, in_features: int, group_size: int, device) -> Int4Weight:
-    """Uniform random nibbles and bf16 scales in [0.002, 0.007] (weights of std ~0.02, like the dense models'
-    initialisation), made on ``device``."""
-    packed = torch.randint(0, 256, (out_features, in_features // 2), dtype=torch.uint8, device=device)
-    scales = torch.rand(out_features, in_features // group_size, device=device) * 0.005 + 0.002
-    return Int4Weight.create(packed, scales.to(torch.bfloat16), in_features, group_size)
-
-
-def _projection_names(model: torch.nn.Module) -> list[str]:
-    return [
-        name
-        for name, module in model.named_modules()
-        if isinstance(module, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJECTIONS
-    ]
-
-
-def _replace(model: torch.nn.Module, name: str, new: torch.nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent), child, new)
-
-
-def build_model(args, base: str, device: torch.device, dtype: torch.dtype = torch.bfloat16) -> torch.nn.Module:
-    """A model with random weights on ``device``: dense, NF4 (bitsandbytes) or with every projection an Int4Linear."""
-    config = llama_config(args)
-    if base in ("bf16", "nf4"):
-        with torch.device(device):
-            model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-        if base == "nf4":
-            _quantize_nf4(model, device)
-        return model
-
-    from accelerate import init_empty_weights
-
-    from int4lora_train.modeling.surgery import make_cache
-
-    with init_empty_weights():
-        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
-    cache_bytes = None if args.cache_gb is None else int(args.cache_gb * 2**30)
-    cache = make_cache("cache" if base == "int4-cache" else "on_the_fly", cache_bytes if base == "int4-cache" else None)
-    for name in _projection_names(model):
-        module = model.get_submodule(name)
-        weight = random_int4_weight(module.out_features, module.in_features, args.group_size, device)
-        _replace(model, name, Int4Linear(weight, cache=cache, cache_key=name))
-    gen = torch.Generator(device=device).manual_seed(0)
-    for name, param in list(model.named_parameters()):  # embeddings, norms, lm_head: still on the meta device
-        module_name, _, local = name.rpartition(".")
-        if "norm" in module_name:
-            value = torch.ones(param.shape, dtype=dtype, device=device)
-        else:
-            value = (torch.randn(param.shape, generator=gen, device=device) * 0.02).to(dtype)
-        model.get_submodule(module_name)._parameters[local] = torch.nn.Parameter(value)
-    return model.to(device)  # the rotary buffers
-
-
-def _quantize_nf4(model: torch.nn.Module, device: torch.device) -> None:
-    """Replace every projection by bitsandbytes' NF4 ``Linear4bit`` (double quantization, bf16 compute), as
-    ``BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-    bnb_4bit_compute_dtype=torch.bfloat16)`` loads a checkpoint."""
-    import bitsandbytes as bnb
-
-    for name in _projection_names(model):
-        dense = model.get_submodule(name)
-        layer = bnb.nn.Linear4bit(
-            dense.in_features,
-            dense.out_features,
-            bias=False,
-            compute_dtype=torch.bfloat16,
-            compress_statistics=True,
-            quant_type="nf4",
-            device="meta",
-        )
-        layer.weight = bnb.nn.Params4bit(
-            dense.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4"
-        ).to(device)
-        _replace(model, name, layer)
-        del dense
-    model.is_loaded_in_4bit = True  # what PEFT checks to pick its bnb LoRA layer
-    gc.collect()
-    torch.cuda.empty_cache()
-
-
-def _memory_reset(device: torch.device) -> None:
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-    else:
-        try:  # "5" resets the peak RSS (VmHWM) of this process (Linux >= 4.0)
-            Path("/proc/self/clear_refs").write_text("5")
-        except OSError:
-            pass
-
-
-def _memory_now(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.memory_allocated(device)
-    return _proc_status("VmRSS")
-
-
-def _memory_peak(device: torch.device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device)
-    return _proc_status("VmHWM")
-
-
-def _proc_status(key: str) -> int:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def prepare(args, mode: str, device: torch.device, dtype=torch.bfloat16, dropout: float = 0.0, init_b: bool = False):
-    """The model of ``mode`` with LoRA applied and the mode's options set."""
-    base, options = parse_mode(mode)
-    torch.manual_seed(0)  # the random base weights: the same in every build of a base
-    model = build_model(args, base, device, dtype)
-    torch.manual_seed(0)  # lora_A's init: the same adapters in every mode
-    lora = LoraConfig(r=args.rank, lora_alpha=2 * args.rank, target_modules=list(PROJECTIONS), lora_dropout=dropout)
-    model = get_peft_model(model, lora)
-    if init_b:  # lora_B starts at zero; make the adapters do something (correctness checks)
-        for name, param in sorted(model.named_parameters()):
-            if "lora_B" in name:
-                gen = torch.Generator(device=device).manual_seed(sum(map(ord, name)))
-                param.data.normal_(0, 0.02, generator=gen)
-    features = {
-        "chunked_loss": "chunked" in options,
-        "fused_kernels": "on" if "kernels" in options else "auto" if "autokernels" in options else "off",
-    }
-    if base.startswith("int4"):
-        features.update(
-            fused_lora="fused" in options,
-            keep_dense_for_backward="keep" in options,
-            group_projections="group" in options,
-        )
-    speed.apply(model, **features)
-    reentrant = args.reentrant or "reentrant" in options
-    prepare_for_training(model, gradient_checkpointing=not args.no_checkpointing, use_reentrant=reentrant)
-    model.train()
-    return model
+from int4lora_train.modeling import Int4Linear
 
 
 def run_mode(args, mode: str, device: torch.device) -> dict:
-    _memory_reset(device)
-    before = _memory_now(device)
+    memory_reset(device)
+    before = memory_now(device)
     build_start = time.perf_counter()
     model = prepare(args, mode, device)
     build_s = time.perf_counter() - build_start
-    weights = _memory_now(device) - before
+    weights = memory_now(device) - before
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(1)
@@ -264,17 +83,17 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()
 
-    _memory_reset(device)
+    memory_reset(device)
     times, loss = [], float("nan")
     for i in range(args.warmup + args.steps):
-        _sync(device)
+        sync(device)
         start = time.perf_counter()
         loss = step()
-        _sync(device)
+        sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
     loss = loss.item()
-    peak = _memory_peak(device)
+    peak = memory_peak(device)
     reserved = torch.cuda.max_memory_reserved(device) if device.type == "cuda" else 0
     profile = _profile(step, device, mode, args) if mode in args.profile_modes else None
     median = statistics.median(times)
@@ -304,11 +123,11 @@ def _profile(step, device: torch.device, mode: str, args) -> dict:
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     with profile(activities=activities) as prof:
         step()
-        _sync(device)
+        sync(device)
     wall = time.perf_counter() - start
     events = prof.key_averages()
     tables = [
@@ -351,7 +170,7 @@ def check(args, device: torch.device) -> list[dict]:
         loss.backward()
         out = {n: p.grad.float() for n, p in model.named_parameters() if p.requires_grad}
         del model
-        _memory_reset(device)
+        memory_reset(device)
         return loss.detach().float().item(), out
 
     def compare(name, a, ref):
@@ -414,12 +233,12 @@ def host_overhead(args, device: torch.device, calls: int = 300) -> list[dict]:
         for name, fn in cases.items():
             for _ in range(5):
                 fn()
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(calls):
                 fn()
             host = time.perf_counter() - start
-            _sync(device)
+            sync(device)
             total = time.perf_counter() - start
             rows.append(
                 {"case": name, "host_us_per_call": host / calls * 1e6, "total_us_per_call": total / calls * 1e6}
@@ -434,9 +253,7 @@ def host_overhead(args, device: torch.device, calls: int = 300) -> list[dict]:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--modes", default="bf16,int4,int4-opt", help="comma-separated BASE[+OPTION...] (see above)")
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="8b", help="model shape preset (default 8b)")
-    for key in ("layers", "hidden", "intermediate", "heads", "kv-heads", "vocab"):
-        parser.add_argument(f"--{key}", type=int, default=None, help="override the shape preset")
+    add_shape_arguments(parser)
     parser.add_argument("--group-size", type=int, default=128)
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--bs", type=int, default=1)
@@ -455,9 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-dir", default=None, help="write each profile's kernel table here")
     parser.add_argument("--json", default=None, help="write the results here as JSON (rewritten after each mode)")
     args = parser.parse_args(argv)
-    for key, value in SHAPES[args.shape].items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    apply_shape(args)
     args.profile_modes = {m.strip() for m in args.profile_modes.split(",") if m.strip()}
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
     for mode in modes:
@@ -467,7 +282,7 @@ def main(argv: list[str] | None = None) -> dict:
             parser.error(str(exc))
     device = torch.device(args.device)
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "dequant_backend": "triton" if device.type == "cuda" and triton_available() else "torch",
@@ -491,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
             results.append(run_mode(args, mode, device))
         except torch.cuda.OutOfMemoryError as exc:  # a baseline that does not fit is a result too
             results.append({"mode": mode, "error": f"out of memory: {str(exc).splitlines()[0]}"})
-            _memory_reset(device)
+            memory_reset(device)
         _write(args.json, report)
         print(_row_line(results[-1]), file=sys.stderr, flush=True)
     print(_table(args, results, env))

@@ -41,11 +41,7 @@ PEFT_DEPRECATION = r"`is_gradient_checkpointing` is deprecated"
 
 def main(argv: Sequence[str] | None = None) -> int:
     warnings.filterwarnings("ignore", message=PEFT_DEPRECATION, category=FutureWarning)
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)
-    if extra and args.command != "verify":  # verify parses its own options (_cmd_verify)
-        parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    args.extra = extra
+    args = build_parser().parse_args(argv)
     _setup_logging(args.verbose, args.quiet)
     try:
         return args.handler(args)
@@ -95,8 +91,26 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--all", action="store_true", help="one line per module (default: grouped by layout)")
     inspect.set_defaults(handler=_cmd_inspect)
 
-    # verify's options live with it (export/verify.py, which imports torch): _cmd_verify parses them.
-    verify = commands.add_parser("verify", help=VERIFY_HELP, description=VERIFY_HELP, parents=[common], add_help=False)
+    verify = command("verify", "check that vLLM reproduces the toolkit's model (+ adapter)")
+    verify.add_argument("model_dir", help="the INT4 checkpoint directory vLLM serves")
+    verify.add_argument("adapter_dir", nargs="?", help="an exported adapter directory (optional)")
+    verify.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for more)")
+    verify.add_argument("--max-tokens", type=int, default=16, help="greedy tokens to generate per prompt")
+    verify.add_argument("--logprobs", type=int, default=20, help="top tokens compared per position (-1: all)")
+    verify.add_argument(
+        "--path",
+        choices=["auto", "int4", "dense"],
+        default="auto",
+        help="int4: vLLM serves the INT4 checkpoint (needs its W4A16 kernel: AVX-512 on CPUs); dense: vLLM serves a "
+        "float32 copy decompressed by compressed-tensors; auto: int4 where it can run (docs/verification.md)",
+    )
+    verify.add_argument("--dtype", help="vLLM dtype (default: float16 on the int4 path, float32 on the dense path)")
+    verify.add_argument(
+        "--tolerance", type=float, help="max allowed |logprob difference| (default: 1e-2 int4, 1e-4 dense)"
+    )
+    verify.add_argument("--device", default="cpu", help="device for the toolkit's reference forward")
+    verify.add_argument("--strict-base", action="store_true", help="refuse an adapter trained on another base")
+    verify.add_argument("--vllm-python", help="interpreter with vLLM (default: .venv-vllm/bin/python)")
     verify.set_defaults(handler=_cmd_verify)
     return parser
 
@@ -108,15 +122,25 @@ def _common_options() -> argparse.ArgumentParser:
     return common
 
 
-VERIFY_HELP = "check that vLLM reproduces the toolkit's model (+ adapter)"
-
-
 def _cmd_verify(args: argparse.Namespace) -> int:
-    from .export.verify import add_arguments, run_from_args
+    """Run the vLLM parity check, print its table; exit status 0 on PASS, 1 on FAIL."""
+    from .export.verify import verify_with_vllm
 
-    parser = argparse.ArgumentParser(prog="int4lora-train verify", description=VERIFY_HELP, parents=[_common_options()])
-    add_arguments(parser)
-    return run_from_args(parser.parse_args(args.extra))
+    report = verify_with_vllm(
+        args.model_dir,
+        args.adapter_dir,
+        args.prompts,
+        max_tokens=args.max_tokens,
+        logprobs=args.logprobs,
+        path=args.path,
+        dtype=args.dtype,
+        tolerance=args.tolerance,
+        device=args.device,
+        strict_base=args.strict_base,
+        vllm_python=args.vllm_python,
+    )
+    print(report.format_table())
+    return 0 if report.passed else 1
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -168,23 +192,11 @@ def _train(config, quiet: bool) -> int:
     reports = []
 
     def export_fn(model, tokenizer, run_config, out_dir: Path) -> Path:
-        from .export import export_adapter
+        from .export.run import export_run_adapter
 
-        report = export_adapter(
-            model,
-            out_dir,
-            base_model_dir=run_config.model.path,
-            fold_scaling=run_config.output.export.fold_scaling,
-            overwrite=True,
-        )
-        reports.append(report.summary())
-        if run_config.output.export.check_reload:
-            diff = reload_difference(model, tokenizer, run_config, report.out_dir)
-            reports.append(
-                f"Reloaded with PEFT onto a fresh copy of the INT4 base, the exported adapter reproduces the trained "
-                f"model: max |logit difference| {diff:.3g} on {len(RELOAD_PROMPTS)} prompts"
-            )
-        return report.out_dir
+        written, paragraphs = export_run_adapter(model, tokenizer, run_config, out_dir)
+        reports.extend(paragraphs)
+        return written
 
     from tqdm.contrib.logging import logging_redirect_tqdm
     from transformers.utils import logging as hf_logging
@@ -214,62 +226,15 @@ def _train(config, quiet: bool) -> int:
     return 0 if summary.completed else 3
 
 
-RELOAD_PROMPTS = ("Q: Add 12 and 30.\nA: ", "Q: Write 47 in words.\nA: ", "The quick brown fox")
-
-
-def reload_difference(trained, tokenizer, config, adapter_dir: Path) -> float:
-    """max |logits(trained) - logits(base reloaded + exported adapter)| over :data:`RELOAD_PROMPTS`.
-
-    Both run the same weights through the same operations, so the difference is 0 in practice; ``ExportError``
-    above 1e-4 (fp32) or 5e-2 (half precision) means the export lost or changed something.
-    """
-    import torch
-
-    from .errors import ExportError
-    from .export import load_adapter
-    from .train.job import load_model
-
-    device = next(trained.parameters()).device
-    reloaded = load_adapter(load_model(config, device), adapter_dir, strict=True).eval()
-    was_training = trained.training
-    trained.eval()
-    worst = 0.0
-    try:
-        with torch.no_grad():
-            for prompt in RELOAD_PROMPTS:
-                ids = torch.tensor([tokenizer(prompt)["input_ids"]], device=device)
-                expected = trained(input_ids=ids, use_cache=False).logits.float()
-                got = reloaded(input_ids=ids, use_cache=False).logits.float()
-                worst = max(worst, float((expected - got).abs().max()))
-    finally:
-        trained.train(was_training)
-    tolerance = 1e-4 if config.model.dtype == "float32" else 5e-2
-    if worst > tolerance:
-        raise ExportError(
-            f"the exported adapter in {adapter_dir} does not reproduce the trained model (max |logit difference| "
-            f"{worst:.3g} > {tolerance:g}); please report this with the run's config.yaml"
-        )
-    return worst
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # export
 
 
 def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_adapter
-    from .train.config import load_config
-    from .train.job import ADAPTER_DIR, CONFIG_FILE
+    from .export.run import export_source
 
-    source = Path(args.source)
-    base = args.base
-    if (source / CONFIG_FILE).is_file():  # a run directory
-        if base is None:
-            base = load_config(source / CONFIG_FILE).model.path
-        source = source / ADAPTER_DIR
-    if not (source / "adapter_config.json").is_file():
-        print(f"error: {args.source} is neither a run directory nor an adapter directory", file=sys.stderr)
-        return 2
+    source, base = export_source(args.source, args.base)
     out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
     if out.exists() and not args.overwrite:  # export_adapter's own message names its argument, overwrite=True
         raise ExportError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")

@@ -86,10 +86,6 @@ def build_demo_checkpoint(out_dir: str | Path) -> Path:
     return out_dir
 
 
-def uses_demo(config: RunConfig) -> bool:
-    data = config.data
-    return config.model.path == DEMO or DEMO in data.train_files or data.validation_file == DEMO
-
 
 def resolve_demo(config: RunConfig) -> RunConfig:
     """``config`` with every ``demo`` path replaced: the model built under ``<output.dir>/demo-model`` (once, by the
@@ -116,7 +112,7 @@ def _main_process_first(device: str):
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         from accelerate import PartialState
 
-        from .train.trainer import use_cpu
+        from .train.strategy import use_cpu
 
         return PartialState(cpu=use_cpu(device)).main_process_first()
     return contextlib.nullcontext()

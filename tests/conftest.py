@@ -44,6 +44,14 @@ def triton_kernels() -> SimpleNamespace:
     return SimpleNamespace(**modules)
 
 
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The byte-level tokenizer of the tiny models (:func:`int4lora_train.modeling.tiny_models.build_tokenizer`)."""
+    from int4lora_train.modeling.tiny_models import build_tokenizer
+
+    return build_tokenizer()
+
+
 @pytest.fixture(autouse=True)
 def _restore_the_cli_logger():
     """``cli.main`` points the ``int4lora_train`` logger at the current ``sys.stderr``, which pytest closes after

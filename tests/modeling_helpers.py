@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 from torch import nn
 
 from int4lora_train.modeling import ARCHITECTURES
-from int4lora_train.modeling.tiny_models import build_tiny_model
+from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
 
 ARCHS = tuple(ARCHITECTURES)
 GROUP_SIZE = 32
@@ -15,6 +18,28 @@ GROUP_SIZE = 32
 def tiny(arch: str = "llama", **overrides) -> nn.Module:
     """A tiny fp32 model (2 layers, hidden 128), the same for the same arguments."""
     return build_tiny_model(arch, seed=0, dtype=torch.float32, **overrides)
+
+
+def tiny_int4_checkpoint(
+    path: Path,
+    architecture: str = "llama",
+    *,
+    seed: int = 0,
+    dtype: torch.dtype = torch.float16,
+    group_size: int = 64,
+    sizes: dict | None = None,
+    prepare: Callable[[nn.Module], None] | None = None,
+    **save_options,
+) -> Path:
+    """A tiny model of ``architecture`` (``sizes`` override the tiny defaults; ``prepare(model)`` may edit it first)
+    written by the toolkit's packer as an INT4 checkpoint directory (compressed-tensors W4A16 unless
+    ``save_options`` say otherwise) with the byte tokenizer."""
+    from int4lora_train.quant.packer import save_int4_checkpoint
+
+    model = build_tiny_model(architecture, seed=seed, dtype=dtype, **(sizes or {}))
+    if prepare is not None:
+        prepare(model)
+    return save_int4_checkpoint(model, path, group_size=group_size, tokenizer=build_tokenizer(), **save_options)
 
 
 def tiny_int4_lora_model(arch: str = "llama", r: int = 4, lora_dropout: float = 0.0) -> nn.Module:

@@ -32,21 +32,26 @@ def test_help_imports_no_heavy_library(command):
     done = _python(code)
     assert done.returncode == 0, done.stderr
     assert "usage: int4lora-train" in done.stdout
-    if command == ["verify"]:  # verify's options live with verify (which imports torch): shown all the same
+    if command == ["verify"]:
         assert "--max-tokens" in done.stdout
-    else:
-        assert done.stdout.splitlines()[-1] == "heavy: []"
+    assert done.stdout.splitlines()[-1] == "heavy: []"
 
 
-def test_verify_options_reach_verify(monkeypatch):
+def test_verify_options_reach_verify(monkeypatch, capsys):
+    from types import SimpleNamespace
+
     import int4lora_train.export.verify as verify
 
     seen = {}
-    monkeypatch.setattr(verify, "run_from_args", lambda args: seen.update(vars(args)) or 0)
+
+    def fake_verify(*args, **kwargs):
+        seen.update(args=args, **kwargs)
+        return SimpleNamespace(passed=True, format_table=lambda: "PASS")
+
+    monkeypatch.setattr(verify, "verify_with_vllm", fake_verify)
     assert cli.main(["verify", "-q", "model", "adapter", "--max-tokens", "4", "--prompt", "a b"]) == 0
-    assert (seen["model_dir"], seen["adapter_dir"], seen["max_tokens"], seen["prompts"]) == (
-        "model", "adapter", 4, ["a b"],
-    )  # fmt: skip
+    assert (seen["args"], seen["max_tokens"], seen["path"]) == (("model", "adapter", ["a b"]), 4, "auto")
+    assert capsys.readouterr().out == "PASS\n"
     with pytest.raises(SystemExit):
         cli.main(["train", "--no-such-option"])
 

@@ -191,7 +191,9 @@ def iter_model_int4_weights(model: torch.nn.Module) -> Iterator[tuple[str, Int4W
 def model_identity(model: torch.nn.Module, base_model: str | None = None) -> BaseIdentity:
     """The identity of ``model``'s INT4 base (a bare model or a ``PeftModel``): config + tensor fingerprint."""
     digests = {name: weight_digest(weight) for name, weight in iter_model_int4_weights(model)}
-    base = _base_model(model)
+    from int4lora_train.modeling.peft_integration import unwrap_peft  # PEFT only once a model is at hand
+
+    base = unwrap_peft(model)
     config = getattr(base, "config", None)
     # The surgery records the parsed block on the model; a model that skipped it may still carry the raw block.
     quant = getattr(base, "int4_checkpoint_config", None)
@@ -290,12 +292,6 @@ def _is_lora_wrapper(module: torch.nn.Module) -> bool:
     except ImportError:  # pragma: no cover - peft is a dependency
         return False
     return isinstance(module, BaseTunerLayer)
-
-
-def _base_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The transformers model under any PEFT wrapping."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
 
 
 def _quant_summary(block: Mapping | None) -> str:

@@ -199,12 +199,11 @@ def _merged_weight(layer: nn.Module, name: str, adapters: Sequence[str]) -> torc
 
 def _own_tensors(module: nn.Module, prefix: str, skip: Sequence[str] = ()) -> Iterator[tuple[str, torch.Tensor]]:
     """The module's own parameters and persistent buffers (what its state_dict holds at this level)."""
-    for pname, param in module.named_parameters(recurse=False):
-        if pname not in skip and param is not None:
-            yield f"{prefix}{pname}", param.detach()
-    for bname, buf in module.named_buffers(recurse=False):
-        if bname not in skip and buf is not None and bname not in module._non_persistent_buffers_set:
-            yield f"{prefix}{bname}", buf.detach()
+    from int4lora_train.quant.formats import module_tensors
+
+    for name, tensor in module_tensors(module).items():
+        if name not in skip and name not in module._non_persistent_buffers_set:
+            yield f"{prefix}{name}", tensor.detach()
 
 
 def _dense_weight(layer: nn.Module, name: str) -> torch.Tensor:
@@ -219,8 +218,9 @@ def _dense_weight(layer: nn.Module, name: str) -> torch.Tensor:
 
 
 def _base_model(model: nn.Module) -> nn.Module:
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
+    from int4lora_train.modeling.peft_integration import unwrap_peft  # PEFT only once a model is at hand
+
+    return unwrap_peft(model)
 
 
 def _active_adapters(model: nn.Module) -> list[str]:

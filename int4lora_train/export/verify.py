@@ -30,7 +30,6 @@ docs/verification.md explains both for users.
 
 from __future__ import annotations
 
-import argparse
 import functools
 import importlib.util
 import json
@@ -541,57 +540,3 @@ def verify_with_vllm(
         vllm_python=vllm_python,
         timeout=timeout,
     )
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """The options of ``int4lora-train verify`` (the CLI adds this to its sub-command)."""
-    parser.add_argument("model_dir", help="the INT4 checkpoint directory vLLM serves")
-    parser.add_argument("adapter_dir", nargs="?", help="an exported adapter directory (optional)")
-    parser.add_argument("--prompt", action="append", dest="prompts", help="a prompt (repeat for more)")
-    parser.add_argument("--max-tokens", type=int, default=16, help="greedy tokens to generate per prompt")
-    parser.add_argument("--logprobs", type=int, default=20, help="top tokens compared per position (-1: all)")
-    parser.add_argument(
-        "--path",
-        choices=["auto", "int4", "dense"],
-        default="auto",
-        help="int4: vLLM serves the INT4 checkpoint (needs its W4A16 kernel: AVX-512 on CPUs); dense: vLLM serves a "
-        "float32 copy decompressed by compressed-tensors; auto: int4 where it can run (docs/verification.md)",
-    )
-    parser.add_argument("--dtype", help="vLLM dtype (default: float16 on the int4 path, float32 on the dense path)")
-    parser.add_argument(
-        "--tolerance", type=float, help="max allowed |logprob difference| (default: 1e-2 int4, 1e-4 dense)"
-    )
-    parser.add_argument("--device", default="cpu", help="device for the toolkit's reference forward")
-    parser.add_argument("--strict-base", action="store_true", help="refuse an adapter trained on another base")
-    parser.add_argument("--vllm-python", help="interpreter with vLLM (default: .venv-vllm/bin/python)")
-    return parser
-
-
-def run_from_args(args: argparse.Namespace) -> int:
-    """Run the check for parsed :func:`add_arguments` options, print the table; exit status 0 on PASS."""
-    report = verify_with_vllm(
-        args.model_dir,
-        args.adapter_dir,
-        args.prompts,
-        max_tokens=args.max_tokens,
-        logprobs=args.logprobs,
-        path=args.path,
-        dtype=args.dtype,
-        tolerance=args.tolerance,
-        device=args.device,
-        strict_base=args.strict_base,
-        vllm_python=args.vllm_python,
-    )
-    print(report.format_table())
-    return 0 if report.passed else 1
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = add_arguments(
-        argparse.ArgumentParser(prog="python -m int4lora_train.export.verify", description=__doc__.split("\n")[0])
-    )
-    return run_from_args(parser.parse_args(argv))
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -177,3 +177,9 @@ def trainable_parameter_count(model: nn.Module) -> tuple[int, int]:
     total = sum(p.numel() for p in model.parameters())
     total += sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
     return trainable, total
+
+
+def unwrap_peft(model: nn.Module) -> nn.Module:
+    """The transformers model under any PEFT wrapping (``get_base_model()``), or ``model`` itself."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model

@@ -22,7 +22,13 @@ from collections.abc import Hashable
 import torch
 
 from int4lora_train.quant.dequant import dequantize
-from int4lora_train.quant.formats import from_compressed_tensors, from_uint8, is_int4_module, read_module_int4_weight
+from int4lora_train.quant.formats import (
+    from_compressed_tensors,
+    from_uint8,
+    is_int4_module,
+    module_tensors,
+    read_module_int4_weight,
+)
 from int4lora_train.quant.layout import Int4Weight
 
 logger = logging.getLogger(__name__)
@@ -87,7 +93,7 @@ class INT4Unpacker:
         recomputes (and re-caches) even on a hit.
         """
         key = (module_name, output_dtype)
-        token = _token(_own_tensors(module))
+        token = _token(module_tensors(module))
         if not force:
             cached = self._lookup(key, token)
             if cached is not None:
@@ -220,13 +226,6 @@ def _weight_from_arrays(packed_weights, scales, zero_points, group_size) -> Int4
             tensors["weight_zero_point"] = zero_points if is_packed else zero_points.to(torch.int8)
         return from_compressed_tensors(tensors, "packed_weights", group_size)
     return from_uint8(packed_weights, scales, zero_points, group_size, name="packed_weights")
-
-
-def _own_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's own parameters and buffers, whose identity decides whether a cached unpacking is valid."""
-    return {
-        key: value for key, value in (*module.named_parameters(recurse=False), *module.named_buffers(recurse=False))
-    }
 
 
 def _token(tensors: dict[str, torch.Tensor]) -> tuple:

@@ -36,6 +36,7 @@ from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
 from int4lora_train.kernels.backend import use_triton
+from int4lora_train.modeling.peft_integration import unwrap_peft
 
 logger = logging.getLogger(__name__)
 
@@ -206,12 +207,6 @@ def linear_cross_entropy(
 # ------------------------------------------------------------------------------------------------ causal LMs
 
 
-def causal_lm_of(model: nn.Module) -> nn.Module:
-    """The transformers causal LM inside ``model`` (a PEFT model, or the causal LM itself)."""
-    get_base = getattr(model, "get_base_model", None)
-    return get_base() if callable(get_base) else model
-
-
 def _check_supported(causal_lm: nn.Module) -> None:
     config = getattr(causal_lm, "config", None)
     model_type = getattr(config, "model_type", None)
@@ -271,7 +266,7 @@ def chunked_causal_lm_loss(
     that the call goes through DDP's forward). ``model_kwargs`` (``position_ids``, ``inputs_embeds``, ...) go to the
     decoder. ``labels`` ``[B, T]`` are shifted as transformers does unless ``shift_labels`` is given.
     """
-    causal_lm = causal_lm_of(model)
+    causal_lm = unwrap_peft(model)
     _check_supported(causal_lm)
     if labels is None and shift_labels is None:
         raise UnsupportedFormatError("chunked_causal_lm_loss needs labels (or shift_labels)")
@@ -317,7 +312,7 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int | None = None, backend
     if chunk_size is not None and (not isinstance(chunk_size, int) or chunk_size < 1):
         raise UnsupportedFormatError(f"enable_chunked_loss: chunk_size must be a positive integer, got {chunk_size!r}")
     _rows_fn(torch.device("cpu"), backend)  # validates the name
-    causal_lm = causal_lm_of(model)
+    causal_lm = unwrap_peft(model)
     _check_supported(causal_lm)
     disable_chunked_loss(causal_lm)
     original = causal_lm.forward
@@ -330,7 +325,7 @@ def enable_chunked_loss(model: nn.Module, chunk_size: int | None = None, backend
 
 def disable_chunked_loss(model: nn.Module) -> bool:
     """Undo :func:`enable_chunked_loss`; returns whether it was enabled."""
-    causal_lm = causal_lm_of(model)
+    causal_lm = unwrap_peft(model)
     original = getattr(causal_lm.__dict__.get("forward"), "_int4lora_chunked_loss", None)
     if original is None:
         return False
@@ -340,4 +335,4 @@ def disable_chunked_loss(model: nn.Module) -> bool:
 
 def chunked_loss_enabled(model: nn.Module) -> bool:
     """Whether :func:`enable_chunked_loss` is in effect on the causal LM inside ``model``."""
-    return getattr(causal_lm_of(model).__dict__.get("forward"), "_int4lora_chunked_loss", None) is not None
+    return getattr(unwrap_peft(model).__dict__.get("forward"), "_int4lora_chunked_loss", None) is not None

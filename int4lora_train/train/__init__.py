@@ -4,8 +4,11 @@
 - :mod:`~int4lora_train.train.data`: local files -> tokenized, loss-masked, optionally packed rows.
 - :mod:`~int4lora_train.train.module`: :class:`LoraModule` (``training_step``, ``validation_step``,
   ``configure_optimizers``, checkpoint hooks).
-- :mod:`~int4lora_train.train.trainer`: :class:`Trainer` (accelerate: devices, DDP, mixed precision, accumulation,
+- :mod:`~int4lora_train.train.trainer`: :class:`Trainer` (accelerate: devices, mixed precision, accumulation,
   clipping, eval, atomic checkpoints, exact resume, trackers).
+- :mod:`~int4lora_train.train.strategy`: :class:`~int4lora_train.train.strategy.Strategy` (one process),
+  ``DDPStrategy``, ``FSDPStrategy``: what differs between them, chosen once by ``select_strategy``;
+  :mod:`~int4lora_train.train.distributed` holds FSDP's primitives.
 - :mod:`~int4lora_train.train.checkpoint`, :mod:`~int4lora_train.train.metrics`, :mod:`~int4lora_train.train.plot`.
 - :mod:`~int4lora_train.train.job`: :func:`run_training`, the main job from a config to a run directory.
 """

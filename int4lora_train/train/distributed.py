@@ -1,5 +1,8 @@
 """FSDP2 for INT4 models: shard the packed INT4 weights, the LoRA parameters and the optimizer state over processes.
 
+These are FSDP's primitives; the trainer reaches them only through
+:class:`~int4lora_train.train.strategy.FSDPStrategy`, which decides when each is called.
+
 With ``train.strategy: ddp`` every process holds the whole INT4 model; with ``fsdp`` each holds ``1/N`` of it::
 
     per process          DDP                        FSDP (N processes)

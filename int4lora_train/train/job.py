@@ -14,9 +14,11 @@ Run directory (``output.dir``)::
 Exporting sits one layer above training, so :func:`run_training` takes the exporter as an argument (the CLI passes
 :mod:`int4lora_train.export`'s); without one the adapter is written with ``PeftModel.save_pretrained``.
 
-FSDP runs (``train.strategy: fsdp``) load the INT4 model on the CPU (memory-mapped) and let the sharding move each
-process's part to its device, so no process ever holds the whole model on a GPU; at the end every process gathers
-the LoRA tensors and the main process hands the gathered adapter directory to the exporter.
+Where the model is loaded and what the exporter receives are the run's
+:class:`~int4lora_train.train.strategy.Strategy`'s: FSDP runs (``train.strategy: fsdp``) load the INT4 model on the
+CPU (memory-mapped) and let the sharding move each process's part to its device, so no process ever holds the whole
+model on a GPU; at the end every process gathers the LoRA tensors and the main process hands the gathered adapter
+directory to the exporter.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ from ..errors import ConfigError, ExportError, check_model_dir
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
 from .data import load_datasets
-from .distributed import save_gathered_adapter
 from .metrics import RunSummary, read_metrics
 from .module import LoraModule
 from .plot import plot_loss_curve
@@ -92,8 +93,7 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     # Inputs first: a bad record or model path fails before the run directory is touched.
     tokenizer = load_tokenizer(config)
     datasets = load_datasets(config.data, tokenizer, config.train.seed)
-    load_device = torch.device("cpu") if trainer.sharded else trainer.device  # sharding moves each part over
-    module = LoraModule(apply_lora(load_model(config, load_device), config), config.train)
+    module = LoraModule(apply_lora(load_model(config, trainer.strategy.load_device), config), config.train)
     if acc.is_main_process:
         prepare_run_dir(config, resuming=resume_from is not None)
     acc.wait_for_everyone()
@@ -108,10 +108,8 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     adapter_dir, export_error = None, None
     trained: nn.Module | Path = module.unwrapped_model
     export = result.completed and config.output.export.enabled
-    if export and trainer.sharded:  # a collective: every process gathers, the main one writes
-        trained = save_gathered_adapter(
-            trained, run_dir / GATHERED_DIR, is_main=acc.is_main_process, barrier=acc.wait_for_everyone
-        )
+    if export:  # FSDP: a collective, every process gathers the adapter directory, the main one writes it
+        trained = trainer.strategy.adapter_for_export(trained, run_dir / GATHERED_DIR)
     if acc.is_main_process and export:
         target = Path(config.output.export.dir or run_dir / ADAPTER_DIR)
         try:

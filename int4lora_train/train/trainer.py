@@ -10,16 +10,15 @@ Per step: every micro-batch's loss is divided by the step's target-token count (
 only on the last micro-batch (``no_sync`` before), then clip, AdamW, scheduler. A non-finite loss stops the run
 with :class:`~int4lora_train.errors.TrainingError` before the optimizer touches the weights.
 
-``train.strategy: fsdp`` shards the INT4 weights, LoRA and optimizer state over the processes instead of
-replicating them (:mod:`int4lora_train.train.distributed`); the step is the same, and so is the data plan.
+What differs between one process, DDP and FSDP (``train.strategy: fsdp`` shards the INT4 weights, LoRA and
+optimizer state over the processes instead of replicating them) is the :class:`~int4lora_train.train.strategy.Strategy`
+object's; the step is the same, and so is the data plan.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.util
-import json
 import logging
 import math
 import sys
@@ -30,19 +29,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator, PartialState
-from accelerate.state import AcceleratorState
 from accelerate.tracking import TensorBoardTracker
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import set_seed
 from torch.profiler import record_function
 
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from . import checkpoint as ckpt
-from . import distributed
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
 from .metrics import FitResult, JsonlTracker, perplexity
 from .module import LOSS_NORMALIZER, LoraModule
+from .strategy import Strategy, select_strategy, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -118,7 +115,8 @@ class _Throughput:
 
 
 class Trainer:
-    """Fits a :class:`LoraModule` with the ``train`` settings; owns the accelerator, trackers and checkpoints.
+    """Fits a :class:`LoraModule` with the ``train`` settings; owns the strategy (and its accelerator), trackers and
+    checkpoints.
 
     Creating the Trainer seeds every RNG with ``config.seed``: build the model (LoRA init) after it.
 
@@ -157,11 +155,14 @@ class Trainer:
             raise ConfigError("model.device is cuda but torch sees no CUDA device; use auto or cpu")
         if config.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
             raise ConfigError("train.mixed_precision fp16 needs a CUDA device; use bf16 or no on the CPU")
-        plugin = None
-        if distributed.fsdp_requested(config.strategy, PartialState(cpu=use_cpu(device)).num_processes):
-            plugin = distributed.fsdp_plugin(config.fsdp.reshard_after_forward, config.fsdp.wrap_classes)
-        self.accelerator = _make_accelerator(use_cpu(device), config.mixed_precision, trackers, plugin)
-        self.sharded = plugin is not None and distributed.activate_fsdp(self.accelerator, plugin)
+        self.strategy: Strategy = select_strategy(
+            config.strategy,
+            cpu=use_cpu(device),
+            mixed_precision=config.mixed_precision,
+            trackers=trackers,
+            fsdp=config.fsdp,
+        )
+        self.accelerator = self.strategy.accelerator
         set_seed(config.seed)
 
     @property
@@ -222,11 +223,8 @@ class Trainer:
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
         self._apply_speed_options(module)
         optimizer, scheduler = module.configure_optimizers(max_steps)
-        if self.sharded:
-            module.model, optimizer = distributed.prepare_fsdp(acc, module.model, optimizer)
-            self._report_sharding(module)
-        else:
-            module.model, optimizer = acc.prepare(module.model, optimizer)
+        module.model, optimizer = self.strategy.prepare(module.model, optimizer)
+        self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
 
         state = TrainState()
         if resume_from is not None:
@@ -322,8 +320,7 @@ class Trainer:
             val_ppl=perplexity(state.val_loss) if state.val_loss is not None else None,
             resumed_from=str(resume_from) if resume_from is not None else None,
             last_checkpoint=last_checkpoint,
-            # Sharded, there is one copy of each LoRA tensor: nothing to keep in sync.
-            ranks_in_sync=self._ranks_in_sync(module) if plan.world_size > 1 and not self.sharded else None,
+            ranks_in_sync=self.strategy.ranks_in_sync(module),
         )
 
     def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
@@ -412,10 +409,7 @@ class Trainer:
         try:
             rows = list(range(acc.process_index, len(val_data), acc.num_processes))
             size = self.config.micro_batch_size
-            count = math.ceil(len(rows) / size)
-            if self.sharded:  # every FSDP forward is a collective: all processes run as many
-                count = distributed.eval_batch_count(len(val_data), size, acc.num_processes)
-            for k in range(count):
+            for k in range(self.strategy.eval_batch_count(len(rows), len(val_data), size)):
                 chunk = rows[k * size : (k + 1) * size]
                 loss_sum, targets = module.validation_step(self._batch([val_data[i] for i in chunk or [0]]))
                 if chunk:  # else a padding forward, dropped
@@ -436,12 +430,8 @@ class Trainer:
 
     def _save(self, module, optimizer, scheduler, state, plan, max_steps, data_id) -> Path:
         acc = self.accelerator
-        if self.sharded:
-            optimizer_state = distributed.local_optimizer_state(optimizer, acc.process_index, acc.num_processes)
-        else:
-            optimizer_state = optimizer.state_dict()
         checkpoint: dict[str, Any] = {
-            "optimizer": optimizer_state,
+            "optimizer": self.strategy.optimizer_state(optimizer),
             "scheduler": scheduler.state_dict(),
             "trainer_state": {
                 **asdict(state),
@@ -451,14 +441,13 @@ class Trainer:
                 "seed": plan.seed,
                 "num_rows": plan.num_rows,
                 "data_fingerprint": data_id,
-                "strategy": self.strategy,
+                "strategy": self.strategy.name,
             },
         }
         if acc.scaler is not None:
             checkpoint["scaler"] = acc.scaler.state_dict()
         module.on_save_checkpoint(checkpoint)
-        if self.sharded:  # the hook copied shards; a checkpoint holds whole LoRA tensors (gathered on every process)
-            checkpoint["state_dict"] = distributed.full_trainable_state(module.trainable_parameters())
+        self.strategy.on_save_checkpoint(checkpoint, module)
         return ckpt.save_checkpoint(
             self.checkpoint_root,
             state.step,
@@ -467,7 +456,7 @@ class Trainer:
             is_main=acc.is_main_process,
             barrier=acc.wait_for_everyone,
             keep_last=self.config.keep_last,
-            per_process_keys=("optimizer",) if self.sharded else (),
+            per_process_keys=self.strategy.per_process_keys,
         )
 
     def _restore(self, module, optimizer, scheduler, path, plan, max_steps, data_id) -> TrainState:
@@ -480,10 +469,9 @@ class Trainer:
             "seed": plan.seed,
             "num_rows": plan.num_rows,
             "data_fingerprint": data_id,
-            "strategy": self.strategy,
+            "strategy": self.strategy.name,
+            **self.strategy.resume_requirements(plan.world_size),
         }
-        if self.sharded:
-            expected["world_size"] = plan.world_size  # the optimizer state is sharded over the processes
         defaults = {"strategy": "ddp"}  # checkpoints written before train.strategy existed
         fixes = {
             "strategy": "resume with the train.strategy (and process count) it was written with",
@@ -497,17 +485,9 @@ class Trainer:
                     f"cannot resume exactly from {path}: it was written with {key}={written!r}, this run has "
                     f"{value!r}; {fix}, or start a new run"
                 )
-        if self.sharded:
-            checkpoint["state_dict"] = distributed.shard_like(
-                checkpoint["state_dict"], dict(module.trainable_parameters())
-            )
+        self.strategy.on_load_checkpoint(checkpoint, module)
         module.on_load_checkpoint(checkpoint)
-        if self.sharded:
-            distributed.load_local_optimizer_state(
-                optimizer, checkpoint["optimizer"], acc.process_index, acc.num_processes, source=str(path)
-            )
-        else:
-            optimizer.load_state_dict(checkpoint["optimizer"])
+        self.strategy.load_optimizer_state(optimizer, checkpoint["optimizer"], source=str(path))
         scheduler.load_state_dict(checkpoint["scheduler"])
         if acc.scaler is not None and "scaler" in checkpoint:
             acc.scaler.load_state_dict(checkpoint["scaler"])
@@ -556,11 +536,6 @@ class Trainer:
             return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
         return PlainProgress(total, initial, every_s=PROGRESS_EVERY_S if enabled else math.inf)
 
-    @property
-    def strategy(self) -> str:
-        """``fsdp`` when this run shards (``train.strategy: fsdp`` with several processes), else ``ddp``."""
-        return "fsdp" if self.sharded else "ddp"
-
     def _apply_speed_options(self, module: LoraModule) -> None:
         """Switch the training-step optimisations of ``train.speed`` on (before DDP / FSDP wrapping)."""
         from .. import speed as training_speed
@@ -577,36 +552,6 @@ class Trainer:
                 fused_kernels=speed.fused_kernels,
             ),
         )
-
-    def _report_sharding(self, module: LoraModule) -> None:
-        """Log what each process holds of the INT4 weights and LoRA; the main process writes ``sharding.json``."""
-        from accelerate.utils import gather_object
-
-        acc = self.accelerator
-        reports = gather_object([distributed.sharding_report(module.unwrapped_model, acc.process_index)])
-        for report in reports:
-            logger.info(
-                "FSDP process %d holds %s of %s INT4 bytes and %s of %s LoRA parameters",
-                report["rank"],
-                f"{report['int4_local_bytes']:,}",
-                f"{report['int4_bytes']:,}",
-                f"{report['trainable_local_numel']:,}",
-                f"{report['trainable_numel']:,}",
-            )
-        if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            text = json.dumps({"strategy": "fsdp", "world_size": acc.num_processes, "processes": reports}, indent=2)
-            (self.run_dir / SHARDING_FILE).write_text(text, encoding="utf-8")
-
-    def _ranks_in_sync(self, module: LoraModule) -> bool:
-        """Whether every process holds bit-identical trainable tensors (DDP keeps them so)."""
-        digest = hashlib.sha256()
-        for name, param in module.trainable_parameters():
-            digest.update(name.encode())
-            digest.update(param.detach().float().cpu().numpy().tobytes())
-        mine = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], device=self.device)
-        gathered = self.accelerator.gather(mine)
-        return bool((gathered == gathered[0]).all())
 
 
 PROGRESS_EVERY_S = 30.0
@@ -660,34 +605,3 @@ def _is_terminal(stream) -> bool:
         return stream.isatty()
     except (AttributeError, ValueError):  # replaced or closed streams
         return False
-
-
-def _make_accelerator(cpu: bool, mixed_precision: str, trackers: list, fsdp_plugin=None) -> Accelerator:
-    def make() -> Accelerator:
-        return Accelerator(
-            cpu=cpu,
-            mixed_precision=mixed_precision,
-            log_with=trackers,
-            # The frozen INT4 buffers never change: broadcasting them every forward would copy the whole model.
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)],
-            fsdp_plugin=fsdp_plugin,
-        )
-
-    try:
-        return make()
-    except ValueError as exc:
-        # accelerate keeps one process-wide state; a second Trainer with another precision (a notebook, a test)
-        # may replace it when this process trains alone. Under a launcher it must match the other processes.
-        if "already been initialized" not in str(exc) or PartialState().num_processes > 1:
-            raise ConfigError(f"cannot set up accelerate for this run: {exc}") from exc
-        AcceleratorState._reset_state(reset_partial_state=False)
-        return make()
-
-
-def use_cpu(device: str) -> bool:
-    """Whether ``model.device`` means the CPU: ``cpu``, or ``auto`` without CUDA.
-
-    accelerate needs ``cpu=True`` to form a gloo process group on CPUs; without it, processes launched together
-    would each train alone. Anything that touches accelerate's state before the Trainer must pass the same flag.
-    """
-    return device == "cpu" or (device == "auto" and not torch.cuda.is_available())

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from modeling_helpers import tiny_int4_checkpoint
 from peft import LoraConfig, get_peft_model
 
 from int4lora_train.modeling import load_int4_model
-from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
-from int4lora_train.quant.packer import save_int4_checkpoint
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GROUP_SIZE = 64
@@ -25,12 +24,14 @@ def write_tiny_checkpoint(path, architecture: str = "llama", seed: int = 0, head
     ``head_scale`` multiplies the dense lm_head so that the next-token distributions are peaked rather than
     nearly flat (a random tiny model's top-2 logits are often within 1e-3, which makes greedy comparisons ties).
     """
-    model = build_tiny_model(architecture, seed=seed, dtype=torch.float16)
-    with torch.no_grad():
-        model.lm_head.weight.mul_(head_scale)
-    # vLLM picks its model class from config.json's "architectures".
-    model.config.architectures = [type(model).__name__]
-    return save_int4_checkpoint(model, path, group_size=GROUP_SIZE, tokenizer=build_tokenizer())
+
+    def prepare(model) -> None:
+        with torch.no_grad():
+            model.lm_head.weight.mul_(head_scale)
+        # vLLM picks its model class from config.json's "architectures".
+        model.config.architectures = [type(model).__name__]
+
+    return tiny_int4_checkpoint(path, architecture, seed=seed, group_size=GROUP_SIZE, prepare=prepare)
 
 
 def randomize_lora_b(model, std: float, seed: int = 1, adapter: str | None = None) -> None:

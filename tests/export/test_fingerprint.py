@@ -8,6 +8,7 @@ import warnings
 
 import pytest
 import torch
+from modeling_helpers import tiny_int4_checkpoint
 
 from int4lora_train.errors import CheckpointError
 from int4lora_train.export import (
@@ -88,12 +89,8 @@ def test_loading_onto_another_base_warns_or_refuses(lora_model, tmp_path, make_c
 
 
 def test_a_different_quantization_scheme_is_named(lora_model, tmp_path):
-    from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
-    from int4lora_train.quant.packer import save_int4_checkpoint
-
     export_adapter(lora_model, tmp_path / "adapter")
-    model = build_tiny_model("llama", seed=0, dtype=torch.float16)
-    other = save_int4_checkpoint(model, tmp_path / "asym", group_size=32, symmetric=False, tokenizer=build_tokenizer())
+    other = tiny_int4_checkpoint(tmp_path / "asym", group_size=32, symmetric=False)
     with pytest.warns(BaseMismatchWarning, match="gs=64 symmetric, base is .*gs=32 asymmetric"):
         check_base_fingerprint(load_int4_model(other, dtype=torch.float32), tmp_path / "adapter")
 

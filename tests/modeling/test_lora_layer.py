@@ -234,7 +234,8 @@ def test_fused_path_reads_int4_tensors_registered_as_parameters():
     layer = _lora_layer()
     reference, _ = _run(layer, _x())
     base = layer.get_base_layer()
-    for name in ("packed", "scales"):
-        base._parameters[name] = nn.Parameter(base._buffers.pop(name), requires_grad=False)
+    for name in ("packed", "scales", "zero_points", "g_idx"):  # all of them, as train.distributed does
+        if base._buffers.get(name) is not None:
+            base._parameters[name] = nn.Parameter(base._buffers.pop(name), requires_grad=False)
     out, _ = _run(layer, _x())
     assert torch.equal(out, reference)

@@ -1,4 +1,4 @@
-"""Fixtures for the trainer tests: the local byte tokenizer, small data files, a tiny INT4 checkpoint."""
+"""Fixtures for the trainer tests: small data files, a tiny INT4 checkpoint (the byte tokenizer: tests/conftest.py)."""
 
 from __future__ import annotations
 
@@ -6,14 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from modeling_helpers import tiny_int4_checkpoint
 from train_helpers import TINY, arithmetic_records, write_jsonl
-
-from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
-
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return build_tokenizer()
 
 
 @pytest.fixture
@@ -24,8 +18,5 @@ def instruction_file(tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def tiny_int4_dir(tmp_path_factory) -> Path:
     """A tiny Llama written by the toolkit's packer as a compressed-tensors W4A16 checkpoint (group 32)."""
-    from int4lora_train.quant.packer import save_int4_checkpoint
-
     out = tmp_path_factory.mktemp("tiny-int4") / "model"
-    model = build_tiny_model("llama", seed=0, dtype=torch.bfloat16, **TINY)
-    return save_int4_checkpoint(model, out, group_size=32, tokenizer=build_tokenizer())
+    return tiny_int4_checkpoint(out, dtype=torch.bfloat16, group_size=32, sizes=TINY)

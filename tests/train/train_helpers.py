@@ -32,6 +32,23 @@ def tiny_peft_model(seed: int = 0, dropout: float = 0.0):
 REPO = Path(__file__).resolve().parents[2]
 
 
+def run_adapter(run: Path) -> dict:
+    """The tensors of a run directory's exported adapter."""
+    from safetensors.torch import load_file
+
+    return load_file(run / "adapter" / "adapter_model.safetensors")
+
+
+def assert_same_adapter(run: Path, reference: Path) -> None:
+    """The two runs exported the same adapter keys, with tensors equal up to fp32 reduction order."""
+    import torch
+
+    adapter, expected = run_adapter(run), run_adapter(reference)
+    assert adapter.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(adapter[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+
+
 def free_port() -> int:
     import socket
 

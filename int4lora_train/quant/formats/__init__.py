@@ -188,9 +188,10 @@ def is_int4_module(module: torch.nn.Module) -> bool:
 
 
 def module_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The module's own parameters and buffers (not its children's) by local name."""
-    tensors = {key: value.data for key, value in module.named_parameters(recurse=False) if value is not None}
-    tensors.update({key: value for key, value in module.named_buffers(recurse=False) if value is not None})
+    """The module's own parameters and buffers (not its children's) by local name, parameters detached (sharing
+    their storage and in-place version counter)."""
+    tensors = {key: value.detach() for key, value in module.named_parameters(recurse=False)}
+    tensors.update(module.named_buffers(recurse=False))
     return tensors
 
 
