@@ -312,7 +312,9 @@ def recover(target: Path) -> None:
             leftovers.remove(chosen)
             logger.warning(
                 "%s was missing after an interrupted write; restored the %s version from %s",
-                target, "new" if chosen in complete else "previous", chosen.name,
+                target,
+                "new" if chosen in complete else "previous",
+                chosen.name,
             )
     for leftover in leftovers:
         if read_marker(leftover) is not None:

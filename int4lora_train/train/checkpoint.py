@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
-from ..atomic import Staging, fault_point, read_marker, recover, remove_owned
+from ..atomic import Staging, claim, fault_point, read_marker, recover, remove_owned
 from ..errors import CheckpointError
 
 logger = logging.getLogger(__name__)
@@ -146,9 +146,15 @@ def save_checkpoint(
             (tmp / STATE_FILE).write_text(json.dumps(checkpoint["trainer_state"], indent=2), encoding="utf-8")
             fault_point(f"wrote {STATE_FILE}")
             staging.commit()
-    except BaseException:
+            claim(root, [f"{final.name}/"], kind="checkpoints")  # the directory's marker lists what it holds of ours
+    except BaseException as exc:
         if staging is not None:
             staging.abort()
+        if isinstance(exc, OSError):
+            raise CheckpointError(
+                f"writing checkpoint {final} failed: {exc.strerror or exc} ({exc.filename or tmp}); the previous "
+                f"checkpoints in {root} are intact. Free disk space or fix the permissions of {root}, then resume."
+            ) from exc
         raise
     if staging is not None:
         if keep_last is not None:
