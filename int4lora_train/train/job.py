@@ -47,7 +47,7 @@ from ..atomic import (
 from ..errors import CheckpointError, ConfigError, ExportError, check_model_dir
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
-from .data import load_datasets
+from .data import check_positions, load_datasets
 from .distributed import save_gathered_adapter
 from .metrics import RunSummary, read_metrics
 from .module import LoraModule
@@ -111,7 +111,9 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     tokenizer = load_tokenizer(config)
     datasets = load_datasets(config.data, tokenizer, config.train.seed)
     load_device = torch.device("cpu") if trainer.sharded else trainer.device  # sharding moves each part over
-    module = LoraModule(apply_lora(load_model(config, load_device), config), config.train)
+    model = load_model(config, load_device)
+    check_positions(datasets, getattr(model.config, "max_position_embeddings", None), config.data.max_length)
+    module = LoraModule(apply_lora(model, config), config.train)
     if acc.is_main_process:
         prepare_run_dir(config, resuming=resume_from is not None)
     acc.wait_for_everyone()
@@ -348,7 +350,16 @@ def apply_lora(model: nn.Module, config: RunConfig) -> nn.Module:
         lora_dropout=lora.dropout,
         use_rslora=lora.use_rslora,
     )
-    peft_model = get_peft_model(model, lora_config)
+    try:
+        peft_model = get_peft_model(model, lora_config)
+    except ValueError as exc:
+        if "Target module" not in str(exc) and "target_modules" not in str(exc):
+            raise
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"lora.target_modules={lora.target_modules!r} matches no module LoRA can attach to in {config.model.path}; "
+            f"its linear layers are named {names}. List some of those, or use all-linear."
+        ) from None
     trainable, total = trainable_parameter_count(peft_model)
     logger.info(
         "LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%)",
