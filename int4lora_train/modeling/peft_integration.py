@@ -38,14 +38,22 @@ logger = logging.getLogger(__name__)
 
 def register_int4_lora(config: LoraConfig) -> LoraConfig:
     """Register :class:`Int4LoraLinear` for :class:`Int4Linear` on ``config`` (PEFT's custom-module dispatch);
-    idempotent. Returns ``config``."""
+    idempotent. Returns ``config``.
+
+    A user's own registration for ``Int4Linear`` (or a subclass of it) is kept: PEFT's custom modules are the user's
+    API, and theirs wins. A broader one (``nn.Linear``, which ``Int4Linear`` subclasses) is kept too, but the INT4
+    layer goes first, so that dense layers keep the user's class and INT4 layers get one that works without a dense
+    weight (PEFT's dispatch takes the first ``isinstance`` match).
+    """
     if not isinstance(config, LoraConfig):
         raise UnsupportedFormatError(
             f"register_int4_lora needs a peft.LoraConfig, got {type(config).__name__}; only LoRA adapters are "
             "supported on INT4 bases."
         )
-    if (getattr(config, "_custom_modules", None) or {}).get(Int4Linear) is not Int4LoraLinear:
-        config._register_custom_module({Int4Linear: Int4LoraLinear})
+    custom = dict(getattr(config, "_custom_modules", None) or {})
+    if any(isinstance(key, type) and issubclass(key, Int4Linear) for key in custom):
+        return config  # registered already: ours (idempotent) or the user's own
+    config._custom_modules = {Int4Linear: Int4LoraLinear, **custom}
     return config
 
 
@@ -93,16 +101,48 @@ def install_peft_dispatch() -> None:
 
     _create_new_module._int4lora_original = current
     LoraModel._create_new_module = staticmethod(_create_new_module)
+    _install_modules_to_save_check()
     logger.debug("installed the Int4Linear LoRA dispatch on peft.tuners.lora.model.LoraModel")
+
+
+def _install_modules_to_save_check() -> None:
+    """Refuse ``modules_to_save`` on an :class:`Int4Linear` (PEFT's ``ModulesToSaveWrapper.update``).
+
+    PEFT would deep-copy the layer and mark its parameters trainable; an INT4 layer's weight is packed buffers, so
+    only the bias would train, silently, and vLLM refuses ``modules_to_save`` anyway.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    current = ModulesToSaveWrapper.update
+    if getattr(current, "_int4lora_original", None) is not None:
+        return
+
+    def update(self, adapter_name, *args, **kwargs):
+        original = self.original_module
+        if isinstance(original, Int4Linear):
+            raise UnsupportedFormatError(
+                f"modules_to_save names an INT4 layer ({original.extra_repr()}): a trainable full copy of it would "
+                "need its dense weight, which an INT4 layer does not have (only its bias would train), and vLLM "
+                "refuses modules_to_save. Target the layer with LoRA instead (target_modules), and remove it from "
+                "modules_to_save."
+            )
+        return current(self, adapter_name, *args, **kwargs)
+
+    update._int4lora_original = current
+    ModulesToSaveWrapper.update = update
 
 
 def uninstall_peft_dispatch() -> None:
     """Undo :func:`install_peft_dispatch` (for tests; configs registered explicitly keep working)."""
     from peft.tuners.lora.model import LoraModel
+    from peft.utils.other import ModulesToSaveWrapper
 
     original = getattr(LoraModel._create_new_module, "_int4lora_original", None)
     if original is not None:
         LoraModel._create_new_module = staticmethod(original)
+    original_update = getattr(ModulesToSaveWrapper.update, "_int4lora_original", None)
+    if original_update is not None:
+        ModulesToSaveWrapper.update = original_update
 
 
 def load_adapter(

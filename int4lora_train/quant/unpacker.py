@@ -53,6 +53,10 @@ class INT4Unpacker:
         self._evictions = 0
         self._lock = threading.RLock()
 
+    def __deepcopy__(self, memo):
+        # One budget for a whole model (and a lock): copies of the layers that use it share it.
+        return self
+
     # ------------------------------------------------------------------------------------------ the seed's API
 
     def unpack_int4_weights(
