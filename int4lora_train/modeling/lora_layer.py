@@ -93,15 +93,6 @@ class Int4LoraLinear(nn.Module, LoraLayer):
         self._active_adapter = adapter_name
         self.update_layer(adapter_name, r, lora_alpha=lora_alpha, config=config, **kwargs)
 
-    def _get_base_layer_device_and_dtype(self, base_layer: nn.Module) -> tuple[torch.device | None, torch.dtype | None]:
-        # PEFT reads a float `weight` (none here: the packed buffer is uint8) or `compute_dtype` (None unless set),
-        # so the adapter would stay fp32 even with autocast_adapter_dtype=False. Its dtype is the base's compute
-        # dtype: compute_dtype when set, else the dtype of the scales (the checkpoint's, what the base computes in).
-        base = base_layer.get_base_layer() if hasattr(base_layer, "get_base_layer") else base_layer
-        if not isinstance(base, Int4Linear):
-            return super()._get_base_layer_device_and_dtype(base_layer)
-        return base.packed.device, base.compute_dtype or base.scales.dtype
-
     def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
         # PEFT's generic lookup reads module.weight for nn.Linear; Int4Linear has none.
         return module.in_features, module.out_features

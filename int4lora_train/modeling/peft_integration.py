@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -102,6 +103,7 @@ def install_peft_dispatch() -> None:
     _create_new_module._int4lora_original = current
     LoraModel._create_new_module = staticmethod(_create_new_module)
     _install_modules_to_save_check()
+    _install_adapter_dtype()
     logger.debug("installed the Int4Linear LoRA dispatch on peft.tuners.lora.model.LoraModel")
 
 
@@ -132,6 +134,39 @@ def _install_modules_to_save_check() -> None:
     ModulesToSaveWrapper.update = update
 
 
+def _install_adapter_dtype() -> None:
+    """With ``autocast_adapter_dtype=False`` give INT4 layers' adapters the dtype the base computes in.
+
+    PEFT moves a new adapter to the dtype of the base's float ``weight`` or its ``compute_dtype``. An Int4Linear
+    has no float weight, and without a ``compute_dtype`` it computes in its input's dtype (the model's dense dtype),
+    so PEFT would leave the adapter fp32. ``LoraModel._cast_adapter_dtype`` sees the whole model: after PEFT's own
+    step it casts those adapters to the model's dtype (with ``autocast_adapter_dtype=True``, the default, PEFT's
+    fp32 adapters stay as they are).
+    """
+    from peft.tuners.lora.model import LoraModel
+
+    current = LoraModel._cast_adapter_dtype
+    if getattr(current, "_int4lora_original", None) is not None:
+        return
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        current(self, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        dtype = getattr(self.model, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            return
+        for module in self.model.modules():
+            if isinstance(module, Int4LoraLinear) and module.get_base_layer().compute_dtype is None:
+                for name in module.adapter_layer_names:
+                    container = getattr(module, name, None)
+                    if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                        container[adapter_name].to(dtype)
+
+    _cast_adapter_dtype._int4lora_original = current
+    LoraModel._cast_adapter_dtype = _cast_adapter_dtype
+
+
 def uninstall_peft_dispatch() -> None:
     """Undo :func:`install_peft_dispatch` (for tests; configs registered explicitly keep working)."""
     from peft.tuners.lora.model import LoraModel
@@ -143,6 +178,9 @@ def uninstall_peft_dispatch() -> None:
     original_update = getattr(ModulesToSaveWrapper.update, "_int4lora_original", None)
     if original_update is not None:
         ModulesToSaveWrapper.update = original_update
+    original_cast = getattr(LoraModel._cast_adapter_dtype, "_int4lora_original", None)
+    if original_cast is not None:
+        LoraModel._cast_adapter_dtype = original_cast
 
 
 def load_adapter(
