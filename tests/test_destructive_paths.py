@@ -340,3 +340,17 @@ def test_a_crash_at_any_step_of_a_checkpoint_save_leaves_the_old_or_the_new_chec
             break
         k += 1
     assert k > 5 and seen == {1.0, 2.0}
+
+
+def test_export_cli_never_replaces_a_directory_it_did_not_write(tmp_path, capsys):
+    source = _adapter_source(tmp_path / "runs" / "adapter", 1.0)
+    served = tmp_path / "served"
+    readme = plant(served / "README.txt")
+    assert cli.main(["export", str(source), "--out", str(served), "--overwrite"]) == 2
+    assert "not written by int4lora-train" in capsys.readouterr().err and readme.read_text() == "the user's own"
+    for around in (source, source.parent):  # the adapter itself, or the directory that holds it
+        assert cli.main(["export", str(source), "--out", str(around), "--overwrite"]) == 2
+        assert "the adapter being exported" in capsys.readouterr().err
+    assert (source / "adapter_model.safetensors").is_file()
+    assert cli.main(["export", str(source), "--out", str(tmp_path / "fresh")]) == 0
+    assert cli.main(["export", str(source), "--out", str(tmp_path / "fresh"), "--overwrite"]) == 0  # its own
