@@ -106,3 +106,15 @@ def test_inspect_on_a_truncated_shard_is_one_line(tmp_path, checkpoint, capsys, 
     assert cli.main(["inspect", str(damaged)]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"error: {shard}") and "re-download" in err and "Traceback" not in err
+
+
+def test_the_unpacker_names_bad_inputs():
+    from int4lora_train.errors import ConfigError, Int4FormatError
+    from int4lora_train.quant.unpacker import INT4Unpacker
+
+    with pytest.raises(ConfigError, match="max_cache_bytes must be >= 0"):
+        INT4Unpacker(max_cache_bytes=-1)
+    with pytest.raises(Int4FormatError, match=r"expected uint8 \[out, in/2\]"):
+        INT4Unpacker().unpack_int4_weights(torch.zeros(4, 8), torch.ones(4))
+    with pytest.raises(Int4FormatError, match=r"scales has shape \(3,\)"):
+        INT4Unpacker().unpack_int4_weights(torch.zeros(4, 8, dtype=torch.uint8), torch.ones(3))
