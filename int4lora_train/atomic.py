@@ -326,6 +326,20 @@ def recover(target: Path) -> None:
             logger.warning("left %s in place: it does not carry the %s marker", leftover, MARKER)
 
 
+def recover_children(directory: Path) -> None:
+    """:func:`recover` every target in ``directory`` that an interrupted write left siblings of (at start-up)."""
+    if not directory.is_dir():
+        return
+    targets = set()
+    for entry in directory.iterdir():
+        for kind in (_TMP, _OLD):
+            if entry.name.startswith(".") and kind in entry.name:
+                targets.add(entry.name[1:].rsplit(kind, 1)[0])
+    for name in sorted(targets):
+        if name:
+            recover(directory / name)
+
+
 def _state(directory: Path) -> str | None:
     marker = read_marker(directory)
     return marker.get("state") if marker else None

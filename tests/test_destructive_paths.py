@@ -240,19 +240,20 @@ def test_leftovers_are_removed_only_when_marked(tmp_path):
 # -------------------------------------------------------------------------------------------- crash at every step
 
 
-def _crash_at(k: int):
+def _crash_at(k: int | str):
+    """SIGKILL at the k-th fault point, or at the one named k."""
     count = 0
 
     def hook(step: str) -> None:
         nonlocal count
         count += 1
-        if count == k:
+        if count == k or step == k:
             os.kill(os.getpid(), signal.SIGKILL)
 
     return hook
 
 
-def _in_child(k: int, work) -> bool:
+def _in_child(k: int | str, work) -> bool:
     """Run ``work()`` in a forked child killed (SIGKILL) at fault point ``k``; True if it was killed."""
     pid = os.fork()
     if pid == 0:  # the child
@@ -354,3 +355,18 @@ def test_export_cli_never_replaces_a_directory_it_did_not_write(tmp_path, capsys
     assert (source / "adapter_model.safetensors").is_file()
     assert cli.main(["export", str(source), "--out", str(tmp_path / "fresh")]) == 0
     assert cli.main(["export", str(source), "--out", str(tmp_path / "fresh"), "--overwrite"]) == 0  # its own
+
+
+def test_resume_latest_finishes_a_checkpoint_swap_a_crash_interrupted(tmp_path, model_dir):
+    run = tmp_path / "run"
+    config = load_config(run_config(tmp_path, model_dir, run), ["train.resume=latest"])
+    root = run / "checkpoints"
+    ckpt.save_checkpoint(root, 2, _checkpoint(1.0))
+    atomic.use_exchange(False)
+    try:
+        assert _in_child("moved old aside", lambda: ckpt.save_checkpoint(root, 2, _checkpoint(2.0)))
+    finally:
+        atomic.use_exchange(True)
+    assert not (root / "step-2").exists()  # the fallback's one window: neither version at the target
+    assert resume_checkpoint(config) == root / "step-2"  # the next start puts the complete new one in place
+    assert float(ckpt.load_checkpoint(root / "step-2")["state_dict"]["lora.weight"][0, 0]) == 2.0

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -40,6 +41,7 @@ from ..atomic import (
     is_within,
     read_marker,
     recover,
+    recover_children,
     remove_owned,
     resolve_path,
     write_marker,
@@ -176,7 +178,10 @@ def resume_checkpoint(config: RunConfig) -> Path | None:
     if target is None:
         return None
     if target == "latest":
-        latest = ckpt.latest_checkpoint(Path(config.output.dir) / CHECKPOINTS_DIR)
+        root = Path(config.output.dir) / CHECKPOINTS_DIR
+        if int(os.environ.get("RANK", "0")) == 0:  # one process finishes what a crash interrupted (atomic.recover)
+            recover_children(root)
+        latest = ckpt.latest_checkpoint(root)
         if latest is None:
             logger.warning("train.resume=latest but %s has no checkpoint yet: a fresh run", config.output.dir)
         return latest
@@ -287,7 +292,7 @@ def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
         logger.warning("kept what int4lora-train did not write in %s: %s", run_dir, ", ".join(kept))
     run_dir.mkdir(parents=True, exist_ok=True)
     claim(run_dir, [name + "/" if name in _RUN_SUBDIRS else name for name in RUN_ARTIFACTS])
-    for name in (CHECKPOINTS_DIR, "tb"):
+    for name in (CHECKPOINTS_DIR, "tb") if config.output.tensorboard else (CHECKPOINTS_DIR,):
         (run_dir / name).mkdir(exist_ok=True)
         if read_marker(run_dir / name) is None:
             write_marker(run_dir / name, name, entries=[])
