@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 from pathlib import Path
 
@@ -143,16 +144,17 @@ def test_an_export_dir_holding_foreign_files_is_refused_before_training(tmp_path
 
 
 @pytest.mark.parametrize("problem", ["file", "under-a-file", "unwritable", "inside-model"])
-def test_output_paths_are_checked_before_anything_loads(tmp_path, model_dir, problem):
+def test_output_paths_are_checked_before_anything_loads(tmp_path, model_dir, problem, monkeypatch):
     if problem == "file":
         out, match = plant(tmp_path / "taken"), "is not a directory"
     elif problem == "under-a-file":
         out, match = plant(tmp_path / "taken") / "run", "is a file, not a directory"
     elif problem == "unwritable":
-        if os.geteuid() == 0:
-            pytest.skip("root writes everywhere")
         locked = tmp_path / "locked"
         locked.mkdir(mode=0o500)
+        if os.geteuid() == 0:  # root writes everywhere: let os.access answer as for a user
+            real_access = os.access
+            monkeypatch.setattr(os, "access", lambda p, m: Path(p) != locked and real_access(p, m))
         out, match = locked / "run", "not writable"
     else:
         out, match = model_dir / "run", "inside the model directory"
@@ -370,3 +372,34 @@ def test_resume_latest_finishes_a_checkpoint_swap_a_crash_interrupted(tmp_path, 
     assert not (root / "step-2").exists()  # the fallback's one window: neither version at the target
     assert resume_checkpoint(config) == root / "step-2"  # the next start puts the complete new one in place
     assert float(ckpt.load_checkpoint(root / "step-2")["state_dict"]["lora.weight"][0, 0]) == 2.0
+
+
+def test_merged_exports_follow_the_same_rule(tmp_path):
+    from modeling_helpers import tiny_int4_lora_model
+
+    from int4lora_train.export.merge import merge_to_dense
+
+    model = tiny_int4_lora_model()
+    merged = tmp_path / "merged"
+    readme = plant(merged / "README.txt")
+    with pytest.raises(CheckpointError, match="not written by int4lora-train"):
+        merge_to_dense(model, merged, overwrite=True)
+    assert readme.read_text() == "the user's own"
+    merge_to_dense(model, tmp_path / "mine")
+    merge_to_dense(model, tmp_path / "mine", overwrite=True)  # its own: replaced
+    assert read_marker(tmp_path / "mine")["kind"] == "merged-dense"
+
+
+def test_resume_latest_without_a_checkpoint_keeps_the_previous_run_from_the_cli(tmp_path, model_dir, capsys):
+    run = tmp_path / "run"
+    config = str(run_config(tmp_path, model_dir, run))
+    assert cli.main(["train", "--config", config, "-q"]) == 0
+    for step in (run / "checkpoints").glob("step-*"):  # the user freed the space: no checkpoint to resume
+        shutil.rmtree(step)
+    plant(run / "notes.txt")
+    before = snapshot(run)
+    capsys.readouterr()
+    assert cli.main(["train", "--config", config, "-q", "train.resume=latest", "train.max_steps=1"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "no checkpoint to continue from" in err
+    assert snapshot(run) == before  # adapter, config.yaml, metrics, summary: all as they were
