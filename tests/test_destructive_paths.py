@@ -72,7 +72,9 @@ def model_dir(tmp_path_factory) -> Path:
     from int4lora_train.quant.packer import save_int4_checkpoint
 
     model = build_tiny_model("llama", seed=0, dtype=torch.bfloat16, **TINY)
-    return save_int4_checkpoint(model, tmp_path_factory.mktemp("int4") / "model", group_size=32, tokenizer=build_tokenizer())
+    return save_int4_checkpoint(
+        model, tmp_path_factory.mktemp("int4") / "model", group_size=32, tokenizer=build_tokenizer()
+    )
 
 
 def fake_previous_run(run: Path, config) -> None:
@@ -136,7 +138,9 @@ def test_an_export_dir_holding_foreign_files_is_refused_before_training(tmp_path
     served = tmp_path / "served"
     plant(served / "README.txt")
     config = load_config(
-        run_config(tmp_path, model_dir, tmp_path / "run", output={"export": {"dir": str(served)}, "if_exists": "overwrite"})
+        run_config(
+            tmp_path, model_dir, tmp_path / "run", output={"export": {"dir": str(served)}, "if_exists": "overwrite"}
+        )
     )
     with pytest.raises(ConfigError, match="README.txt"):
         check_run_dir(config, resuming=False)

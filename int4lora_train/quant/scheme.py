@@ -125,8 +125,10 @@ def check_block_types(block: Mapping, source: str) -> None:
                 "Fix config.json (or re-export the checkpoint)."
             )
         targets = group.get("targets")
-        if targets is not None and not isinstance(targets, str) and not (
-            isinstance(targets, list) and all(isinstance(t, str) for t in targets)
+        if (
+            targets is not None
+            and not isinstance(targets, str)
+            and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
         ):
             raise CheckpointError(f"{gwhere}.targets is {_shown(targets)}; it must be a list of strings.")
         _check_fields(group, gwhere)
@@ -135,8 +137,10 @@ def check_block_types(block: Mapping, source: str) -> None:
                 _check_fields(group[key], f"{gwhere}.{key}")
     for key in ("ignore", "modules_to_not_convert"):
         value = block.get(key)
-        if value is not None and not isinstance(value, str) and not (
-            isinstance(value, list) and all(isinstance(v, str) for v in value)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
         ):
             raise CheckpointError(f"{where}.{key} is {_shown(value)}; it must be a list of module names.")
 
@@ -147,8 +151,10 @@ def _check_fields(obj: object, where: str) -> None:
     for key in _INT_FIELDS:
         value = obj.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            fix = f"write it as a number: {value}" if isinstance(value, str) and value.lstrip("-").isdigit() else (
-                "it must be an integer"
+            fix = (
+                f"write it as a number: {value}"
+                if isinstance(value, str) and value.lstrip("-").isdigit()
+                else ("it must be an integer")
             )
             raise CheckpointError(f"{where}.{key} is {_shown(value)}; {fix} (in config.json).")
     for key in _BOOL_FIELDS:

@@ -145,7 +145,9 @@ def test_resuming_from_a_damaged_checkpoint_is_one_line_from_the_cli(tmp_path, t
     assert err.startswith("error: ") and str(step / ckpt.OPTIMIZER_FILE) in err
 
 
-def test_a_full_disk_at_the_final_export_names_the_path_and_the_checkpoint(tmp_path, tiny_int4_dir, capsys, monkeypatch):
+def test_a_full_disk_at_the_final_export_names_the_path_and_the_checkpoint(
+    tmp_path, tiny_int4_dir, capsys, monkeypatch
+):
     import int4lora_train.export.adapter as adapter
 
     def full(*args, **kwargs):
