@@ -59,6 +59,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (OSError, ValueError):  # stdout without a file descriptor (replaced in-process): nothing to flush
             pass
         return EXIT_BROKEN_PIPE
+    except OSError as exc:  # a filesystem failure no library call turned into a toolkit error: name the file
+        where = f" ({exc.filename})" if exc.filename else ""
+        print(
+            f"error: {exc.strerror or exc}{where}; check the path, its permissions and the free space", file=sys.stderr
+        )
+        return 2
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -236,7 +242,11 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
     source, base = export_source(args.source, args.base)
     out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
-    if out.exists() and not args.overwrite:  # export_adapter's own message names its argument, overwrite=True
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a directory; choose another --out")
+    if (
+        out.is_dir() and any(out.iterdir()) and not args.overwrite
+    ):  # export_adapter's own message names its argument, overwrite=True
         raise ExportError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     report = export_adapter(
         str(source), out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite

@@ -39,7 +39,7 @@ from pathlib import Path
 
 import torch
 
-from int4lora_train.atomic import atomic_directory
+from int4lora_train.atomic import atomic_directory, fault_point, is_within, resolve_path
 from int4lora_train.errors import CheckpointError, ExportError
 from int4lora_train.export import vllm_rules
 from int4lora_train.export.fingerprint import (
@@ -125,6 +125,7 @@ def export_adapter(
     adapter_name: str = "default",
     fold_scaling: bool = False,
     overwrite: bool = False,
+    force: bool = False,
     dtype: torch.dtype | None = None,
     lora_name: str | None = None,
     serve_dtype: str = "auto",
@@ -135,13 +136,23 @@ def export_adapter(
     ``base_model_dir``: the INT4 checkpoint the adapter will be served on; used for the serve command, the
     architecture check and the base identity (checked against the adapter's recorded one when both exist).
     ``fold_scaling``: fold per-module scales into ``lora_B`` instead of refusing them (module docstring).
-    ``dtype``: cast the adapter tensors (default: keep, usually fp32). ``lora_name``: the name the adapter gets in
+    ``overwrite``: replace an existing ``out_dir`` that the toolkit wrote (and that holds nothing else); ``force``:
+    replace it even when it holds other files (they are lost). ``dtype``: cast the adapter tensors (default: keep, usually fp32). ``lora_name``: the name the adapter gets in
     the serve commands (default: ``out_dir``'s name). Raises :class:`ExportError` listing every rule the adapter
     breaks, with how to fix each.
     """
-    out_dir = Path(out_dir).expanduser().absolute()
-    if out_dir.exists() and not overwrite:
+    out_dir = resolve_path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} exists and is not a directory; choose another out_dir.")
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already exists; choose another out_dir or pass overwrite=True to replace it.")
+    if isinstance(source, (str, os.PathLike)):
+        source_dir = resolve_path(source)
+        if is_within(out_dir, source_dir) or is_within(source_dir, out_dir):
+            relation = "is" if out_dir == source_dir else "lies inside" if is_within(out_dir, source_dir) else "holds"
+            raise ExportError(
+                f"out_dir {out_dir} {relation} the adapter being exported ({source_dir}); choose an out_dir beside it."
+            )
     with tempfile.TemporaryDirectory(prefix="int4lora-export-") as scratch:
         config, tensors, identity, source_model_type = _read_source(source, adapter_name, Path(scratch))
         return _export(
@@ -153,6 +164,7 @@ def export_adapter(
             base_model_dir=Path(base_model_dir).expanduser().absolute() if base_model_dir is not None else None,
             fold_scaling=fold_scaling,
             overwrite=overwrite,
+            force=force,
             dtype=dtype,
             lora_name=lora_name or out_dir.name,
             serve_dtype=serve_dtype,
@@ -225,7 +237,8 @@ def _export(
     base_model_dir: Path | None,
     fold_scaling: bool,
     overwrite: bool,
-    dtype: torch.dtype | None,
+    force: bool = False,
+    dtype: torch.dtype | None = None,
     lora_name: str,
     serve_dtype: str,
     model_type: str | None,
@@ -270,7 +283,7 @@ def _export(
     if base_model_dir is not None:
         config["base_model_name_or_path"] = str(base_model_dir)
 
-    _write_atomically(out_dir, config, kept, identity, overwrite)
+    _write_atomically(out_dir, config, kept, identity, overwrite, force)
     recorded_base = identity.base_model if identity is not None else None
     base_for_commands = str(
         base_model_dir or recorded_base or config.get("base_model_name_or_path") or "<INT4_BASE_MODEL_DIR>"
@@ -383,18 +396,49 @@ def _fold_scaling(
 
 
 def _write_atomically(
-    out_dir: Path, config: dict, tensors: dict[str, torch.Tensor], identity: BaseIdentity | None, overwrite: bool
+    out_dir: Path,
+    config: dict,
+    tensors: dict[str, torch.Tensor],
+    identity: BaseIdentity | None,
+    overwrite: bool,
+    force: bool = False,
 ) -> None:
     """Write into a temporary sibling of ``out_dir``, then rename; an old ``out_dir`` goes only after that."""
     from safetensors.torch import save_file
 
-    if out_dir.exists() and not overwrite:
+    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
-    with atomic_directory(out_dir, overwrite) as tmp:
-        (tmp / ADAPTER_CONFIG).write_text(json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n")
-        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-        if identity is not None:
-            write_sidecar(identity, tmp)
+    try:
+        with atomic_directory(out_dir, overwrite, kind="adapter", force=force, what="adapter directory") as tmp:
+            (tmp / ADAPTER_CONFIG).write_text(adapter_config_json(config))
+            fault_point(f"wrote {ADAPTER_CONFIG}")
+            save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+            fault_point(f"wrote {ADAPTER_WEIGHTS}")
+            if identity is not None:
+                write_sidecar(identity, tmp)
+                fault_point(f"wrote {SIDECAR_NAME}")
+    except CheckpointError as exc:  # the ownership rule refused the target
+        raise ExportError(str(exc)) from None
+    except OSError as exc:
+        raise ExportError(
+            f"writing the adapter to {out_dir} failed: {exc.strerror or exc} ({exc.filename or out_dir}); nothing "
+            "was replaced. Free disk space or fix the permissions of its parent directory, or choose another out_dir."
+        ) from exc
+
+
+def adapter_config_json(config: Mapping) -> str:
+    """``adapter_config.json``'s text, byte-identical for the same config: keys sorted, ``target_modules`` (a set in
+    PEFT, saved in hash order) sorted."""
+    config = dict(config)
+    if isinstance(config.get("target_modules"), (list, tuple, set, frozenset)):
+        config["target_modules"] = sorted(config["target_modules"])
+    return json.dumps(_jsonable(config), indent=2, sort_keys=True) + "\n"
+
+
+def normalize_adapter_config(adapter_dir: str | Path) -> None:
+    """Rewrite ``adapter_dir/adapter_config.json`` (as PEFT's ``save_pretrained`` wrote it) deterministically."""
+    path = Path(adapter_dir) / ADAPTER_CONFIG
+    path.write_text(adapter_config_json(json.loads(path.read_text())))
 
 
 def _jsonable(value):

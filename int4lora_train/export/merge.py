@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from int4lora_train.atomic import atomic_directory
+from int4lora_train.atomic import atomic_directory, resolve_path
 from int4lora_train.errors import ExportError
 from int4lora_train.quant.layout import INT4_TENSOR_NAMES
 from int4lora_train.quant.packer import ShardWriter
@@ -251,7 +251,8 @@ def merge_to_dense(
     """Write the model with its LoRA merged as a dense checkpoint in ``dtype`` that transformers loads with
     ``AutoModelForCausalLM.from_pretrained(out_dir)``; returns ``out_dir``."""
     base = _base_model(model)
-    with atomic_directory(out_dir, overwrite) as tmp:
+    out_dir = resolve_path(out_dir)  # `..` and symlinks resolved before the ownership rule looks at it
+    with atomic_directory(out_dir, overwrite, kind="merged-dense", what="merged export directory") as tmp:
         writer = ShardWriter(tmp, max_shard_bytes)
         for item in iter_merged_tensors(model, adapter_names):
             tensor = item.tensor.to(dtype) if item.tensor.is_floating_point() else item.tensor
@@ -315,7 +316,7 @@ def merge_to_w4a16(
                 t = item.tensor
                 yield item.key, t.to(dense_dtype) if t.is_floating_point() else t
 
-    out_dir = Path(out_dir)
+    out_dir = resolve_path(out_dir)
     config = _plain_config(base, dense_dtype)
     write_int4_checkpoint(
         config,

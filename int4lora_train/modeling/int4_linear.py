@@ -39,7 +39,6 @@ no ``weight`` parameter: asking for one raises :class:`DenseWeightUnavailableErr
 
 from __future__ import annotations
 
-import copy
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -302,17 +301,9 @@ class Int4Linear(nn.Linear):
                 ) from None
             raise
 
-    def __deepcopy__(self, memo):
-        # The cache is shared by the copies, not copied: it is one budget for a whole model (and holds a lock).
-        if self.cache is not None:
-            memo.setdefault(id(self.cache), self.cache)
-        new = self.__class__.__new__(self.__class__)
-        memo[id(self)] = new
-        for key, value in self.__dict__.items():
-            if key != "_dequantizer":
-                new.__dict__[key] = copy.deepcopy(value, memo)
-        return new
-
+    # No __deepcopy__ here: copy.deepcopy finds an instance's __deepcopy__ through PEFT's ModulesToSaveWrapper's
+    # attribute forwarding and would copy this layer in place of the wrapper. deepcopy goes through __getstate__;
+    # the cache shares itself (INT4Unpacker.__deepcopy__).
     def __getstate__(self):
         # The dequantizer's prepared launches refer to compiled kernels and device buffers: chosen again on demand.
         return {k: v for k, v in self.__dict__.items() if k != "_dequantizer"}

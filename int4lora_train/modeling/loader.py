@@ -36,7 +36,7 @@ import torch
 import transformers
 from torch import nn
 
-from int4lora_train.errors import CheckpointError, check_model_dir
+from int4lora_train.errors import CheckpointError, UnsupportedFormatError, check_model_dir
 from int4lora_train.modeling import moe
 from int4lora_train.modeling.architectures import check_loadable_architecture
 from int4lora_train.modeling.int4_linear import Int4Linear
@@ -91,7 +91,16 @@ def load_int4_model(
     directory = Path(path)
     config_path = directory / "config.json"
     quant_config = read_checkpoint_quant_config(directory, required=True)
-    hf_config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    try:
+        hf_config = transformers.AutoConfig.from_pretrained(directory, trust_remote_code=trust_remote_code)
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise UnsupportedFormatError(
+            f"{config_path} names custom model code (auto_map) that transformers would have to run; it is off unless "
+            "you trust this checkpoint: set model.trust_remote_code: true (load_int4_model(..., "
+            "trust_remote_code=True)), or use a checkpoint of an architecture transformers ships."
+        ) from None
     if hasattr(hf_config, "quantization_config"):
         del hf_config.quantization_config  # or transformers would set up its own (dequantizing) quantizer
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+import torch
 from peft import LoraConfig, PeftConfig, PeftModel
 from peft.tuners.lora.layer import LoraLayer
 from peft.tuners.tuners_utils import BaseTunerLayer
@@ -38,20 +39,31 @@ logger = logging.getLogger(__name__)
 
 def register_int4_lora(config: LoraConfig) -> LoraConfig:
     """Register :class:`Int4LoraLinear` for :class:`Int4Linear` on ``config`` (PEFT's custom-module dispatch);
-    idempotent. Returns ``config``."""
+    idempotent. Returns ``config``.
+
+    A user's own registration for ``Int4Linear`` (or a subclass of it) is kept: PEFT's custom modules are the user's
+    API, and theirs wins. A broader one (``nn.Linear``, which ``Int4Linear`` subclasses) is kept too, but the INT4
+    layer goes first, so that dense layers keep the user's class and INT4 layers get one that works without a dense
+    weight (PEFT's dispatch takes the first ``isinstance`` match).
+    """
     if not isinstance(config, LoraConfig):
         raise UnsupportedFormatError(
             f"register_int4_lora needs a peft.LoraConfig, got {type(config).__name__}; only LoRA adapters are "
             "supported on INT4 bases."
         )
-    if (getattr(config, "_custom_modules", None) or {}).get(Int4Linear) is not Int4LoraLinear:
-        config._register_custom_module({Int4Linear: Int4LoraLinear})
     # MoE: per-expert LoRA on INT4 experts (target_modules "experts"; modeling/expert_lora.py).
     from int4lora_train.modeling.expert_lora import Int4ExpertsLora
     from int4lora_train.modeling.int4_experts import Int4Experts
 
-    if config._custom_modules.get(Int4Experts) is not Int4ExpertsLora:
-        config._register_custom_module({Int4Experts: Int4ExpertsLora})
+    custom = dict(getattr(config, "_custom_modules", None) or {})
+    ours = {
+        base: layer
+        for base, layer in ((Int4Linear, Int4LoraLinear), (Int4Experts, Int4ExpertsLora))
+        # registered already: ours (idempotent) or the user's own, which wins
+        if not any(isinstance(key, type) and issubclass(key, base) for key in custom)
+    }
+    if ours:
+        config._custom_modules = {**ours, **custom}
     return config
 
 
@@ -104,16 +116,85 @@ def install_peft_dispatch() -> None:
     from int4lora_train.modeling.expert_lora import install_transformers_conversion_passthrough
 
     install_transformers_conversion_passthrough()
+    _install_modules_to_save_check()
+    _install_adapter_dtype()
     logger.debug("installed the Int4Linear LoRA dispatch on peft.tuners.lora.model.LoraModel")
+
+
+def _install_modules_to_save_check() -> None:
+    """Refuse ``modules_to_save`` on an :class:`Int4Linear` (PEFT's ``ModulesToSaveWrapper.update``).
+
+    PEFT would deep-copy the layer and mark its parameters trainable; an INT4 layer's weight is packed buffers, so
+    only the bias would train, silently, and vLLM refuses ``modules_to_save`` anyway.
+    """
+    from peft.utils.other import ModulesToSaveWrapper
+
+    current = ModulesToSaveWrapper.update
+    if getattr(current, "_int4lora_original", None) is not None:
+        return
+
+    def update(self, adapter_name, *args, **kwargs):
+        original = self.original_module
+        if isinstance(original, Int4Linear):
+            raise UnsupportedFormatError(
+                f"modules_to_save names an INT4 layer ({original.extra_repr()}): a trainable full copy of it would "
+                "need its dense weight, which an INT4 layer does not have (only its bias would train), and vLLM "
+                "refuses modules_to_save. Target the layer with LoRA instead (target_modules), and remove it from "
+                "modules_to_save."
+            )
+        return current(self, adapter_name, *args, **kwargs)
+
+    update._int4lora_original = current
+    ModulesToSaveWrapper.update = update
+
+
+def _install_adapter_dtype() -> None:
+    """With ``autocast_adapter_dtype=False`` give INT4 layers' adapters the dtype the base computes in.
+
+    PEFT moves a new adapter to the dtype of the base's float ``weight`` or its ``compute_dtype``. An Int4Linear
+    has no float weight, and without a ``compute_dtype`` it computes in its input's dtype (the model's dense dtype),
+    so PEFT would leave the adapter fp32. ``LoraModel._cast_adapter_dtype`` sees the whole model: after PEFT's own
+    step it casts those adapters to the model's dtype (with ``autocast_adapter_dtype=True``, the default, PEFT's
+    fp32 adapters stay as they are).
+    """
+    from peft.tuners.lora.model import LoraModel
+
+    current = LoraModel._cast_adapter_dtype
+    if getattr(current, "_int4lora_original", None) is not None:
+        return
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        current(self, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype)
+        if autocast_adapter_dtype:
+            return
+        dtype = getattr(self.model, "dtype", None)
+        if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+            return
+        for module in self.model.modules():
+            if isinstance(module, Int4LoraLinear) and module.get_base_layer().compute_dtype is None:
+                for name in module.adapter_layer_names:
+                    container = getattr(module, name, None)
+                    if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                        container[adapter_name].to(dtype)
+
+    _cast_adapter_dtype._int4lora_original = current
+    LoraModel._cast_adapter_dtype = _cast_adapter_dtype
 
 
 def uninstall_peft_dispatch() -> None:
     """Undo :func:`install_peft_dispatch` (for tests; configs registered explicitly keep working)."""
     from peft.tuners.lora.model import LoraModel
+    from peft.utils.other import ModulesToSaveWrapper
 
     original = getattr(LoraModel._create_new_module, "_int4lora_original", None)
     if original is not None:
         LoraModel._create_new_module = staticmethod(original)
+    original_update = getattr(ModulesToSaveWrapper.update, "_int4lora_original", None)
+    if original_update is not None:
+        ModulesToSaveWrapper.update = original_update
+    original_cast = getattr(LoraModel._cast_adapter_dtype, "_int4lora_original", None)
+    if original_cast is not None:
+        LoraModel._cast_adapter_dtype = original_cast
 
 
 def load_adapter(

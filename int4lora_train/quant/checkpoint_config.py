@@ -31,7 +31,14 @@ from int4lora_train.quant.formats import (
     gptq_config,
 )
 from int4lora_train.quant.formats.base import supported
-from int4lora_train.quant.scheme import CT_FORMAT, STRATEGIES, Int4CheckpointConfig, TargetGroup, WeightScheme
+from int4lora_train.quant.scheme import (
+    CT_FORMAT,
+    STRATEGIES,
+    Int4CheckpointConfig,
+    TargetGroup,
+    WeightScheme,
+    check_block_types,
+)
 
 __all__ = [
     "CT_FORMAT",
@@ -57,6 +64,8 @@ def parse_quantization_config(block: Mapping | object, source: str = "config.jso
         if to_dict is None:
             raise CheckpointError(f"{source}: quantization_config must be a JSON object, got {type(block).__name__}.")
         block = to_dict()
+    if not isinstance(block, Mapping):
+        raise CheckpointError(f"{source}: quantization_config must be a JSON object, got {type(block).__name__}.")
     method = block.get("quant_method")
     fmt = format_for_quant_method(method)
     if fmt is None:
@@ -64,7 +73,14 @@ def parse_quantization_config(block: Mapping | object, source: str = "config.jso
         raise UnsupportedFormatError(
             f"{source}: quantization_config.quant_method is {method!r}; {supported()} (quant_method one of {methods})."
         )
-    return fmt.parse_config(dict(block), source)
+    check_block_types(block, source)
+    try:
+        return fmt.parse_config(dict(block), source)
+    except (AttributeError, TypeError, KeyError) as exc:  # a shape of block no check above foresaw
+        raise CheckpointError(
+            f"{source}: quantization_config is malformed for quant_method {method!r} ({type(exc).__name__}: {exc}); "
+            "compare it with the format's documented block and fix config.json (or re-export the checkpoint)."
+        ) from exc
 
 
 def read_checkpoint_quant_config(directory: str | Path, required: bool = False) -> Int4CheckpointConfig | None:

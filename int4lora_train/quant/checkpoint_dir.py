@@ -135,7 +135,10 @@ def read_catalog(shards: list[Path], index: Path | None) -> dict[str, TensorInfo
 
 def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
     """Parse a safetensors header (8-byte little-endian length, JSON) and check the data is all there."""
-    size = path.stat().st_size
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from exc
     with open(path, "rb") as f:
         head = f.read(8)
         if len(head) < 8:
@@ -170,6 +173,10 @@ def _safetensors_header(path: Path) -> dict[str, TensorInfo]:
             )
         infos[key] = TensorInfo(path, shape, dtype, begin, end - begin)
     return infos
+
+
+read_safetensors_header = _safetensors_header
+"""``{key: TensorInfo}`` of a safetensors file; :class:`CheckpointError` naming the file when it is truncated."""
 
 
 def _pickle_header(path: Path) -> dict[str, TensorInfo]:

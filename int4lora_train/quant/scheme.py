@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from int4lora_train.errors import CheckpointError
+
 STRATEGIES = ("group", "channel", "tensor")
 CT_FORMAT = "pack-quantized"
 """compressed-tensors' name of its INT4 packing (a config group's ``format``)."""
@@ -93,3 +95,74 @@ def _matches(module_name: str, class_names: tuple[str, ...], entry: str) -> bool
     if entry == module_name:
         return True
     return entry in class_names or (entry == "Linear" and "LinearBase" in class_names)
+
+
+# ------------------------------------------------------------------------------------------ the block's JSON types
+
+_INT_FIELDS = ("group_size", "num_bits", "bits")
+_BOOL_FIELDS = ("symmetric", "sym", "desc_act", "zero_point", "lm_head", "dynamic")
+_OBJECT_FIELDS = ("weights",)
+
+
+def check_block_types(block: Mapping, source: str) -> None:
+    """Raise :class:`CheckpointError` naming the key, its value and the fix when a ``quantization_config`` block has
+    the wrong JSON types (a config group that is not an object, ``group_size: "32"``, ...): what each format's
+    parser assumes, checked once here so that no parser fails with an ``AttributeError`` / ``TypeError``."""
+    where = f"{source}: quantization_config"
+    _check_fields(block, where)
+    groups = block.get("config_groups")
+    if groups is not None and not isinstance(groups, Mapping):
+        raise CheckpointError(
+            f"{where}.config_groups is {_shown(groups)}; it must be an object mapping group names to "
+            '{"targets": [...], "weights": {...}}. Fix config.json (or re-export the checkpoint).'
+        )
+    for name, group in (groups or {}).items():
+        gwhere = f"{where}.config_groups.{name}"
+        if not isinstance(group, Mapping):
+            raise CheckpointError(
+                f"{gwhere} is {_shown(group)}; each config group must be an object such as "
+                '{"targets": ["Linear"], "weights": {"num_bits": 4, "type": "int", "group_size": 128, ...}}. '
+                "Fix config.json (or re-export the checkpoint)."
+            )
+        targets = group.get("targets")
+        if (
+            targets is not None
+            and not isinstance(targets, str)
+            and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
+        ):
+            raise CheckpointError(f"{gwhere}.targets is {_shown(targets)}; it must be a list of strings.")
+        _check_fields(group, gwhere)
+        for key in _OBJECT_FIELDS:
+            if group.get(key) is not None:
+                _check_fields(group[key], f"{gwhere}.{key}")
+    for key in ("ignore", "modules_to_not_convert"):
+        value = block.get(key)
+        if (
+            value is not None
+            and not isinstance(value, str)
+            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
+        ):
+            raise CheckpointError(f"{where}.{key} is {_shown(value)}; it must be a list of module names.")
+
+
+def _check_fields(obj: object, where: str) -> None:
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(f"{where} is {_shown(obj)}; it must be a JSON object. Fix config.json.")
+    for key in _INT_FIELDS:
+        value = obj.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            fix = (
+                f"write it as a number: {value}"
+                if isinstance(value, str) and value.lstrip("-").isdigit()
+                else ("it must be an integer")
+            )
+            raise CheckpointError(f"{where}.{key} is {_shown(value)}; {fix} (in config.json).")
+    for key in _BOOL_FIELDS:
+        value = obj.get(key)
+        if value is not None and not isinstance(value, bool) and value not in ("true", "false"):
+            raise CheckpointError(f"{where}.{key} is {_shown(value)}; it must be true or false (in config.json).")
+
+
+def _shown(value: object) -> str:
+    text = repr(value)
+    return f"{text if len(text) <= 60 else text[:57] + '...'} (a {type(value).__name__})"

@@ -21,6 +21,7 @@ from collections.abc import Hashable
 
 import torch
 
+from int4lora_train.errors import ConfigError
 from int4lora_train.quant.dequant import dequantize
 from int4lora_train.quant.formats import (
     from_compressed_tensors,
@@ -50,7 +51,10 @@ class INT4Unpacker:
 
     def __init__(self, max_cache_bytes: int | None = None):
         if max_cache_bytes is not None and max_cache_bytes < 0:
-            raise ValueError(f"max_cache_bytes must be >= 0 or None, got {max_cache_bytes}")
+            raise ConfigError(
+                f"INT4Unpacker: max_cache_bytes must be >= 0 or None (unbounded), got {max_cache_bytes} "
+                "(model.cache_budget_mb in a config)"
+            )
         self._max_bytes = max_cache_bytes
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
         self._bytes = 0
@@ -58,6 +62,10 @@ class INT4Unpacker:
         self._misses = 0
         self._evictions = 0
         self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo):
+        # One budget for a whole model (and a lock): copies of the layers that use it share it.
+        return self
 
     # ------------------------------------------------------------------------------------------ the seed's API
 
@@ -166,7 +174,10 @@ class INT4Unpacker:
     def set_max_cache_bytes(self, max_cache_bytes: int | None) -> None:
         """Change the budget, evicting least recently used entries until the cache fits."""
         if max_cache_bytes is not None and max_cache_bytes < 0:
-            raise ValueError(f"max_cache_bytes must be >= 0 or None, got {max_cache_bytes}")
+            raise ConfigError(
+                f"INT4Unpacker: max_cache_bytes must be >= 0 or None (unbounded), got {max_cache_bytes} "
+                "(model.cache_budget_mb in a config)"
+            )
         with self._lock:
             self._max_bytes = max_cache_bytes
             self._evict_until(0)

@@ -377,6 +377,22 @@ def load_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
     return Datasets(train, validation, {"train": train_stats, "validation": val_stats})
 
 
+def check_positions(datasets: Datasets, max_position_embeddings: int | None, max_length: int) -> int:
+    """Warn when rows are longer than the model's ``max_position_embeddings`` (positions past it were never trained:
+    RoPE extrapolates, learned position tables fail); returns how many rows are. Packed rows count as one row."""
+    if not max_position_embeddings:
+        return 0
+    rows = [len(r) for r in (*datasets.train, *datasets.validation)]
+    too_long = [n for n in rows if n > max_position_embeddings]
+    if too_long:
+        logger.warning(
+            "%d of %d rows are longer than the model's max_position_embeddings=%d (longest %d tokens; "
+            "data.max_length=%d): the model was not trained on positions that far. Set data.max_length to at most %d.",
+            len(too_long), len(rows), max_position_embeddings, max(too_long), max_length, max_position_embeddings,
+        )  # fmt: skip
+    return len(too_long)
+
+
 def split_samples(samples: Sequence[Sample], fraction: float, seed: int) -> tuple[list[Sample], list[Sample]]:
     """Hold out ``ceil(fraction * n)`` samples (at least one, leaving at least one) chosen by ``seed``."""
     if len(samples) < 2:

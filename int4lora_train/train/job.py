@@ -23,7 +23,9 @@ directory to the exporter.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import os
 import shutil
 from collections.abc import Callable
 from dataclasses import asdict
@@ -33,11 +35,23 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..atomic import atomic_directory
-from ..errors import ConfigError, ExportError, check_model_dir
+from ..atomic import (
+    atomic_directory,
+    check_output_path,
+    claim,
+    foreign_entries,
+    is_within,
+    read_marker,
+    recover,
+    recover_children,
+    remove_owned,
+    resolve_path,
+    write_marker,
+)
+from ..errors import CheckpointError, ConfigError, ExportError, check_model_dir
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
-from .data import load_datasets
+from .data import check_positions, load_datasets
 from .metrics import RunSummary, read_metrics
 from .module import LoraModule
 from .plot import plot_loss_curve
@@ -61,7 +75,8 @@ RUN_ARTIFACTS = (
     SHARDING_FILE,
     GATHERED_DIR,
 )
-"""What a run writes; ``output.if_exists: overwrite`` removes exactly these, nothing else of the user's."""
+"""What a run writes. The run directory's marker (:mod:`int4lora_train.atomic`) records those this toolkit created;
+``output.if_exists: overwrite`` removes only those, and inside them only what the toolkit wrote."""
 
 ExportFn = Callable[[nn.Module | Path, Any, RunConfig, Path], Path]
 """``(peft_model, tokenizer, config, adapter_dir) -> the directory written``. In FSDP runs the first argument is the
@@ -79,6 +94,13 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     check_model_dir(config.model.path)  # before anything loads: a wrong path is named as such
     if config.model.tokenizer is not None:
         check_model_dir(config.model.tokenizer, key="model.tokenizer", need_config=False)
+    # Output paths are checked before anything loads or is created: a refused directory costs nothing. From here on
+    # the run directory is the resolved one (`runs/x/..` and symlinks are what they point at).
+    config = dataclasses.replace(
+        config, output=dataclasses.replace(config.output, dir=str(resolve_path(config.output.dir)))
+    )
+    resume_from = resume_checkpoint(config)
+    check_run_dir(config, resuming=resume_from is not None)
     run_dir = Path(config.output.dir)
     trainer = Trainer(
         config.train,
@@ -88,12 +110,12 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
         progress_bar=progress_bar,
     )
     acc = trainer.accelerator
-    resume_from = resume_checkpoint(config)
-    check_run_dir(config, resuming=resume_from is not None)
     # Inputs first: a bad record or model path fails before the run directory is touched.
     tokenizer = load_tokenizer(config)
     datasets = load_datasets(config.data, tokenizer, config.train.seed)
-    module = LoraModule(apply_lora(load_model(config, trainer.strategy.load_device), config), config.train)
+    model = load_model(config, trainer.strategy.load_device)
+    check_positions(datasets, getattr(model.config, "max_position_embeddings", None), config.data.max_length)
+    module = LoraModule(apply_lora(model, config), config.train)
     if acc.is_main_process:
         prepare_run_dir(config, resuming=resume_from is not None)
     acc.wait_for_everyone()
@@ -111,11 +133,14 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     if export:  # FSDP: a collective, every process gathers the adapter directory, the main one writes it
         trained = trainer.strategy.adapter_for_export(trained, run_dir / GATHERED_DIR)
     if acc.is_main_process and export:
-        target = Path(config.output.export.dir or run_dir / ADAPTER_DIR)
+        target = export_dir(config)
         try:
-            adapter_dir = (export_fn or _save_with_peft)(trained, tokenizer, config, target)
-        except ExportError as exc:  # keep the trained weights all the same
-            adapter_dir, export_error = save_adapter(trained, target), exc
+            try:
+                adapter_dir = (export_fn or _save_with_peft)(trained, tokenizer, config, target)
+            except ExportError as exc:  # keep the trained weights all the same
+                adapter_dir, export_error = save_adapter(trained, target), exc
+        except OSError as exc:
+            raise _write_failed(exc, target, result.last_checkpoint, config) from exc
         logger.info("adapter written to %s", adapter_dir)
     if acc.is_main_process and isinstance(trained, Path) and trained.exists():
         shutil.rmtree(trained)
@@ -133,6 +158,8 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     )
     if acc.is_main_process:
         summary.save(run_dir / SUMMARY_FILE)
+        if trainer.tensorboard_dir is not None and trainer.tensorboard_dir.is_dir():
+            write_marker(trainer.tensorboard_dir, "tensorboard")  # its event files are this run's
     acc.wait_for_everyone()
     acc.end_training()
     if export_error is not None:
@@ -149,9 +176,12 @@ def resume_checkpoint(config: RunConfig) -> Path | None:
     if target is None:
         return None
     if target == "latest":
-        latest = ckpt.latest_checkpoint(Path(config.output.dir) / CHECKPOINTS_DIR)
+        root = Path(config.output.dir) / CHECKPOINTS_DIR
+        if int(os.environ.get("RANK", "0")) == 0:  # one process finishes what a crash interrupted (atomic.recover)
+            recover_children(root)
+        latest = ckpt.latest_checkpoint(root)
         if latest is None:
-            logger.info("train.resume=latest but %s has no checkpoint yet: starting fresh", config.output.dir)
+            logger.warning("train.resume=latest but %s has no checkpoint yet: a fresh run", config.output.dir)
         return latest
     path = Path(target)
     if not (path / ckpt.STATE_FILE).is_file():
@@ -168,38 +198,115 @@ def resume_command(config: RunConfig) -> str:
     return command
 
 
+def export_dir(config: RunConfig) -> Path:
+    """Where the adapter is exported: ``output.export.dir`` (resolved), else ``<output.dir>/adapter``."""
+    return resolve_path(config.output.export.dir or Path(config.output.dir) / ADAPTER_DIR)
+
+
+def _owned_names(run_dir: Path) -> set[str]:
+    marker = read_marker(run_dir)
+    return {entry.rstrip("/") for entry in marker["entries"]} if marker else set()
+
+
 def check_run_dir(config: RunConfig, resuming: bool) -> list[str]:
     """The toolkit's files already in the run directory that this run will replace (``[]`` when resuming).
 
-    Raises ``ConfigError`` when they belong to an earlier run that is neither resumed nor to be overwritten
-    (``output.if_exists``). ``train.resume=latest`` with no checkpoint yet replaces the earlier attempt's files:
-    nothing of it could be resumed.
+    Checked before anything loads: the run and export directories resolved (``..``, symlinks), writable,
+    directories, outside the model directory, and the export directory neither containing nor inside the run
+    directory (other than the default ``adapter/``). Raises ``ConfigError`` when the run directory holds a file this
+    run writes that the toolkit did not write (its marker does not list it: never replaced), or an earlier run that
+    is neither resumed nor to be overwritten (``output.if_exists``). ``train.resume=latest`` with no checkpoint is a
+    fresh run: it replaces an earlier run only with ``output.if_exists: overwrite``.
     """
-    run_dir = Path(config.output.dir)
-    found = [] if resuming else [name for name in RUN_ARTIFACTS if (run_dir / name).exists()]
-    if found and config.resume_target is None and config.output.if_exists == "error":
+    model_dir = config.model.path
+    try:
+        run_dir = check_output_path(config.output.dir, what="run directory", key="output.dir", model_dir=model_dir)
+        target = export_dir(config)
+        if config.output.export.enabled:
+            check_output_path(target, what="export directory", key="output.export.dir", model_dir=model_dir)
+    except CheckpointError as exc:
+        raise ConfigError(str(exc)) from None
+    if config.output.export.enabled and target != run_dir / ADAPTER_DIR:
+        if is_within(run_dir, target) or is_within(target, run_dir):
+            relation = "is" if target == run_dir else "contains" if is_within(run_dir, target) else "lies inside"
+            raise ConfigError(
+                f"output.export.dir {target} {relation} the run directory {run_dir}; an export there could replace "
+                "the run (or the run the export). Set output.export.dir outside the run directory, or leave it "
+                f"null for {run_dir / ADAPTER_DIR}."
+            )
+        if target.is_dir() and any(target.iterdir()):
+            foreign = foreign_entries(target)
+            if foreign:
+                raise ConfigError(
+                    f"output.export.dir {target} holds files int4lora-train did not write ({', '.join(foreign[:5])}); "
+                    "the export never replaces them. Choose an empty or new directory."
+                )
+            if not resuming and config.output.if_exists == "error":
+                raise ConfigError(
+                    f"output.export.dir {target} holds an earlier export; set output.if_exists=overwrite to replace "
+                    "it, or choose another directory"
+                )
+    present = [name for name in RUN_ARTIFACTS if (run_dir / name).exists() or (run_dir / name).is_symlink()]
+    owned = _owned_names(run_dir)
+    foreign = [name for name in present if name not in owned]
+    if foreign:
         raise ConfigError(
-            f"{run_dir} already holds a run ({', '.join(found)}); set train.resume=latest to continue it, "
-            "output.if_exists=overwrite to replace it, or choose another output.dir"
+            f"{run_dir} holds {', '.join(foreign)}, which int4lora-train did not write (no {run_dir.name}/.int4lora-"
+            "owned marker lists it); a run never replaces them. Move them away or choose another output.dir"
+        )
+    found = [] if resuming else present
+    if found and config.output.if_exists == "error":
+        how = (
+            "train.resume=latest found no checkpoint to continue from, so this is a fresh run; "
+            if config.resume_target is not None
+            else "set train.resume=latest to continue it, "
+        )
+        raise ConfigError(
+            f"{run_dir} already holds a run ({', '.join(found)}); {how}output.if_exists=overwrite to replace it, "
+            "or choose another output.dir"
         )
     return found
 
 
 def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
-    """Create the run directory, remove what :func:`check_run_dir` allows to replace, write ``config.yaml``."""
-    run_dir = Path(config.output.dir)
+    """Create the run directory, remove what :func:`check_run_dir` allows to replace (only what the toolkit wrote),
+    record what this run writes in the directory's marker, write ``config.yaml``."""
     found = check_run_dir(config, resuming)
+    run_dir = resolve_path(config.output.dir)
+    kept: list[str] = []
     for name in found:
         path = run_dir / name
-        if path.is_dir():
-            shutil.rmtree(path)
+        if path.is_dir() and not path.is_symlink():
+            if read_marker(path) is None:
+                kept.append(str(path))
+                continue
+            recover(path)
+            kept += remove_owned(path)
         else:
             path.unlink()
     if found:
-        logger.info("removed the previous run's files from %s: %s", run_dir, ", ".join(found))
+        logger.warning("replaced the previous run in %s: removed %s", run_dir, ", ".join(found))
+    if kept:
+        logger.warning("kept what int4lora-train did not write in %s: %s", run_dir, ", ".join(kept))
     run_dir.mkdir(parents=True, exist_ok=True)
+    claim(run_dir, [name + "/" if name in _RUN_SUBDIRS else name for name in RUN_ARTIFACTS])
+    for name in (CHECKPOINTS_DIR, "tb") if config.output.tensorboard else (CHECKPOINTS_DIR,):
+        (run_dir / name).mkdir(exist_ok=True)
+        if read_marker(run_dir / name) is None:
+            write_marker(run_dir / name, name, entries=[])
     save_config(config, run_dir / CONFIG_FILE)
     return run_dir
+
+
+_RUN_SUBDIRS = (CHECKPOINTS_DIR, ADAPTER_DIR, "tb", GATHERED_DIR)
+
+
+def _write_failed(exc: OSError, target: Path, last_checkpoint: str | None, config: RunConfig) -> CheckpointError:
+    where = f"the trained LoRA is in checkpoint {last_checkpoint}" if last_checkpoint else "no checkpoint holds it"
+    return CheckpointError(
+        f"training finished, but writing the adapter to {exc.filename or target} failed: {exc.strerror or exc}; "
+        f"{where}. Free space or fix permissions, then `{resume_command(config)}` exports it again."
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -246,7 +353,16 @@ def apply_lora(model: nn.Module, config: RunConfig) -> nn.Module:
         lora_dropout=lora.dropout,
         use_rslora=lora.use_rslora,
     )
-    peft_model = get_peft_model(model, lora_config)
+    try:
+        peft_model = get_peft_model(model, lora_config)
+    except ValueError as exc:
+        if "Target module" not in str(exc) and "target_modules" not in str(exc):
+            raise
+        names = sorted({name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, nn.Linear)})
+        raise ConfigError(
+            f"lora.target_modules={lora.target_modules!r} matches no module LoRA can attach to in {config.model.path}; "
+            f"its linear layers are named {names}. List some of those, or use all-linear."
+        ) from None
     trainable, total = trainable_parameter_count(peft_model)
     logger.info(
         "LoRA r=%d on %s: %s trainable of %s parameters (%.3f%%)",
@@ -266,9 +382,12 @@ def _save_with_peft(peft_model: nn.Module | Path, tokenizer: Any, config: RunCon
 def save_adapter(peft_model: nn.Module | Path, out_dir: Path) -> Path:
     """``save_pretrained`` (or copy an adapter directory) into ``out_dir``, atomically; this run's previous adapter
     there is replaced."""
-    with atomic_directory(out_dir, overwrite=True) as tmp:
+    with atomic_directory(out_dir, overwrite=True, kind="adapter", what="adapter directory") as tmp:
         if isinstance(peft_model, Path):
             shutil.copytree(peft_model, tmp, dirs_exist_ok=True)
         else:
             peft_model.save_pretrained(str(tmp))
+        from ..export.adapter import normalize_adapter_config
+
+        normalize_adapter_config(tmp)
     return out_dir

@@ -10,6 +10,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file, save_file
 
+from int4lora_train.atomic import MARKER
 from int4lora_train.errors import CheckpointError, ExportError
 from int4lora_train.export import SIDECAR_NAME, checkpoint_identity, export_adapter, read_sidecar
 from int4lora_train.export.vllm_rules import mis_scaled_modules
@@ -26,7 +27,8 @@ def _logits(model) -> torch.Tensor:
 def test_export_writes_the_files_and_keys_vllm_reads(lora_model, tiny_checkpoint, tmp_path, projections):
     report = export_adapter(lora_model, tmp_path / "adapter", base_model_dir=tiny_checkpoint)
     out = tmp_path / "adapter"
-    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", SIDECAR_NAME]
+    names = ["adapter_config.json", "adapter_model.safetensors", SIDECAR_NAME, MARKER]  # MARKER: the toolkit wrote it
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
     tensors = load_file(out / "adapter_model.safetensors")
     expected = {
         f"base_model.model.model.layers.{layer}.{block}.{proj}.lora_{ab}.weight"
@@ -154,9 +156,12 @@ def test_existing_output_is_never_replaced_unless_asked(lora_model, tmp_path):
     (out / "mine.txt").write_text("keep me")
     with pytest.raises(ExportError, match="overwrite=True"):
         export_adapter(lora_model, out)
+    with pytest.raises(ExportError, match="not written by int4lora-train"):  # overwrite replaces only its own
+        export_adapter(lora_model, out, overwrite=True)
     assert (out / "mine.txt").read_text() == "keep me"
-    export_adapter(lora_model, out, overwrite=True)
+    export_adapter(lora_model, out, overwrite=True, force=True)  # told explicitly
     assert not (out / "mine.txt").exists() and (out / "adapter_model.safetensors").is_file()
+    export_adapter(lora_model, out, overwrite=True)  # its own export: replaced
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]  # no temporary or backup directories left
 
 

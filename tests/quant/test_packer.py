@@ -181,9 +181,13 @@ def test_existing_directory_is_never_destroyed(tmp_path, tiny_model):
     (target / "precious.txt").write_text("user data")
     with pytest.raises(CheckpointError, match="overwrite=True"):
         save_int4_checkpoint(tiny_model, target)
+    with pytest.raises(CheckpointError, match="not written by int4lora-train"):  # overwrite replaces only its own
+        save_int4_checkpoint(tiny_model, target, overwrite=True, group_size=32)
     assert (target / "precious.txt").read_text() == "user data"
-    save_int4_checkpoint(tiny_model, target, overwrite=True, group_size=32)
-    assert not (target / "precious.txt").exists() and (target / "model.safetensors").exists()
+    (target / "precious.txt").unlink()
+    save_int4_checkpoint(tiny_model, target, group_size=32)
+    save_int4_checkpoint(tiny_model, target, overwrite=True, group_size=32)  # its own checkpoint: replaced
+    assert (target / "model.safetensors").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # no temporary or backup left behind
 
 
