@@ -201,20 +201,25 @@ def _variant_message(variants: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------ the fused node
 
 
-def dropout_mask(shape: torch.Size, p: float, device: torch.device) -> torch.Tensor:
-    """A bool keep-mask of ``shape`` (each element kept with probability ``1 - p``), from the global RNG.
+def dropout_with_mask(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(dropout(x2), keep_mask)`` in one fused kernel (``torch.native_dropout``: each element kept with probability
+    ``1 - p`` and scaled by ``1 / (1 - p)``, one rounding), or ``(x2, None)`` without dropout.
 
     Drawn from the default generator, so gradient checkpointing's RNG-state restore redraws the same mask in the
-    recompute. One byte per element (PEFT's ``nn.Dropout`` saves a scaled copy of the input, two bytes in bf16).
+    recompute. The bool mask is one byte per element (PEFT's ``nn.Dropout`` saves a scaled copy of the input, two
+    bytes in bf16).
     """
-    return torch.empty(shape, dtype=torch.bool, device=device).bernoulli_(1.0 - p)
+    if p <= 0:
+        return x2, None
+    return torch.native_dropout(x2, p, True)
 
 
-def _dropped(x2: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``x * mask / (1 - p)`` (one rounding: the scalar multiply runs in fp32), or ``x`` itself without dropout."""
+def dropped(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
+    """``t * mask / (1 - p)`` in one kernel (the dropout of a saved ``mask``, or its backward), or ``t`` itself
+    without dropout."""
     if mask is None:
-        return x2
-    return x2.mul(mask).mul_(1.0 / (1.0 - p))
+        return t
+    return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
 
 
 class Int4LoraFunction(torch.autograd.Function):
@@ -232,8 +237,9 @@ class Int4LoraFunction(torch.autograd.Function):
         weight = spec.dense(packed, scales, zero_points, g_idx)  # [out, in]
         a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
         y = F.linear(x2, weight, bias)  # [T, out]
-        mask = dropout_mask(x2.shape, p, x2.device) if p > 0 else None
-        xa = _dropped(x2, mask, p) @ a_c.t()  # [T, r]
+        xd, mask = dropout_with_mask(x2, p)
+        xa = xd @ a_c.t()  # [T, r]
+        del xd  # recomputed from x2 and the mask in backward
         y.addmm_(xa, b_c.t(), alpha=scaling)
         needs = ctx.needs_input_grad
         save_weight_tensors(
@@ -258,10 +264,10 @@ class Int4LoraFunction(torch.autograd.Function):
                 if mask is None:
                     grad_x.addmm_(gs, a_c)
                 else:
-                    grad_x.add_((gs @ a_c).mul_(mask), alpha=1.0 / (1.0 - p))
+                    grad_x.add_(dropped(gs @ a_c, mask, p))
                 grad_x = grad_x.reshape(ctx.x_shape)
             if need_a:
-                grad_a = (gs.t() @ _dropped(x2, mask, p)).to(lora_a.dtype)  # [r, in]
+                grad_a = (gs.t() @ dropped(x2, mask, p)).to(lora_a.dtype)  # [r, in]
         if need_b:
             grad_b = (g.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
         if need_bias:

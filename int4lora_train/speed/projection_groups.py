@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
-from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, _dropped, dropout_mask, fused_lora_applies
+from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, dropout_with_mask, dropped, fused_lora_applies
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input in Llama-style decoder layers (attention, MLP)."""
@@ -72,9 +72,13 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         bs = torch.block_diag(*[b.to(dtype) * s for b, s in zip(lora_b, group.scalings)])  # [O, R]
         y = F.linear(x2, weight)  # [T, O]
         if group.p > 0:
-            masks = [dropout_mask(x2.shape, group.p, x2.device) for _ in range(n)]
-            a_parts = a_cat.split(list(group.ranks))
-            xa = torch.cat([_dropped(x2, m, group.p) @ a.t() for m, a in zip(masks, a_parts)], dim=1)  # [T, R]
+            masks, parts = [], []
+            for a in a_cat.split(list(group.ranks)):
+                xd, mask = dropout_with_mask(x2, group.p)
+                masks.append(mask)
+                parts.append(xd @ a.t())
+            xa = torch.cat(parts, dim=1)  # [T, R]
+            del xd
         else:
             masks = []
             xa = x2 @ a_cat.t()  # [T, R]
@@ -114,12 +118,12 @@ class Int4LoraGroupFunction(torch.autograd.Function):
             if masks:
                 parts = zip(gs.split(list(group.ranks), dim=1), a_cat.split(list(group.ranks)), masks)
                 for gs_i, a_i, mask in parts:
-                    grad_x.add_(_dropped(gs_i @ a_i, mask, group.p))
+                    grad_x.add_(dropped(gs_i @ a_i, mask, group.p))
             else:
                 grad_x.addmm_(gs, a_cat)
             grad_x = grad_x.reshape(ctx.x_shape)
         if masks:
-            grad_a = [gs_i.t() @ _dropped(x2, m, group.p) for gs_i, m in zip(gs.split(list(group.ranks), dim=1), masks)]
+            grad_a = [gs_i.t() @ dropped(x2, m, group.p) for gs_i, m in zip(gs.split(list(group.ranks), dim=1), masks)]
         else:
             grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
         gb = g.t() @ xa  # [O, R]: the diagonal blocks are the members' gradients

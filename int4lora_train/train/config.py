@@ -151,6 +151,19 @@ class FsdpConfig:
 
 
 @dataclass
+class DdpConfig:
+    static_graph: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "`ddp`: tell DDP the graph is the same every step (with gradient_as_bucket_view): less host work per step. "
+        "`auto` = on when gradient_accumulation_steps is 1 (torch's static graph drops gradients under no_sync, "
+        "pytorch#187732).",
+    )
+    comm_hook: Literal["none", "bf16", "fp16"] = _opt(
+        "none", "`ddp`: all-reduce the LoRA gradients in this precision (half the bytes; rounds the gradients)."
+    )
+
+
+@dataclass
 class SpeedConfig:
     """Training-step optimisations (int4lora_train.speed); each is exact up to summation order."""
 
@@ -202,6 +215,7 @@ class TrainConfig:
         "optimizer state sharded across processes; for models that do not fit one GPU).",
     )
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    ddp: DdpConfig = field(default_factory=DdpConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
 
 

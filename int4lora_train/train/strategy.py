@@ -34,7 +34,7 @@ from torch import nn
 
 from ..errors import ConfigError
 from . import distributed
-from .config import FsdpConfig
+from .config import DdpConfig, FsdpConfig
 
 if TYPE_CHECKING:
     from .module import LoraModule
@@ -214,6 +214,23 @@ def select_strategy(
     else:
         accelerator = make_accelerator(cpu, mixed_precision, trackers, ddp_options=ddp_options)
     return DDPStrategy(accelerator) if accelerator.num_processes > 1 else Strategy(accelerator)
+
+
+def ddp_options(config: DdpConfig, accumulation_steps: int) -> dict[str, Any]:
+    """The ``DistributedDataParallelKwargs`` of ``train.ddp`` (see :class:`~int4lora_train.train.config.DdpConfig`)."""
+    options: dict[str, Any] = {}
+    if config.static_graph == "on" or (config.static_graph == "auto" and accumulation_steps == 1):
+        if accumulation_steps > 1:
+            raise ConfigError(
+                "train.ddp.static_graph: on with gradient_accumulation_steps > 1 loses gradients in torch's DDP "
+                "(pytorch#187732); use auto or off"
+            )
+        options.update(static_graph=True, gradient_as_bucket_view=True)
+    if config.comm_hook != "none":
+        from accelerate.utils import DDPCommunicationHookType
+
+        options["comm_hook"] = DDPCommunicationHookType(config.comm_hook)
+    return options
 
 
 def make_accelerator(

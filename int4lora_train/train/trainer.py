@@ -39,7 +39,7 @@ from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
 from .metrics import FitResult, JsonlTracker, perplexity
 from .module import LOSS_NORMALIZER, LoraModule
-from .strategy import Strategy, select_strategy, use_cpu
+from .strategy import Strategy, ddp_options, select_strategy, use_cpu
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,7 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             trackers=trackers,
             fsdp=config.fsdp,
+            ddp_options=ddp_options(config.ddp, config.gradient_accumulation_steps),
         )
         self.accelerator = self.strategy.accelerator
         set_seed(config.seed)

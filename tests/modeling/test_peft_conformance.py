@@ -40,7 +40,7 @@ def test_a_users_own_lora_class_for_int4linear_is_used():
     model = get_peft_model(_int4(), config)
     attn = model.base_model.model.model.layers[0].self_attn
     assert type(attn.q_proj) is MyInt4Lora and type(attn.v_proj) is MyInt4Lora
-    assert config._custom_modules == {Int4Linear: MyInt4Lora}  # not replaced by the toolkit's
+    assert config._custom_modules[Int4Linear] is MyInt4Lora  # not replaced by the toolkit's (its MoE layer may join)
 
 
 def test_a_users_class_for_nn_linear_keeps_dense_layers_and_int4_layers_get_the_int4_one():
