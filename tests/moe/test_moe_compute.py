@@ -4,6 +4,8 @@ bit-identical to the torch reference (Triton's CPU interpreter without CUDA)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 from moe_helpers import GROUP_SIZE, MOE_ARCHS, tiny_moe
@@ -107,6 +109,15 @@ def test_rtn_surgery_keeps_linears_and_experts_int4():
         assert (model(TOKENS).logits - reference(TOKENS).logits).abs().max().item() <= 1e-5
 
 
+KERNEL_DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+"""Where the grouped Triton kernel runs in these tests: compiled on CUDA, else Triton's CPU interpreter."""
+
+
+def _on_kernel_device(stack: Int4ExpertStack) -> Int4ExpertStack:
+    moved = {f: getattr(stack, f) for f in ("packed", "scales", "zero_points")}
+    return dataclasses.replace(stack, **{k: v.to(KERNEL_DEVICE) for k, v in moved.items() if v is not None})
+
+
 def _stack(experts=5, out=96, in_features=128, group_size=32, symmetric=True, dtype=torch.bfloat16, seed=0):
     gen = torch.Generator().manual_seed(seed)
     weights = [
@@ -126,32 +137,37 @@ def _stack(experts=5, out=96, in_features=128, group_size=32, symmetric=True, dt
 @pytest.mark.parametrize("group_size", [32, 128, None])
 def test_grouped_triton_dequant_bit_exact(grouped_dequant, dtype, symmetric, group_size):
     stack = _stack(group_size=group_size, symmetric=symmetric, dtype=dtype)
+    on_device = _on_kernel_device(stack)
     for ids in (torch.tensor([3, 0, 4]), torch.arange(5), torch.tensor([2])):
         want = dequantize_experts_torch(stack, ids)
-        got = grouped_dequant.dequantize_experts_triton(stack, ids)
+        got = grouped_dequant.dequantize_experts_triton(on_device, ids.to(KERNEL_DEVICE)).cpu()
         assert got.shape == (ids.numel(), 96, 128)
         assert torch.equal(got, want)
         for i, e in enumerate(ids.tolist()):  # and each equals the expert dequantized alone
             from int4lora_train.quant.dequant import dequantize_torch
 
             assert torch.equal(got[i], dequantize_torch(stack.expert(e)))
-    out32 = grouped_dequant.dequantize_experts_triton(stack, torch.tensor([1, 2]), torch.float32)
-    assert torch.equal(out32, dequantize_experts_torch(stack, torch.tensor([1, 2]), torch.float32))
+    ids = torch.tensor([1, 2])
+    out32 = grouped_dequant.dequantize_experts_triton(on_device, ids.to(KERNEL_DEVICE), torch.float32).cpu()
+    assert torch.equal(out32, dequantize_experts_torch(stack, ids, torch.float32))
 
 
 def test_grouped_triton_dequant_in_features_not_word_multiple(grouped_dequant):
     stack = _stack(experts=3, out=40, in_features=72, group_size=24, symmetric=False, dtype=torch.float16)
     ids = torch.tensor([2, 0])
-    assert torch.equal(grouped_dequant.dequantize_experts_triton(stack, ids), dequantize_experts_torch(stack, ids))
+    got = grouped_dequant.dequantize_experts_triton(_on_kernel_device(stack), ids.to(KERNEL_DEVICE)).cpu()
+    assert torch.equal(got, dequantize_experts_torch(stack, ids))
 
 
 def test_experts_module_on_the_triton_backend_matches_torch(grouped_dequant):
     _, int4, _ = _experts_pair(False)
-    x, index, weights = _routing()
+    int4 = int4.to(KERNEL_DEVICE)  # both backends on the kernel's device: the same matmuls around the dequant
+    x, index, weights = (t.to(KERNEL_DEVICE) for t in _routing())
     x1, x2 = x.clone().requires_grad_(), x.clone().requires_grad_()
     y_torch = int4(x1, index, weights)
     int4.backend = "triton"
-    assert dequantize_experts(int4.stack("down"), torch.tensor([1]), backend="triton").shape == (1, 128, 64)
+    one = torch.tensor([1], device=KERNEL_DEVICE)
+    assert dequantize_experts(int4.stack("down"), one, backend="triton").shape == (1, 128, 64)
     y_triton = int4(x2, index, weights)
     assert torch.equal(y_torch, y_triton)
     grad = torch.randn_like(y_torch)
