@@ -110,6 +110,9 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
         progress_bar=progress_bar,
     )
     acc = trainer.accelerator
+    # Every process has checked the run directory above; none may write to it before all have (the main process
+    # creating config.yaml would make a slower process refuse the run as "already holds a run").
+    acc.wait_for_everyone()
     # Inputs first: a bad record or model path fails before the run directory is touched.
     tokenizer = load_tokenizer(config)
     datasets = load_datasets(config.data, tokenizer, config.train.seed)
