@@ -18,9 +18,12 @@ What it does:
    no evaluation):
 
    - ``int4``: ``int4lora-train train --config <yaml>`` exactly as a user runs it (``train.speed`` defaults);
-   - ``bf16``: the same :func:`int4lora_train.train.job.run_training` with ``job.load_model`` swapped for a dense bf16
-     model of the same shape and plain PEFT LoRA (``train.speed`` off: the model's own loss, no fused kernels);
-   - ``nf4``: likewise with bitsandbytes NF4 + double quantization (PEFT's bnb LoRA layer), ``train.speed`` off;
+   - ``bf16``: the same :func:`int4lora_train.train.job.run_training` with ``job.load_model`` swapped for the dense
+     bf16 model of the INT4 checkpoint's dequantized weights (``--baseline-weights dequantized``, the default: the
+     same function, so the loss curves compare) and plain PEFT LoRA (``train.speed`` off: the model's own loss, no
+     fused kernels);
+   - ``nf4``: likewise, those weights re-quantized by bitsandbytes to NF4 + double quantization (PEFT's bnb LoRA
+     layer), ``train.speed`` off;
 
 3. reports per base the steady-state tokens/s (real tokens, padding excluded: the trainer's ``train/tokens_per_s``
    windows after ``--warmup`` steps, median), the step time, CUDA peak allocated memory, and the loss curve; and the
@@ -154,13 +157,24 @@ def child(args) -> None:
     config_path = work / f"{args.child}.yaml"
     device = torch.device(args.device if args.device != "auto" else "cuda")
     if args.child != "int4":
-        from common import build_model
+        from common import _quantize_nf4, build_model
+
+        from int4lora_train.modeling.surgery import dequantized_copy
 
         shape = SimpleNamespace(**vars(args), cache_gb=None)  # what build_model reads
+        load_int4 = job.load_model
 
         def load_baseline(config, load_device):
-            torch.manual_seed(0)
-            return build_model(shape, args.child, load_device, torch.bfloat16)
+            if args.baseline_weights == "random":
+                torch.manual_seed(0)
+                return build_model(shape, args.child, load_device, torch.bfloat16)
+            # The same weights as the INT4 run: the checkpoint dequantized (bf16), NF4 re-quantizes those.
+            int4 = load_int4(config, load_device)
+            model = dequantized_copy(int4, torch.bfloat16)
+            del int4
+            if args.child == "nf4":
+                _quantize_nf4(model, load_device)
+            return model
 
         job.load_model = load_baseline  # the same run_training; only the base model differs
 
@@ -237,6 +251,13 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--profile", action="store_true", help="profile three steady-state steps of each base")
     parser.add_argument("--whole-rows", action="store_true", help="one conversation per row (no packing mask)")
+    parser.add_argument(
+        "--baseline-weights",
+        choices=("dequantized", "random"),
+        default="dequantized",
+        help="bf16 / nf4 bases: the INT4 checkpoint dequantized (the same function: loss curves comparable), or "
+        "random bf16 weights of the same shape (no INT4 load)",
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
