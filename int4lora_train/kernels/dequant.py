@@ -155,47 +155,31 @@ def _load_per_group(ptr, rows, groups, row_stride, group_stride, mask, other):
 
 
 @triton.jit
-def _dequant_kernel(
-    packed_ptr,  # uint8 [out, P]
-    scales_ptr,  # float [out, G] (any strides: a per-tensor scale is a stride-0 view)
-    zero_points_ptr,  # int8 [out, G] (any strides), or a dummy when HAS_ZERO_POINTS is False
-    g_idx_ptr,  # int32 [in], or a dummy unless GROUP_LAYOUT is _GROUP_FROM_G_IDX
-    out_ptr,  # float [out, in], unit column stride
-    out_features,
+def _scaled_tile(
+    q,  # int [BLOCK_N, BLOCK_K]: the tile's signed values
+    rows,
+    row_ok,
+    cols,
+    col_ok,
+    pid_k,
     in_features,
-    packed_units,  # packed bytes (or int32 words with WORD_LOADS) of a row that hold columns
-    packed_row_stride,  # in bytes (or words with WORD_LOADS)
+    scales_ptr,  # at the tile's first row
+    zero_points_ptr,  # at the tile's first row (a dummy without zero points)
+    g_idx_ptr,  # a dummy unless GROUP_LAYOUT is _GROUP_FROM_G_IDX
     scale_row_stride,
     scale_group_stride,
     zero_point_row_stride,
     zero_point_group_stride,
-    out_row_stride,
-    GROUP_SIZE: tl.constexpr,  # columns per contiguous group; 0 = one group per row, or g_idx decides
-    GROUP_LAYOUT: tl.constexpr,  # how groups meet tiles: see _group_layout()
+    out_dtype: tl.constexpr,
+    GROUP_SIZE: tl.constexpr,
+    GROUP_LAYOUT: tl.constexpr,
     HAS_ZERO_POINTS: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
-    WORD_LOADS: tl.constexpr,  # read the packed row as int32 words (needs 4-byte aligned, word-padded rows)
-    INTEGER_ROUNDING: tl.constexpr,  # round to bf16 in integers (Triton's CPU interpreter truncates casts)
+    INTEGER_ROUNDING: tl.constexpr,
 ):
-    pid_k = tl.program_id(1)
-    # Row offsets in int64 once per program (the output may exceed 2**31 elements); tile offsets stay int32.
-    first_row = tl.program_id(0).to(tl.int64) * BLOCK_N
-    out_ptr += first_row * out_row_stride
-    scales_ptr += first_row * scale_row_stride
-    zero_points_ptr += first_row * zero_point_row_stride
-    rows = tl.arange(0, BLOCK_N)
-    row_ok = rows < out_features - first_row
-    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
-    col_ok = cols < in_features
-    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
-
-    if WORD_LOADS:
-        row_base = packed_ptr + first_row * packed_row_stride * 4
-    else:
-        row_base = packed_ptr + first_row * packed_row_stride
-    q = _load_values(row_base, rows, row_ok, pid_k, packed_row_stride, packed_units, BLOCK_N, BLOCK_K, WORD_LOADS)
-
+    """``(q - zero_point) * scale`` of one tile in ``out_dtype``, the scales (and zero points) loaded the way the tile
+    meets the groups (``GROUP_LAYOUT``); shared by every dequantization kernel (dense and grouped experts)."""
     zero_point = 0
     if GROUP_LAYOUT == _TILE_IN_ONE_GROUP:
         # One scale (and zero point) per row for the whole tile.
@@ -239,6 +223,56 @@ def _dequant_kernel(
                 zero_points_ptr, rows[:, None], groups[None, :], zero_point_row_stride, zero_point_group_stride, mask, 0
             )
         values = _apply_scale(q, zero_point, scale, HAS_ZERO_POINTS, out_dtype, INTEGER_ROUNDING)
+    return values
+
+
+@triton.jit
+def _dequant_kernel(
+    packed_ptr,  # uint8 [out, P]
+    scales_ptr,  # float [out, G] (any strides: a per-tensor scale is a stride-0 view)
+    zero_points_ptr,  # int8 [out, G] (any strides), or a dummy when HAS_ZERO_POINTS is False
+    g_idx_ptr,  # int32 [in], or a dummy unless GROUP_LAYOUT is _GROUP_FROM_G_IDX
+    out_ptr,  # float [out, in], unit column stride
+    out_features,
+    in_features,
+    packed_units,  # packed bytes (or int32 words with WORD_LOADS) of a row that hold columns
+    packed_row_stride,  # in bytes (or words with WORD_LOADS)
+    scale_row_stride,
+    scale_group_stride,
+    zero_point_row_stride,
+    zero_point_group_stride,
+    out_row_stride,
+    GROUP_SIZE: tl.constexpr,  # columns per contiguous group; 0 = one group per row, or g_idx decides
+    GROUP_LAYOUT: tl.constexpr,  # how groups meet tiles: see _group_layout()
+    HAS_ZERO_POINTS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    WORD_LOADS: tl.constexpr,  # read the packed row as int32 words (needs 4-byte aligned, word-padded rows)
+    INTEGER_ROUNDING: tl.constexpr,  # round to bf16 in integers (Triton's CPU interpreter truncates casts)
+):
+    pid_k = tl.program_id(1)
+    # Row offsets in int64 once per program (the output may exceed 2**31 elements); tile offsets stay int32.
+    first_row = tl.program_id(0).to(tl.int64) * BLOCK_N
+    out_ptr += first_row * out_row_stride
+    scales_ptr += first_row * scale_row_stride
+    zero_points_ptr += first_row * zero_point_row_stride
+    rows = tl.arange(0, BLOCK_N)
+    row_ok = rows < out_features - first_row
+    cols = pid_k * BLOCK_K + tl.arange(0, BLOCK_K)
+    col_ok = cols < in_features
+    out_dtype: tl.constexpr = out_ptr.dtype.element_ty
+
+    if WORD_LOADS:
+        row_base = packed_ptr + first_row * packed_row_stride * 4
+    else:
+        row_base = packed_ptr + first_row * packed_row_stride
+    q = _load_values(row_base, rows, row_ok, pid_k, packed_row_stride, packed_units, BLOCK_N, BLOCK_K, WORD_LOADS)
+
+    values = _scaled_tile(
+        q, rows, row_ok, cols, col_ok, pid_k, in_features, scales_ptr, zero_points_ptr, g_idx_ptr,
+        scale_row_stride, scale_group_stride, zero_point_row_stride, zero_point_group_stride, out_dtype,
+        GROUP_SIZE, GROUP_LAYOUT, HAS_ZERO_POINTS, BLOCK_N, BLOCK_K, INTEGER_ROUNDING,
+    )  # fmt: skip
 
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], values, mask=row_ok[:, None] & col_ok[None, :])
 

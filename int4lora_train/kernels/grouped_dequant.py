@@ -18,12 +18,9 @@ import triton.language as tl
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
 from int4lora_train.kernels.backend import built_for_interpreter
 from int4lora_train.kernels.dequant import (
-    _GROUPS_IN_TILE,
-    _TILE_IN_ONE_GROUP,
-    _apply_scale,
     _group_layout,
-    _load_per_group,
     _load_values,
+    _scaled_tile,
     _word_aligned,
     config_for,
 )
@@ -78,43 +75,11 @@ def _grouped_dequant_kernel(
         row_base = packed_ptr + expert * packed_expert_stride + first_row * packed_row_stride
     q = _load_values(row_base, rows, row_ok, pid_k, packed_row_stride, packed_units, BLOCK_N, BLOCK_K, WORD_LOADS)
 
-    zero_point = 0
-    if GROUP_LAYOUT == _TILE_IN_ONE_GROUP:
-        if GROUP_SIZE == 0:
-            group = 0
-        else:
-            group = (pid_k * BLOCK_K) // GROUP_SIZE
-        scale = _load_per_group(scales_ptr, rows, group, scale_row_stride, scale_group_stride, row_ok, 1.0)[:, None]
-        if HAS_ZERO_POINTS:
-            zero_point = _load_per_group(
-                zero_points_ptr, rows, group, zero_point_row_stride, zero_point_group_stride, row_ok, 0
-            )[:, None]
-        values = _apply_scale(q, zero_point, scale, HAS_ZERO_POINTS, out_dtype, INTEGER_ROUNDING)
-    elif GROUP_LAYOUT == _GROUPS_IN_TILE:
-        GROUPS: tl.constexpr = BLOCK_K // GROUP_SIZE
-        groups = pid_k * GROUPS + tl.arange(0, GROUPS)
-        mask = row_ok[:, None] & (groups * GROUP_SIZE < in_features)[None, :]
-        scale = _load_per_group(
-            scales_ptr, rows[:, None], groups[None, :], scale_row_stride, scale_group_stride, mask, 1.0
-        )[:, :, None]
-        if HAS_ZERO_POINTS:
-            zero_point = _load_per_group(
-                zero_points_ptr, rows[:, None], groups[None, :], zero_point_row_stride, zero_point_group_stride, mask, 0
-            )[:, :, None]
-        q = tl.reshape(q, (BLOCK_N, GROUPS, GROUP_SIZE))
-        values = _apply_scale(q, zero_point, scale, HAS_ZERO_POINTS, out_dtype, INTEGER_ROUNDING)
-        values = tl.reshape(values, (BLOCK_N, BLOCK_K))
-    else:
-        groups = cols // GROUP_SIZE
-        mask = row_ok[:, None] & col_ok[None, :]
-        scale = _load_per_group(
-            scales_ptr, rows[:, None], groups[None, :], scale_row_stride, scale_group_stride, mask, 1.0
-        )
-        if HAS_ZERO_POINTS:
-            zero_point = _load_per_group(
-                zero_points_ptr, rows[:, None], groups[None, :], zero_point_row_stride, zero_point_group_stride, mask, 0
-            )
-        values = _apply_scale(q, zero_point, scale, HAS_ZERO_POINTS, out_dtype, INTEGER_ROUNDING)
+    values = _scaled_tile(
+        q, rows, row_ok, cols, col_ok, pid_k, in_features, scales_ptr, zero_points_ptr, scales_ptr,
+        scale_row_stride, scale_group_stride, zero_point_row_stride, zero_point_group_stride, out_dtype,
+        GROUP_SIZE, GROUP_LAYOUT, HAS_ZERO_POINTS, BLOCK_N, BLOCK_K, INTEGER_ROUNDING,
+    )  # fmt: skip
 
     tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], values, mask=row_ok[:, None] & col_ok[None, :])
 
