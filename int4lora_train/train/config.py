@@ -123,8 +123,11 @@ class DataConfig:
     train_files: list[str] = _opt([DEMO], "Training file(s): `.jsonl`, `.json` (a list of records) or `.txt`.")
     validation_file: str | None = _opt(None, "Validation file (same format); overrides `validation_split`.")
     validation_split: float = _opt(0.0, "Fraction of the training samples held out for validation.", min=0, max=0.5)
-    format: Literal["text", "instruction", "chat"] = _opt(
-        "instruction", "`text` (plain LM), `instruction` (prompt/completion) or `chat` (messages)."
+    format: Literal["text", "instruction", "chat", "alpaca", "sharegpt"] = _opt(
+        "instruction",
+        "`text` (plain LM), `instruction` (prompt/completion), `chat` (messages); presets: `alpaca` "
+        "(instruction/input/output, the Alpaca prompt, loss on the output) and `sharegpt` (conversations of "
+        "from/value, roles human/gpt/system, loss on gpt turns).",
     )
     max_length: int = _opt(
         512, "Samples are truncated to this many tokens (packed rows hold at most this many).", min=2

@@ -7,6 +7,13 @@ Three formats (``data.format``):
 - ``chat``: ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template; only assistant
   turns are targets (from the template's ``{% generation %}`` marks, else by diffing rendered prefixes).
 
+and two presets that map other tools' records onto them:
+
+- ``alpaca``: ``{"instruction", "input" (optional), "output"}``, the prompt rendered with the Alpaca template, then
+  the ``instruction`` path (the output is the completion).
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``, mapped to messages
+  (user / assistant / system), then the ``chat`` path.
+
 Labels are aligned with ``input_ids`` (the loss shifts them); a label of ``-100`` is not a target. The first label of
 every sample is ``-100`` (nothing precedes it), so samples packed into one row never predict across a boundary;
 ``position_ids`` restart at 0 for each packed sample and transformers then keeps attention inside each sample
@@ -168,16 +175,81 @@ def tokenize_record(record: Record, config: DataConfig, tokenizer: Any) -> tuple
     if config.format == "instruction":
         prompt = _field(record, config.prompt_field, str, "data.prompt_field")
         completion = _field(record, config.completion_field, str, "data.completion_field")
-        # Encoded apart so the boundary is exact: the prompt never leaks into the targets.
-        prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
-        completion_ids = _encode(tokenizer, completion, add_special_tokens=False) + _eos(tokenizer)
-        return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    if config.format == "chat":
-        messages = _field(record, config.messages_field, list, "data.messages_field")
+        return _instruction_ids(tokenizer, prompt, completion)
+    if config.format == "alpaca":
+        prompt, completion = alpaca_prompt_completion(record)
+        return _instruction_ids(tokenizer, prompt, completion)
+    if config.format in ("chat", "sharegpt"):
+        if config.format == "chat":
+            messages = _field(record, config.messages_field, list, "data.messages_field")
+        else:
+            messages = sharegpt_messages(record)
         _check_messages(messages, record)
         ids, mask = chat_assistant_mask(tokenizer, messages, where=record.where)
         return ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
     raise DataError(f"unknown data.format {config.format!r}")
+
+
+def _instruction_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    # Encoded apart so the boundary is exact: the prompt never leaks into the targets.
+    prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
+    completion_ids = _encode(tokenizer, completion, add_special_tokens=False) + _eos(tokenizer)
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+# The Stanford Alpaca prompt (axolotl's and TRL's ``alpaca`` type), with and without an ``input``.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n"
+    "{input}\n\n### Response:\n"
+)
+
+# ShareGPT speaker names (``from``) and the chat roles they become.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def alpaca_prompt_completion(record: Record) -> tuple[str, str]:
+    """``(prompt, completion)`` of an Alpaca record: the Alpaca template around ``instruction`` (and a non-empty
+    ``input``), ``output`` as the completion.
+
+    Raises:
+        DataError: a missing or non-string field (naming file and line).
+    """
+    instruction = _field(record, "instruction", str, "data.format (alpaca records need instruction/output)")
+    output = _field(record, "output", str, "data.format (alpaca records need instruction/output)")
+    extra = record.value.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"{record.where}: field 'input' must be a str, got {type(extra).__name__} {extra!r:.60}")
+    if extra and extra.strip():
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra), output
+    return ALPACA_PROMPT.format(instruction=instruction), output
+
+
+def sharegpt_messages(record: Record) -> list[dict]:
+    """The ``{role, content}`` messages of a ShareGPT record's ``conversations`` (``from``/``value`` turns).
+
+    Raises:
+        DataError: a missing ``conversations`` list, a turn without ``from``/``value``, or an unknown speaker
+            (naming file, line and turn).
+    """
+    turns = _field(record, "conversations", list, "data.format (sharegpt records need conversations)")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("from"), str):
+            raise DataError(f"{record.where}: turn {i} must be an object with a string 'from', got {turn!r:.60}")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(
+                f"{record.where}: turn {i} is from {turn['from']!r}; ShareGPT speakers are {', '.join(SHAREGPT_ROLES)}"
+            )
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{record.where}: turn {i} ({turn['from']}) needs a string 'value'")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
 
 
 def chat_assistant_mask(tokenizer: Any, messages: list[dict], where: str = "") -> tuple[list[int], list[int]]:

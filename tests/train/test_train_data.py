@@ -195,3 +195,45 @@ def test_json_array_records_keep_their_lines(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1), encoding="utf-8")
     assert [r.line for r in read_records(path)] == [2, 5]
+
+
+def test_alpaca_preset_is_the_instruction_path_with_the_alpaca_prompt(tokenizer):
+    config = DataConfig(format="alpaca")
+    plain = tokenize_record(Record({"instruction": "add", "input": "", "output": "4"}, "f", 1), config, tokenizer)
+    ids, labels = plain
+    assert _targets(tokenizer, ids, labels) == "4</s>"
+    assert tokenizer.decode(ids).endswith("### Instruction:\nadd\n\n### Response:\n4</s>")
+    assert "### Input" not in tokenizer.decode(ids)
+    ids, labels = tokenize_record(
+        Record({"instruction": "add", "input": "2+2", "output": "4"}, "f", 1), config, tokenizer
+    )
+    assert "### Input:\n2+2\n\n### Response:\n4</s>" in tokenizer.decode(ids)
+    assert _targets(tokenizer, ids, labels) == "4</s>"
+
+
+def test_sharegpt_preset_is_the_chat_path(tokenizer):
+    speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+    conversations = [{"from": speakers[m["role"]], "value": m["content"]} for m in CHAT]
+    sharegpt = tokenize_record(
+        Record({"conversations": conversations}, "f", 1), DataConfig(format="sharegpt"), tokenizer
+    )
+    chat = tokenize_record(Record({"messages": CHAT}, "f", 1), DataConfig(format="chat"), tokenizer)
+    assert sharegpt == chat
+    assert _targets(tokenizer, *sharegpt) == "yo</s>ab</s>"
+
+
+@pytest.mark.parametrize(
+    ("data_format", "record", "expected"),
+    [
+        ("alpaca", {"instruction": "a", "response": "b"}, r"p.jsonl:1: the record has no 'output' field"),
+        ("alpaca", {"instruction": "a", "input": 3, "output": "b"}, r"p.jsonl:1: field 'input' must be a str"),
+        ("sharegpt", {"messages": []}, r"p.jsonl:1: the record has no 'conversations' field"),
+        ("sharegpt", {"conversations": [{"from": "bot", "value": "x"}]}, r"p.jsonl:1: turn 0 is from 'bot'"),
+        ("sharegpt", {"conversations": [{"from": "gpt"}]}, r"p.jsonl:1: turn 0 \(gpt\) needs a string 'value'"),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, r"p.jsonl:1: the conversation has no"),
+    ],
+)
+def test_bad_preset_records_name_file_and_line(tmp_path, tokenizer, data_format, record, expected):
+    path = write_jsonl(tmp_path / "p.jsonl", [record])
+    with pytest.raises(DataError, match=expected):
+        build_samples([path], DataConfig(format=data_format), tokenizer)
