@@ -4,7 +4,7 @@
 
     int4lora-train demo [section.key=value ...]               the embedded demo, end to end
     int4lora-train train [--config x.yaml] [section.key=value ...]
-    int4lora-train export RUN_OR_ADAPTER_DIR [--base MODEL_DIR] [--out DIR]
+    int4lora-train export RUN_OR_ADAPTER_DIR [--base MODEL_DIR] [--out DIR] [--checkpoint best|last|step-N]
     int4lora-train inspect MODEL_DIR                           the INT4 layout of a checkpoint
     int4lora-train quantize DENSE_DIR OUT_DIR [--format compressed-tensors|gptq|awq] [--group-size 128]
                                                                a dense checkpoint -> INT4 W4A16 (RTN)
@@ -92,6 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output directory (default: <source>-vllm)")
     export.add_argument("--fold-scaling", action="store_true", help="fold per-module LoRA scales into lora_B")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    export.add_argument(
+        "--checkpoint",
+        metavar="best|last|step-N",
+        help="export a checkpoint of the run instead of its final adapter: best (lowest validation loss, "
+        "train.keep_best), last, or step-N (default out: <run>/adapter-<step-N>-vllm)",
+    )
     export.set_defaults(handler=_cmd_export)
 
     inspect = command("inspect", "print a checkpoint's INT4 layout, module by module")
@@ -275,17 +281,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_adapter
     from .export.run import export_source
 
-    source, base = export_source(args.source, args.base)
-    out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
+    if args.checkpoint is not None:
+        from .export.run import checkpoint_peft_model, run_checkpoint
+        from .train.config import load_config
+        from .train.job import CONFIG_FILE
+
+        run_dir = Path(args.source)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ExportError(f"--checkpoint needs a run directory (with {CONFIG_FILE}); {run_dir} is not one")
+        checkpoint = run_checkpoint(run_dir, args.checkpoint)
+        base = args.base or load_config(run_dir / CONFIG_FILE).model.path
+        out = Path(args.out) if args.out else run_dir / f"adapter-{checkpoint.name}-vllm"
+        source = None
+    else:
+        source, base = export_source(args.source, args.base)
+        out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory; choose another --out")
     if (
         out.is_dir() and any(out.iterdir()) and not args.overwrite
     ):  # export_adapter's own message names its argument, overwrite=True
         raise ExportError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    report = export_adapter(
-        str(source), out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite
-    )
+    if source is None:
+        _say(f"exporting {checkpoint} (loads the run's INT4 base on the CPU)")
+        source = checkpoint_peft_model(run_dir, checkpoint)
+    else:
+        source = str(source)
+    report = export_adapter(source, out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite)
     print(report.summary())
     return 0
 

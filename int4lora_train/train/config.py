@@ -208,6 +208,12 @@ class TrainConfig:
     eval_at_start: bool = _opt(False, "Also evaluate before the first step (the untrained adapter).")
     save_every: int | None = _opt(None, "Write a resumable checkpoint every N steps (and at the end).", min=1)
     keep_last: int | None = _opt(2, "Keep the newest N checkpoints; null = keep all.", min=1)
+    keep_best: bool = _opt(
+        False,
+        "Also keep the checkpoint with the lowest validation loss (keep_last never removes it): an evaluation that "
+        "sets a new best writes a checkpoint; `summary.json` names it, `int4lora-train export RUN --checkpoint best` "
+        "exports it. Needs validation data.",
+    )
     log_every: int = _opt(10, "Log train loss / lr / tokens per second every N steps.", min=1)
     resume: bool | str = _opt(
         False, "`false`, `true`/`latest` (newest checkpoint in the run directory, if any) or a checkpoint path."
@@ -498,6 +504,10 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
         # accelerate's FSDP2 gradient clipping unscales fp16 gradients twice (a GradScaler error) for a subset of
         # parameters such as LoRA's; bf16 needs no scaler.
         raise ConfigError(f"{source}: train.strategy: fsdp supports train.mixed_precision bf16 or no, not fp16")
+    if train.keep_best and data.validation_file is None and not data.validation_split:
+        raise ConfigError(
+            f"{source}: train.keep_best needs validation data; set data.validation_file or data.validation_split"
+        )
     if train.fsdp.wrap_classes is not None and not train.fsdp.wrap_classes:
         raise ConfigError(f"{source}: train.fsdp.wrap_classes is empty; use null (the decoder layer) or class names")
 

@@ -103,6 +103,9 @@ class FitResult:
     resumed_from: str | None
     last_checkpoint: str | None
     ranks_in_sync: bool | None
+    best_checkpoint: str | None  # train.keep_best: the checkpoint with the lowest validation loss
+    best_step: int | None
+    best_val_loss: float | None
 
 
 @dataclass
@@ -147,4 +150,6 @@ class RunSummary(FitResult):
             lines.append(f"  tensorboard {self.tensorboard_dir}")
         if self.last_checkpoint:
             lines.append(f"  checkpoint  {self.last_checkpoint}")
+        if self.best_checkpoint:
+            lines.append(f"  best        {self.best_checkpoint} (validation loss {num(self.best_val_loss)})")
         return "\n".join(lines)

@@ -93,6 +93,8 @@ class TrainState:
     train_loss_last: float | None = None
     val_loss_initial: float | None = None
     val_loss: float | None = None
+    best_val_loss: float | None = None  # train.keep_best: the lowest validation loss with a checkpoint, and its step
+    best_step: int | None = None
 
 
 @dataclass
@@ -283,9 +285,14 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}", refresh=False)
                 bar.update(1)
                 module.on_train_step_end(state.step, metrics)
+                new_best = False
                 if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
-                if final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0):
+                    new_best = cfg.keep_best and _improves(state.val_loss, state.best_val_loss)
+                    if new_best:  # saved below, so the best is always a checkpoint
+                        state.best_val_loss, state.best_step = state.val_loss, state.step
+                save_now = final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0)
+                if save_now or new_best:
                     last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
                     saved_step = state.step
         except KeyboardInterrupt:
@@ -322,6 +329,9 @@ class Trainer:
             resumed_from=str(resume_from) if resume_from is not None else None,
             last_checkpoint=last_checkpoint,
             ranks_in_sync=self.strategy.ranks_in_sync(module),
+            best_checkpoint=None if state.best_step is None else str(self.checkpoint_root / f"step-{state.best_step}"),
+            best_step=state.best_step,
+            best_val_loss=state.best_val_loss,
         )
 
     def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
@@ -457,6 +467,7 @@ class Trainer:
             is_main=acc.is_main_process,
             barrier=acc.wait_for_everyone,
             keep_last=self.config.keep_last,
+            keep_steps=() if state.best_step is None else (state.best_step,),
             per_process_keys=self.strategy.per_process_keys,
         )
 
@@ -500,7 +511,8 @@ class Trainer:
                 path,
                 acc.process_index,
             )
-        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
+        # Checkpoints written before a counter existed lack it: its default.
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         logger.info("resumed from %s at step %d", path, state.step)
         return state
 
@@ -591,6 +603,10 @@ class PlainProgress:
 
     def close(self) -> None:
         pass
+
+
+def _improves(loss: float, best: float | None) -> bool:
+    return math.isfinite(loss) and (best is None or loss < best)
 
 
 def _duration(seconds: float) -> str:

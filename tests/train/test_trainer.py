@@ -276,3 +276,62 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # autocast was on
     for key in plain:  # Adam turns tiny gradient differences into lr-sized steps: compare whole tensors
         assert (bf16[key] - plain[key]).norm() <= 0.05 * plain[key].norm(), key
+
+
+class ScriptedValidation(LoraModule):
+    """The real validation loss times a factor per step, so the test decides which evaluation is the best."""
+
+    factors: dict[int, float] = {}
+    step = 0
+    stop_at = 0
+
+    def on_train_step_end(self, step, metrics):
+        self.step = step
+        if step == self.stop_at:
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch):
+        loss_sum, targets = super().validation_step(batch)
+        return loss_sum * self.factors[self.step], targets
+
+
+@pytest.mark.parametrize(
+    ("overrides", "factors", "kept"),
+    [
+        # saves every 2 steps: the best (step 4) outlives keep_last=1
+        (["train.eval_every=2", "train.save_every=2"], {2: 1.0, 4: 0.01, 6: 1.0, 8: 1.0}, [4, 8]),
+        # a new best between saves (step 6) is written there; the earlier best (step 3) is pruned once beaten
+        (["train.eval_every=3", "train.save_every=4"], {3: 0.1, 6: 0.01, 8: 1.0}, [6, 8]),
+    ],
+)
+def test_keep_best_keeps_the_lowest_validation_loss_checkpoint(tmp_path, overrides, factors, kept):
+    ScriptedValidation.factors = factors
+    run_overrides = ["train.keep_last=1", "train.keep_best=true", *overrides]
+    trainer, module, data = _setup(tmp_path, "run", run_overrides, module_cls=ScriptedValidation)
+    result = trainer.fit(module, data.train, data.validation)
+    root = tmp_path / "run" / "checkpoints"
+    assert [step for step, _ in list_checkpoints(root)] == kept
+    best = min(factors, key=factors.get)
+    assert (result.best_step, result.best_checkpoint) == (best, str(root / f"step-{best}"))
+    logged = {m["step"]: m["val/loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in m}
+    assert result.best_val_loss == pytest.approx(logged[best]) and logged[best] == min(logged.values())
+    assert load_checkpoint(root / f"step-{best}")["trainer_state"]["best_step"] == best
+
+
+def test_keep_best_resumes_with_its_best(tmp_path):
+    ScriptedValidation.factors = {2: 1.0, 4: 0.01, 6: 1.0, 8: 1.0}
+    overrides = ["train.keep_last=1", "train.keep_best=true", "train.eval_every=2"]
+    trainer, module, data = _setup(tmp_path, "run", overrides, module_cls=ScriptedValidation)
+    module.stop_at = 6
+    assert trainer.fit(module, data.train, data.validation).best_step == 4
+    root = tmp_path / "run" / "checkpoints"
+    trainer, module, data = _setup(tmp_path, "run", overrides, module_cls=ScriptedValidation)
+    result = trainer.fit(module, data.train, data.validation, resume_from=root / "step-6")
+    assert (result.best_step, [s for s, _ in list_checkpoints(root)]) == (4, [4, 8])
+
+
+def test_keep_best_needs_validation_data():
+    from int4lora_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.keep_best needs validation data"):
+        load_config(None, ["train.keep_best=true"])
