@@ -206,6 +206,12 @@ class TrainConfig:
         None, "Evaluate every N steps (and always at the end); null = only at the end.", min=1
     )
     eval_at_start: bool = _opt(False, "Also evaluate before the first step (the untrained adapter).")
+    eval_prompts: list[str] = _opt(
+        [],
+        "Prompts completed greedily at each evaluation (sent as written, with the tokenizer's BOS); the completions "
+        "go to `metrics.jsonl` and TensorBoard as `eval/prompt_i` / `eval/completion_i`.",
+    )
+    eval_max_new_tokens: int = _opt(32, "`eval_prompts`: most tokens generated per prompt.", min=1)
     save_every: int | None = _opt(None, "Write a resumable checkpoint every N steps (and at the end).", min=1)
     keep_last: int | None = _opt(2, "Keep the newest N checkpoints; null = keep all.", min=1)
     keep_best: bool = _opt(

@@ -128,6 +128,7 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
         datasets.validation,
         resume_from=resume_from,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        tokenizer=tokenizer,
     )
 
     adapter_dir, export_error = None, None

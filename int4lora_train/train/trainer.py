@@ -204,17 +204,22 @@ class Trainer:
         *,
         resume_from: str | Path | None = None,
         pad_token_id: int = 0,
+        tokenizer: Any = None,
     ) -> FitResult:
         """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given.
 
         Ctrl-C (``KeyboardInterrupt``) raises :class:`~int4lora_train.errors.TrainingInterrupted` naming the newest
         checkpoint; one process alone first writes a checkpoint of the last whole step (a half step is dropped), so
-        resuming from it continues exactly as if never interrupted.
+        resuming from it continues exactly as if never interrupted. ``tokenizer`` is needed for
+        ``train.eval_prompts`` (greedy samples at each evaluation).
         """
         acc, cfg = self.accelerator, self.config
         module.trainer = self
         self.should_stop = False
         self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
+        if cfg.eval_prompts and tokenizer is None:
+            logger.warning("train.eval_prompts is set but Trainer.fit got no tokenizer; no samples are generated")
         plan = self.plan_for(len(train_data))
         max_steps = self.max_steps_for(plan)
         data_id = fingerprint(train_data)
@@ -252,8 +257,10 @@ class Trainer:
         bar = self._progress(max_steps, state.step)
         step_rng = None
         try:
-            if cfg.eval_at_start and val_data and state.step == 0:
-                state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
+            if cfg.eval_at_start and state.step == 0:
+                if val_data:
+                    state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
+                self._generate_and_log(module, 0)
             while state.step < max_steps and not self.should_stop:
                 if plan.world_size == 1:  # what a checkpoint written mid-step (Ctrl-C) must hold to resume exactly
                     step_rng = ckpt.capture_rng_state()
@@ -286,11 +293,14 @@ class Trainer:
                 bar.update(1)
                 module.on_train_step_end(state.step, metrics)
                 new_best = False
-                if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                evaluating = final or (cfg.eval_every and state.step % cfg.eval_every == 0)
+                if val_data and evaluating:
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
                     new_best = cfg.keep_best and _improves(state.val_loss, state.best_val_loss)
                     if new_best:  # saved below, so the best is always a checkpoint
                         state.best_val_loss, state.best_step = state.val_loss, state.step
+                if evaluating:
+                    self._generate_and_log(module, state.step)
                 save_now = final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0)
                 if save_now or new_best:
                     last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
@@ -436,6 +446,44 @@ class Trainer:
         self.accelerator.log({"val/loss": loss, "val/ppl": perplexity(loss)}, step=step)
         logger.info("step %d  validation loss %.4f  perplexity %.2f", step, loss, perplexity(loss))
         return loss
+
+    def generate_samples(self, module: LoraModule, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions of ``prompts`` by the model as it is now (eval mode, no gradients).
+
+        Every process runs them (FSDP's forward is collective; greedy decoding gives every process the same text).
+        """
+        tokenizer = self.tokenizer
+        model = module.unwrapped_model
+        was_training = model.training
+        model.eval()
+        completions = []
+        try:
+            with torch.no_grad():
+                for prompt in prompts:
+                    ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long, device=self.device)
+                    generated = model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=self.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                    )
+                    completions.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True))
+        finally:
+            model.train(was_training)
+        return completions
+
+    def _generate_and_log(self, module: LoraModule, step: int) -> None:
+        prompts = self.config.eval_prompts
+        if not prompts or self.tokenizer is None:
+            return
+        completions = self.generate_samples(module, prompts, self.config.eval_max_new_tokens)
+        values: dict[str, str] = {}
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            values[f"eval/prompt_{i}"], values[f"eval/completion_{i}"] = prompt, completion
+            logger.info("step %d  sample %d: %r -> %r", step, i, prompt, completion)
+        self.accelerator.log(values, step=step)
 
     # -- checkpoints -------------------------------------------------------------------------------------------
 

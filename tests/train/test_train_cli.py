@@ -274,3 +274,11 @@ def test_export_checkpoint_best_without_keep_best_says_so(tmp_path, tiny_int4_di
     capsys.readouterr()
     assert cli.main(["export", str(tmp_path / "run"), "--checkpoint", "best"]) == 2
     assert "recorded no best checkpoint" in capsys.readouterr().err
+
+
+def test_eval_prompts_reach_the_metrics_log_through_the_main_job(tmp_path, tiny_int4_dir):
+    config = _config(tmp_path, tiny_int4_dir, max_steps=3, eval_prompts=["12+30="], eval_max_new_tokens=3)
+    assert cli.main(["train", "--config", config, "-q", "output.export.enabled=false"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in records if "eval/completion_0" in r]
+    assert [r["step"] for r in samples] == [0, 3] and samples[0]["eval/prompt_0"] == "12+30="

@@ -335,3 +335,32 @@ def test_keep_best_needs_validation_data():
 
     with pytest.raises(ConfigError, match="train.keep_best needs validation data"):
         load_config(None, ["train.keep_best=true"])
+
+
+def test_eval_prompts_are_completed_greedily_at_each_evaluation(tmp_path):
+    pytest.importorskip("tensorboard")
+    prompts = ["12+30=", "Q: reverse abc\nA: "]
+    overrides = ["train.eval_every=4", "train.eval_at_start=true", "train.eval_max_new_tokens=5"]
+    config = load_config(None, [f"train.eval_prompts={json.dumps(prompts)}", *overrides])
+    assert config.train.eval_prompts == prompts
+    trainer, module, data = _setup(tmp_path, "run", [f"train.eval_prompts={json.dumps(prompts)}", *overrides])
+    trainer = Trainer(trainer.config, tmp_path / "run", device="cpu", tensorboard=True, progress_bar=False)
+    tokenizer = build_tokenizer()
+    trainer.fit(module, data.train, data.validation, tokenizer=tokenizer)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    samples = {r["step"]: r for r in records if "eval/completion_0" in r}
+    assert sorted(samples) == [0, 4, 8]
+    assert all(samples[s]["eval/prompt_1"] == prompts[1] for s in samples)
+    for record in samples.values():
+        for i in range(2):  # byte tokens: at most 5 characters (fewer when EOS came first)
+            assert len(record[f"eval/completion_{i}"]) <= 5
+    # The last samples are the final model's greedy completions.
+    model = module.unwrapped_model.eval()
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        expected = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert samples[8][f"eval/completion_{i}"] == tokenizer.decode(
+            expected[0, ids.shape[1] :], skip_special_tokens=True
+        )
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
+    assert b"eval/completion_1" in events and b"eval/prompt_0" in events
