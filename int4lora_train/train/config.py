@@ -214,6 +214,12 @@ class TrainConfig:
     eval_max_new_tokens: int = _opt(32, "`eval_prompts`: most tokens generated per prompt.", min=1)
     save_every: int | None = _opt(None, "Write a resumable checkpoint every N steps (and at the end).", min=1)
     keep_last: int | None = _opt(2, "Keep the newest N checkpoints; null = keep all.", min=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = _opt(
+        None,
+        "Experiment trackers (accelerate's) besides `metrics.jsonl`: `tensorboard` (`<output.dir>/tb`), `wandb` "
+        "(offline in `<output.dir>/wandb` unless WANDB_MODE is set), `mlflow` (`<output.dir>/mlruns` unless "
+        "MLFLOW_TRACKING_URI is set); null = tensorboard when `output.tensorboard`.",
+    )
     keep_best: bool = _opt(
         False,
         "Also keep the checkpoint with the lowest validation loss (keep_last never removes it): an evaluation that "
@@ -437,7 +443,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
-        if isinstance(value, str) and item_type is str:
+        if isinstance(value, str) and (item_type is str or typing.get_origin(item_type) is Literal):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list of {_type_name(item_type)}, got {value!r}")
@@ -513,6 +519,10 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
     if train.keep_best and data.validation_file is None and not data.validation_split:
         raise ConfigError(
             f"{source}: train.keep_best needs validation data; set data.validation_file or data.validation_split"
+        )
+    if train.report_to is not None and "tensorboard" in train.report_to and not config.output.tensorboard:
+        raise ConfigError(
+            f"{source}: train.report_to lists tensorboard but output.tensorboard is false; drop one of them"
         )
     if train.fsdp.wrap_classes is not None and not train.fsdp.wrap_classes:
         raise ConfigError(f"{source}: train.fsdp.wrap_classes is empty; use null (the decoder layer) or class names")

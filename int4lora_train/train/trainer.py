@@ -18,7 +18,6 @@ object's; the step is the same, and so is the data plan.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import sys
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import set_seed
 from torch.profiler import record_function
 
@@ -37,14 +35,14 @@ from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterr
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
-from .metrics import FitResult, JsonlTracker, perplexity
+from .metrics import TRACKER_DIRS, FitResult, JsonlTracker, experiment_trackers, perplexity, tracker_installed
 from .module import LOSS_NORMALIZER, LoraModule
 from .strategy import Strategy, ddp_options, select_strategy, use_cpu
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tb"
+TENSORBOARD_DIR = TRACKER_DIRS["tensorboard"]
 CHECKPOINTS_DIR = "checkpoints"
 SHARDING_FILE = "sharding.json"
 
@@ -126,7 +124,9 @@ class Trainer:
         config: the ``train`` section.
         run_dir: where ``metrics.jsonl``, ``tb/`` and ``checkpoints/`` go.
         device: ``auto`` (accelerate's choice: the process's GPU, else CPU) or ``cpu`` / ``cuda``.
-        tensorboard: also log to ``<run_dir>/tb`` (skipped with a warning if tensorboard is not installed).
+        tensorboard: also log to ``<run_dir>/tb`` (skipped with a warning if tensorboard is not installed) when
+            ``config.report_to`` is null; an explicit ``report_to`` names every tracker (a missing package is a
+            ``ConfigError``).
         progress_bar: show a tqdm bar on the main process.
     """
 
@@ -145,14 +145,15 @@ class Trainer:
         self.should_stop = False
         self._updating = False
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
-        trackers: list[Any] = [self.metrics_tracker]
-        self.tensorboard_dir: Path | None = None
-        if tensorboard:
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-                trackers.append(TensorBoardTracker(TENSORBOARD_DIR, self.run_dir))
-                self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
-            else:
+        report_to = config.report_to
+        if report_to is None:  # the default: TensorBoard where it is installed
+            report_to = ["tensorboard"] if tensorboard else []
+            if tensorboard and not tracker_installed("tensorboard"):
                 logger.warning("tensorboard is not installed; logging to %s only", METRICS_FILE)
+                report_to = []
+        self.report_to = list(report_to)
+        trackers: list[Any] = [self.metrics_tracker, *experiment_trackers(report_to, self.run_dir)]
+        self.tensorboard_dir: Path | None = self.run_dir / TENSORBOARD_DIR if "tensorboard" in self.report_to else None
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("model.device is cuda but torch sees no CUDA device; use auto or cpu")
         if config.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
