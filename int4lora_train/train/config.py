@@ -120,14 +120,24 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = _opt([DEMO], "Training file(s): `.jsonl`, `.json` (a list of records) or `.txt`.")
+    train_files: list[str] = _opt(
+        [DEMO],
+        "Training file(s): `.jsonl`, `.json` (a list of records), `.txt`; with the `datasets` extra also `.parquet`, "
+        "`.arrow` and `save_to_disk` directories.",
+    )
     validation_file: str | None = _opt(None, "Validation file (same format); overrides `validation_split`.")
     validation_split: float = _opt(0.0, "Fraction of the training samples held out for validation.", min=0, max=0.5)
-    format: Literal["text", "instruction", "chat", "alpaca", "sharegpt"] = _opt(
+    format: Literal["text", "instruction", "chat", "alpaca", "sharegpt", "pretokenized"] = _opt(
         "instruction",
         "`text` (plain LM), `instruction` (prompt/completion), `chat` (messages); presets: `alpaca` "
         "(instruction/input/output, the Alpaca prompt, loss on the output) and `sharegpt` (conversations of "
-        "from/value, roles human/gpt/system, loss on gpt turns).",
+        "from/value, roles human/gpt/system, loss on gpt turns); `pretokenized` (`input_ids`, optional `labels` "
+        "with -100 = no loss).",
+    )
+    mix: list[float] | None = _opt(
+        None,
+        "One weight per training file: the training set is drawn from the files in these proportions (seeded; a "
+        "file is repeated when its share exceeds its size); null = the files concatenated.",
     )
     max_length: int = _opt(
         512, "Samples are truncated to this many tokens (packed rows hold at most this many).", min=2
@@ -493,6 +503,11 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.adam_betas must be two numbers in [0, 1), got {train.adam_betas}")
     if not data.train_files:
         raise ConfigError(f"{source}: data.train_files is empty; give at least one training file")
+    if data.mix is not None and (len(data.mix) != len(data.train_files) or not all(w > 0 for w in data.mix)):
+        raise ConfigError(
+            f"{source}: data.mix needs one positive weight per training file ({len(data.train_files)} files), got "
+            f"{data.mix}"
+        )
     if data.validation_file is not None and data.validation_split > 0:
         raise ConfigError(f"{source}: set data.validation_file or data.validation_split, not both")
     if isinstance(config.lora.target_modules, list) and not config.lora.target_modules:
