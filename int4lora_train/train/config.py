@@ -58,6 +58,7 @@ ALIASES = {
     "save_steps": "train.save_every",
     "logging_steps": "train.log_every",
     "save_total_limit": "train.keep_last",
+    "load_best_model_at_end": "train.keep_best",
     "resume_from_checkpoint": "train.resume",
     "lora_r": "lora.r",
     "rank": "lora.r",

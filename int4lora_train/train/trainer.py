@@ -451,8 +451,10 @@ class Trainer:
     def generate_samples(self, module: LoraModule, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
         """Greedy completions of ``prompts`` by the model as it is now (eval mode, no gradients).
 
-        Every process runs them (FSDP's forward is collective; greedy decoding gives every process the same text).
+        Every process runs them: FSDP's forward is collective, so its processes also generate in step until all
+        are done (``synced_gpus``); greedy decoding gives every process the same text.
         """
+        synced = self.strategy.name == "fsdp" and self.accelerator.num_processes > 1
         tokenizer = self.tokenizer
         model = module.unwrapped_model
         was_training = model.training
@@ -469,6 +471,7 @@ class Trainer:
                         do_sample=False,
                         pad_token_id=self.pad_token_id,
                         eos_token_id=tokenizer.eos_token_id,
+                        synced_gpus=synced,
                     )
                     completions.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True))
         finally:
@@ -583,8 +586,8 @@ class Trainer:
         asked = [f"train.{k}" for k in ("eval_every", "eval_at_start") if getattr(self.config, k)]
         if asked and not has_validation:
             logger.warning(
-                "%s is set but there is no validation data, so evaluation will not run; set data.validation_file "
-                "or data.validation_split",
+                "%s is set but there is no validation data, so no validation loss is computed (only "
+                "train.eval_prompts samples, if any); set data.validation_file or data.validation_split",
                 " and ".join(asked),
             )
 

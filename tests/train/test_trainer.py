@@ -71,7 +71,9 @@ def test_unused_rows_and_evaluation_without_validation_data_are_said(tmp_path, c
     assert result.val_loss is None
     assert "each epoch trains on 36 of the 40 rows: the last 4 do not fill a global batch of 6" in caplog.text
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
-    assert warning.getMessage().startswith("train.eval_every is set but there is no validation data, so evaluation")
+    assert warning.getMessage().startswith(
+        "train.eval_every is set but there is no validation data, so no validation loss"
+    )
 
 
 def test_without_a_terminal_progress_is_a_plain_log_line_not_a_bar(tmp_path, caplog, monkeypatch):
