@@ -134,6 +134,12 @@ def quantize_checkpoint(
         trust_remote_code=trust_remote_code,
     )
     model.eval()
+    if next(model.parameters()).dtype == torch.float32:
+        logger.warning(
+            "%s is float32, so the INT4 scales and dense tensors will be too; vLLM serves bfloat16 / float16 "
+            "checkpoints (pass --dtype bfloat16)",
+            source,
+        )
     tokenizer = _load_tokenizer(source, trust_remote_code)
     report = QuantizeReport(target, format, group_size, symmetric)
 
