@@ -103,3 +103,42 @@ def test_report_to_is_checked_against_output_tensorboard():
     with pytest.raises(ConfigError, match=r"train.report_to\[0\] must be one of"):
         load_config(None, ["train.report_to=[neptune]"])
     assert load_config(None, ["train.report_to=wandb"]).train.report_to == ["wandb"]
+
+
+def test_tracker_directories_belong_to_the_run(tmp_path, monkeypatch, tiny_int4_dir):
+    """A wandb directory written during a run is the run's: `output.if_exists: overwrite` replaces it."""
+    import yaml
+
+    from int4lora_train import cli
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    runs = []
+
+    class Run:
+        def log(self, values, step=None, **kwargs):
+            pass
+
+        def finish(self):
+            pass
+
+    def init(dir, **kwargs):
+        offline = tmp_path / "run" / "wandb" / f"offline-run-{len(runs)}"
+        offline.mkdir(parents=True)
+        (offline / "run.wandb").write_text("events", encoding="utf-8")
+        runs.append(offline)
+        return Run()
+
+    _fake_module(monkeypatch, "wandb", init=init)
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(16))
+    config = {
+        "model": {"path": str(tiny_int4_dir), "dtype": "float32", "device": "cpu"},
+        "data": {"train_files": [str(data)], "max_length": 32},
+        "train": {"max_steps": 1, "report_to": ["wandb"]},
+        "output": {"dir": str(tmp_path / "run"), "export": {"enabled": False}, "plot": False},
+    }
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump(config), encoding="utf-8")
+    assert cli.main(["train", "--config", str(path), "-q"]) == 0
+    assert not (tmp_path / "run" / "tb").exists()
+    assert cli.main(["train", "--config", str(path), "-q", "output.if_exists=overwrite"]) == 0
+    assert not runs[0].exists() and (runs[1] / "run.wandb").is_file()
