@@ -4,8 +4,10 @@
 
     int4lora-train demo [section.key=value ...]               the embedded demo, end to end
     int4lora-train train [--config x.yaml] [section.key=value ...]
-    int4lora-train export RUN_OR_ADAPTER_DIR [--base MODEL_DIR] [--out DIR]
+    int4lora-train export RUN_OR_ADAPTER_DIR [--base MODEL_DIR] [--out DIR] [--checkpoint best|last|step-N]
     int4lora-train inspect MODEL_DIR                           the INT4 layout of a checkpoint
+    int4lora-train quantize DENSE_DIR OUT_DIR [--format compressed-tensors|gptq|awq] [--group-size 128]
+                                                               a dense checkpoint -> INT4 W4A16 (RTN)
     int4lora-train verify MODEL_DIR [ADAPTER_DIR]              vLLM reproduces the toolkit's model (needs vLLM)
 
 ``train`` without ``--config`` runs the embedded demo config. Under ``accelerate launch`` every process runs the
@@ -90,12 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output directory (default: <source>-vllm)")
     export.add_argument("--fold-scaling", action="store_true", help="fold per-module LoRA scales into lora_B")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output directory")
+    export.add_argument(
+        "--checkpoint",
+        metavar="best|last|step-N",
+        help="export a checkpoint of the run instead of its final adapter: best (lowest validation loss, "
+        "train.keep_best), last, or step-N (default out: <run>/adapter-<step-N>-vllm)",
+    )
     export.set_defaults(handler=_cmd_export)
 
     inspect = command("inspect", "print a checkpoint's INT4 layout, module by module")
     inspect.add_argument("path", help="an INT4 checkpoint directory")
     inspect.add_argument("--all", action="store_true", help="one line per module (default: grouped by layout)")
     inspect.set_defaults(handler=_cmd_inspect)
+
+    quantize = command("quantize", "quantize a dense transformers checkpoint to INT4 W4A16 (round to nearest)")
+    quantize.add_argument("dense_dir", help="a dense checkpoint directory (save_pretrained; nothing is downloaded)")
+    quantize.add_argument("out_dir", help="the INT4 checkpoint directory to write")
+    quantize.add_argument("--scheme", choices=["w4a16"], default="w4a16", help="quantization scheme (default w4a16)")
+    quantize.add_argument("--group-size", type=int, default=128, help="input columns per scale (default 128)")
+    sym = quantize.add_mutually_exclusive_group()
+    sym.add_argument(
+        "--symmetric", dest="symmetric", action="store_true", default=True, help="no zero points (default)"
+    )
+    sym.add_argument("--asymmetric", dest="symmetric", action="store_false", help="per-group zero points")
+    quantize.add_argument(
+        "--format",
+        choices=["compressed-tensors", "gptq", "awq"],
+        default="compressed-tensors",
+        help="checkpoint format",
+    )
+    quantize.add_argument(
+        "--dtype",
+        choices=["auto", "bfloat16", "float16", "float32"],
+        default="auto",
+        help="dtype of the dense tensors and the scales (default: the checkpoint's)",
+    )
+    quantize.add_argument(
+        "--ignore",
+        action="append",
+        metavar="NAME",
+        help="a linear left dense (exact name or re:REGEX; default lm_head)",
+    )
+    quantize.add_argument("--overwrite", action="store_true", help="replace an OUT_DIR that int4lora-train wrote")
+    quantize.add_argument("--per-layer", action="store_true", help="print every layer's quantization error")
+    quantize.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    quantize.set_defaults(handler=_cmd_quantize)
 
     verify = command("verify", "check that vLLM reproduces the toolkit's model (+ adapter)")
     verify.add_argument("model_dir", help="the INT4 checkpoint directory vLLM serves")
@@ -240,17 +281,33 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from .export import export_adapter
     from .export.run import export_source
 
-    source, base = export_source(args.source, args.base)
-    out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
+    if args.checkpoint is not None:
+        from .export.run import checkpoint_peft_model, run_checkpoint
+        from .train.config import load_config
+        from .train.job import CONFIG_FILE
+
+        run_dir = Path(args.source)
+        if not (run_dir / CONFIG_FILE).is_file():
+            raise ExportError(f"--checkpoint needs a run directory (with {CONFIG_FILE}); {run_dir} is not one")
+        checkpoint = run_checkpoint(run_dir, args.checkpoint)
+        base = args.base or load_config(run_dir / CONFIG_FILE).model.path
+        out = Path(args.out) if args.out else run_dir / f"adapter-{checkpoint.name}-vllm"
+        source = None
+    else:
+        source, base = export_source(args.source, args.base)
+        out = Path(args.out) if args.out else source.with_name(source.name + "-vllm")
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a directory; choose another --out")
     if (
         out.is_dir() and any(out.iterdir()) and not args.overwrite
     ):  # export_adapter's own message names its argument, overwrite=True
         raise ExportError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
-    report = export_adapter(
-        str(source), out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite
-    )
+    if source is None:
+        _say(f"exporting {checkpoint} (loads the run's INT4 base on the CPU)")
+        source = checkpoint_peft_model(run_dir, checkpoint)
+    else:
+        source = str(source)
+    report = export_adapter(source, out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite)
     print(report.summary())
     return 0
 
@@ -263,6 +320,45 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from .quant.inspect import inspect_checkpoint
 
     print(inspect_checkpoint(args.path).table(per_module=args.all))
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# quantize
+
+
+def _cmd_quantize(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .quant.convert import quantize_checkpoint
+
+    bar = None
+
+    def on_layer(error, total: int) -> None:
+        nonlocal bar
+        if bar is None:
+            bar = tqdm(total=total, desc="quantizing", unit="layer", disable=args.quiet, file=sys.stderr)
+        bar.set_postfix_str(error.name, refresh=False)
+        bar.update()
+
+    try:
+        report = quantize_checkpoint(
+            args.dense_dir,
+            args.out_dir,
+            scheme=args.scheme,
+            format=args.format,
+            group_size=args.group_size,
+            symmetric=args.symmetric,
+            ignore=args.ignore or ("lm_head",),
+            dtype=args.dtype,
+            overwrite=args.overwrite,
+            trust_remote_code=args.trust_remote_code,
+            on_layer=on_layer,
+        )
+    finally:
+        if bar is not None:
+            bar.close()
+    print(report.summary(per_layer=args.per_layer))
     return 0
 
 

@@ -18,7 +18,7 @@ def _python(code: str, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120, **kwargs)
 
 
-@pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["export"], ["inspect"], ["verify"]])
+@pytest.mark.parametrize("command", [[], ["train"], ["demo"], ["export"], ["inspect"], ["quantize"], ["verify"]])
 def test_help_imports_no_heavy_library(command):
     code = (
         "import sys\n"

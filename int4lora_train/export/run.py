@@ -88,3 +88,50 @@ def export_source(source: str | Path, base: str | None = None) -> tuple[Path, st
     if not (adapter_dir / "adapter_config.json").is_file():
         raise ExportError(f"{source} is neither a run directory nor an adapter directory")
     return adapter_dir, base
+
+
+def run_checkpoint(run_dir: str | Path, which: str) -> Path:
+    """The checkpoint directory ``which`` names in a run directory: ``best`` (the lowest validation loss,
+    ``train.keep_best``), ``last`` (the newest), ``step-N``, or a path to a checkpoint directory.
+
+    Raises:
+        ExportError: no such checkpoint, or no best one recorded (with the fix).
+    """
+    import json
+
+    from int4lora_train.train.checkpoint import STATE_FILE, latest_checkpoint
+    from int4lora_train.train.job import CHECKPOINTS_DIR
+
+    root = Path(run_dir) / CHECKPOINTS_DIR
+    newest = latest_checkpoint(root)
+    if which in ("best", "last", "latest") and newest is None:
+        raise ExportError(f"{run_dir} has no checkpoint in {root}; train with train.save_every or train.keep_best")
+    if which in ("last", "latest"):
+        return newest
+    if which == "best":
+        # The newest checkpoint's counters name the best one (a run stopped early has no summary.json yet).
+        state = json.loads((newest / STATE_FILE).read_text(encoding="utf-8"))
+        if state.get("best_step") is None:
+            raise ExportError(
+                f"{run_dir} recorded no best checkpoint (train.keep_best was off, or no evaluation ran); name one: "
+                "--checkpoint last or --checkpoint step-N"
+            )
+        path = root / f"step-{state['best_step']}"
+    else:
+        path = root / which if (root / which).is_dir() else Path(which)
+    if not (path / STATE_FILE).is_file():
+        raise ExportError(f"checkpoint {path} does not exist (or is incomplete); see {root}")
+    return path
+
+
+def checkpoint_peft_model(run_dir: str | Path, checkpoint: Path) -> nn.Module:
+    """The run's INT4 base (``config.yaml``, on the CPU) with its LoRA adapter holding ``checkpoint``'s weights."""
+    from int4lora_train.train.checkpoint import load_checkpoint
+    from int4lora_train.train.config import load_config
+    from int4lora_train.train.job import CONFIG_FILE, apply_lora, load_model
+    from int4lora_train.train.module import LoraModule
+
+    config = load_config(Path(run_dir) / CONFIG_FILE)
+    model = apply_lora(load_model(config, torch.device("cpu")), config)
+    LoraModule(model, config.train).on_load_checkpoint(load_checkpoint(checkpoint))
+    return model.eval()

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -208,12 +208,15 @@ def save_int4_checkpoint(
     overwrite: bool = False,
     strategy: str = "group",
     checkpoint_format: str = "gptq",
+    on_quantized: Callable[[str, torch.Tensor, Int4Weight, int], None] | None = None,
 ) -> Path:
     """Quantize every ``nn.Linear`` of a dense transformers ``model`` with :func:`quantize_rtn` (except ``ignore``:
     exact names or ``re:`` regexes) and write it as an INT4 checkpoint (see :func:`write_int4_checkpoint`).
 
     Embeddings, norms, biases and ignored linears are written in the model's dtype; a weight tied to one written
     earlier (``lm_head`` with tied embeddings) is skipped, as transformers does. Scales take the model's dtype.
+    ``on_quantized(module_name, dense [out, in], int4, total)`` is called after each linear is quantized (``total``:
+    how many will be), for progress and error reports.
     """
     block = format_named(format, in_checkpoints=True).config_block(
         group_size, symmetric, strategy, ignore, checkpoint_format
@@ -233,7 +236,7 @@ def save_int4_checkpoint(
     config["architectures"] = config.get("architectures") or [type(model).__name__]
     return write_int4_checkpoint(
         config,
-        _model_stream(model, quantized, group_size, symmetric, strategy),
+        _model_stream(model, quantized, group_size, symmetric, strategy, on_quantized),
         out_dir,
         format=format,
         group_size=group_size,
@@ -250,7 +253,12 @@ def save_int4_checkpoint(
 
 
 def _model_stream(
-    model: torch.nn.Module, quantized: dict, group_size: int | None, symmetric: bool, strategy: str
+    model: torch.nn.Module,
+    quantized: dict,
+    group_size: int | None,
+    symmetric: bool,
+    strategy: str,
+    on_quantized: Callable[[str, torch.Tensor, Int4Weight, int], None] | None = None,
 ) -> Iterator[tuple[str, torch.Tensor | Int4Weight]]:
     """The model's state, one tensor or one freshly quantized linear at a time, tied duplicates skipped."""
     seen: set[tuple[int, tuple[int, ...]]] = set()
@@ -264,7 +272,10 @@ def _model_stream(
         if key in weight_names:
             module_name = weight_names[key]
             weight = quantized[module_name].weight.detach()
-            yield module_name, quantize_rtn(weight, group_size, symmetric, strategy, name=module_name)
+            int4 = quantize_rtn(weight, group_size, symmetric, strategy, name=module_name)
+            if on_quantized is not None:
+                on_quantized(module_name, weight, int4, len(quantized))
+            yield module_name, int4
         else:
             yield key, tensor.detach()
 

@@ -12,8 +12,9 @@ A checkpoint is a directory ``<run>/checkpoints/step-N/``:
 
 It is assembled in a marked sibling ``.step-N.tmp-ckpt`` and swapped into place by :mod:`int4lora_train.atomic`,
 so a crash leaves either the whole checkpoint or none; only complete ``step-N`` directories count. Older ones
-beyond ``keep_last`` are removed after the swap, and only those the toolkit wrote (its marker, not the name: a
-``step-N`` of the user's, or a symlink, is never touched, and a save onto one is refused before anything is written).
+beyond ``keep_last`` (except the best one, ``train.keep_best``) are removed after the swap, and only those the
+toolkit wrote (its marker, not the name: a ``step-N`` of the user's, or a symlink, is never touched, and a save onto
+one is refused before anything is written).
 
 :func:`load_checkpoint` validates before anything is restored: every file present, the safetensors header complete,
 every LoRA tensor finite, the optimizer state loadable with ``weights_only=True``; anything else is a
@@ -106,13 +107,15 @@ def save_checkpoint(
     is_main: bool = True,
     barrier=lambda: None,
     keep_last: int | None = None,
+    keep_steps: Sequence[int] = (),
     per_process_keys: Sequence[str] = (),
 ) -> Path:
     """Write ``checkpoint`` (``state_dict``, ``optimizer``, ``scheduler``, ``trainer_state``, optional ``scaler``)
     as step ``step``.
 
     Every process calls this (each writes its own RNG state, and its own value of each of ``per_process_keys``:
-    sharded state); ``barrier`` synchronises them. Returns the final path.
+    sharded state); ``barrier`` synchronises them. Older checkpoints beyond the newest ``keep_last`` are removed,
+    except those of ``keep_steps`` (the best one). Returns the final path.
     """
     root = Path(root)
     final = root / f"step-{step}"
@@ -159,7 +162,7 @@ def save_checkpoint(
     if staging is not None:
         if keep_last is not None:
             for old_step, path in owned_checkpoints(root)[:-keep_last]:
-                if old_step != step:
+                if old_step != step and old_step not in keep_steps:
                     left = remove_owned(path)
                     if left:
                         logger.warning("kept %s in the old checkpoint %s: not written by int4lora-train", left, path)

@@ -58,6 +58,7 @@ ALIASES = {
     "save_steps": "train.save_every",
     "logging_steps": "train.log_every",
     "save_total_limit": "train.keep_last",
+    "load_best_model_at_end": "train.keep_best",
     "resume_from_checkpoint": "train.resume",
     "lora_r": "lora.r",
     "rank": "lora.r",
@@ -120,11 +121,24 @@ class LoraSettings:
 
 @dataclass
 class DataConfig:
-    train_files: list[str] = _opt([DEMO], "Training file(s): `.jsonl`, `.json` (a list of records) or `.txt`.")
+    train_files: list[str] = _opt(
+        [DEMO],
+        "Training file(s): `.jsonl`, `.json` (a list of records), `.txt`; with the `datasets` extra also `.parquet`, "
+        "`.arrow` and `save_to_disk` directories.",
+    )
     validation_file: str | None = _opt(None, "Validation file (same format); overrides `validation_split`.")
     validation_split: float = _opt(0.0, "Fraction of the training samples held out for validation.", min=0, max=0.5)
-    format: Literal["text", "instruction", "chat"] = _opt(
-        "instruction", "`text` (plain LM), `instruction` (prompt/completion) or `chat` (messages)."
+    format: Literal["text", "instruction", "chat", "alpaca", "sharegpt", "pretokenized"] = _opt(
+        "instruction",
+        "`text` (plain LM), `instruction` (prompt/completion), `chat` (messages); presets: `alpaca` "
+        "(instruction/input/output, the Alpaca prompt, loss on the output) and `sharegpt` (conversations of "
+        "from/value, roles human/gpt/system, loss on gpt turns); `pretokenized` (`input_ids`, optional `labels` "
+        "with -100 = no loss).",
+    )
+    mix: list[float] | None = _opt(
+        None,
+        "One weight per training file: the training set is drawn from the files in these proportions (seeded; a "
+        "file is repeated when its share exceeds its size); null = the files concatenated.",
     )
     max_length: int = _opt(
         512, "Samples are truncated to this many tokens (packed rows hold at most this many).", min=2
@@ -203,8 +217,26 @@ class TrainConfig:
         None, "Evaluate every N steps (and always at the end); null = only at the end.", min=1
     )
     eval_at_start: bool = _opt(False, "Also evaluate before the first step (the untrained adapter).")
+    eval_prompts: list[str] = _opt(
+        [],
+        "Prompts completed greedily at each evaluation (sent as written, with the tokenizer's BOS); the completions "
+        "go to `metrics.jsonl` and TensorBoard as `eval/prompt_i` / `eval/completion_i`.",
+    )
+    eval_max_new_tokens: int = _opt(32, "`eval_prompts`: most tokens generated per prompt.", min=1)
     save_every: int | None = _opt(None, "Write a resumable checkpoint every N steps (and at the end).", min=1)
     keep_last: int | None = _opt(2, "Keep the newest N checkpoints; null = keep all.", min=1)
+    report_to: list[Literal["tensorboard", "wandb", "mlflow"]] | None = _opt(
+        None,
+        "Experiment trackers (accelerate's) besides `metrics.jsonl`: `tensorboard` (`<output.dir>/tb`), `wandb` "
+        "(offline in `<output.dir>/wandb` unless WANDB_MODE is set), `mlflow` (`<output.dir>/mlruns` unless "
+        "MLFLOW_TRACKING_URI is set); null = tensorboard when `output.tensorboard`.",
+    )
+    keep_best: bool = _opt(
+        False,
+        "Also keep the checkpoint with the lowest validation loss (keep_last never removes it): an evaluation that "
+        "sets a new best writes a checkpoint; `summary.json` names it, `int4lora-train export RUN --checkpoint best` "
+        "exports it. Needs validation data.",
+    )
     log_every: int = _opt(10, "Log train loss / lr / tokens per second every N steps.", min=1)
     resume: bool | str = _opt(
         False, "`false`, `true`/`latest` (newest checkpoint in the run directory, if any) or a checkpoint path."
@@ -422,7 +454,7 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return value
     if origin is list:
         (item_type,) = typing.get_args(hint)
-        if isinstance(value, str) and item_type is str:
+        if isinstance(value, str) and (item_type is str or typing.get_origin(item_type) is Literal):
             value = [value]
         if not isinstance(value, list):
             raise ConfigError(f"{source}: {key} must be a list of {_type_name(item_type)}, got {value!r}")
@@ -472,6 +504,11 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
         raise ConfigError(f"{source}: train.adam_betas must be two numbers in [0, 1), got {train.adam_betas}")
     if not data.train_files:
         raise ConfigError(f"{source}: data.train_files is empty; give at least one training file")
+    if data.mix is not None and (len(data.mix) != len(data.train_files) or not all(w > 0 for w in data.mix)):
+        raise ConfigError(
+            f"{source}: data.mix needs one positive weight per training file ({len(data.train_files)} files), got "
+            f"{data.mix}"
+        )
     if data.validation_file is not None and data.validation_split > 0:
         raise ConfigError(f"{source}: set data.validation_file or data.validation_split, not both")
     if isinstance(config.lora.target_modules, list) and not config.lora.target_modules:
@@ -495,6 +532,14 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
         # accelerate's FSDP2 gradient clipping unscales fp16 gradients twice (a GradScaler error) for a subset of
         # parameters such as LoRA's; bf16 needs no scaler.
         raise ConfigError(f"{source}: train.strategy: fsdp supports train.mixed_precision bf16 or no, not fp16")
+    if train.keep_best and data.validation_file is None and not data.validation_split:
+        raise ConfigError(
+            f"{source}: train.keep_best needs validation data; set data.validation_file or data.validation_split"
+        )
+    if train.report_to is not None and "tensorboard" in train.report_to and not config.output.tensorboard:
+        raise ConfigError(
+            f"{source}: train.report_to lists tensorboard but output.tensorboard is false; drop one of them"
+        )
     if train.fsdp.wrap_classes is not None and not train.fsdp.wrap_classes:
         raise ConfigError(f"{source}: train.fsdp.wrap_classes is empty; use null (the decoder layer) or class names")
 

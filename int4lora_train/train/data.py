@@ -7,6 +7,19 @@ Three formats (``data.format``):
 - ``chat``: ``{"messages": [{"role", "content"}, ...]}`` rendered with the tokenizer's chat template; only assistant
   turns are targets (from the template's ``{% generation %}`` marks, else by diffing rendered prefixes).
 
+and two presets that map other tools' records onto them:
+
+- ``alpaca``: ``{"instruction", "input" (optional), "output"}``, the prompt rendered with the Alpaca template, then
+  the ``instruction`` path (the output is the completion).
+- ``sharegpt``: ``{"conversations": [{"from": "human"|"gpt"|"system", "value"}, ...]}``, mapped to messages
+  (user / assistant / system), then the ``chat`` path.
+
+``pretokenized`` records carry ``input_ids`` (and optional ``labels``, ``-100`` = no loss) and skip the tokenizer.
+
+Files are ``.jsonl`` / ``.json`` / ``.txt``; with the ``datasets`` library (the ``datasets`` extra) also Parquet,
+Arrow and ``save_to_disk`` directories, whose records are rows (``file: row N`` in errors). ``data.mix`` draws the
+training set from several files in given proportions (:func:`mix_samples`).
+
 Labels are aligned with ``input_ids`` (the loss shifts them); a label of ``-100`` is not a target. The first label of
 every sample is ``-100`` (nothing precedes it), so samples packed into one row never predict across a boundary;
 ``position_ids`` restart at 0 for each packed sample and transformers then keeps attention inside each sample
@@ -76,11 +89,12 @@ class Datasets:
 class Record:
     value: Any
     file: str
-    line: int
+    line: int  # 1-based: the line of a text file, the row of a table (``row``)
+    row: bool = False
 
     @property
     def where(self) -> str:
-        return f"{self.file}:{self.line}"
+        return f"{self.file}: row {self.line}" if self.row else f"{self.file}:{self.line}"
 
 
 def read_records(path: str | Path) -> list[Record]:
@@ -94,17 +108,53 @@ def read_records(path: str | Path) -> list[Record]:
     path = Path(path)
     if str(path) == DEMO:
         raise DataError("data path 'demo' is the bundled data set; resolve it with int4lora_train.demo first")
+    if path.is_dir():
+        return _table_records(path)
     if not path.is_file():
         raise DataError(f"data file {path} does not exist (check data.train_files / data.validation_file)")
-    text = path.read_text(encoding="utf-8")
     suffix = path.suffix.lower()
+    if suffix in TABLE_SUFFIXES:
+        return _table_records(path)
+    text = path.read_text(encoding="utf-8")
     if suffix == ".jsonl":
         return list(_jsonl_records(text, str(path)))
     if suffix == ".json":
         return list(_json_array_records(text, str(path)))
     if suffix == ".txt":
         return [Record({"text": line}, str(path), n) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
-    raise DataError(f"data file {path}: unknown extension {suffix!r}; use .jsonl, .json or .txt")
+    raise DataError(
+        f"data file {path}: unknown extension {suffix!r}; use .jsonl, .json, .txt, .parquet, .arrow or a "
+        "save_to_disk directory"
+    )
+
+
+TABLE_SUFFIXES = (".parquet", ".arrow")
+
+
+def _table_records(path: Path) -> list[Record]:
+    """The rows of a Parquet file, an Arrow file or a ``save_to_disk`` directory, read with ``datasets``."""
+    try:
+        import datasets
+    except ImportError:
+        raise DataError(
+            f"{path}: reading Parquet / Arrow / save_to_disk data needs the datasets library; "
+            "pip install 'int4lora-train[datasets]'"
+        ) from None
+    try:
+        if path.is_dir():
+            table = datasets.load_from_disk(str(path))
+        elif path.suffix.lower() == ".parquet":
+            table = datasets.Dataset.from_parquet(str(path))
+        else:
+            table = datasets.Dataset.from_file(str(path))
+    except (OSError, ValueError) as exc:  # pyarrow's errors derive from these; FileNotFoundError for a bare dir
+        raise DataError(f"{path}: cannot be read as a data set ({type(exc).__name__}: {exc})") from exc
+    if isinstance(table, datasets.DatasetDict):
+        raise DataError(
+            f"{path} holds several splits ({', '.join(table)}); point data.train_files / data.validation_file at "
+            f"one of them ({path}/<split>)"
+        )
+    return [Record(row, str(path), number, row=True) for number, row in enumerate(table, 1)]
 
 
 def _jsonl_records(text: str, file: str) -> Iterator[Record]:
@@ -168,16 +218,106 @@ def tokenize_record(record: Record, config: DataConfig, tokenizer: Any) -> tuple
     if config.format == "instruction":
         prompt = _field(record, config.prompt_field, str, "data.prompt_field")
         completion = _field(record, config.completion_field, str, "data.completion_field")
-        # Encoded apart so the boundary is exact: the prompt never leaks into the targets.
-        prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
-        completion_ids = _encode(tokenizer, completion, add_special_tokens=False) + _eos(tokenizer)
-        return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
-    if config.format == "chat":
-        messages = _field(record, config.messages_field, list, "data.messages_field")
+        return _instruction_ids(tokenizer, prompt, completion)
+    if config.format == "alpaca":
+        prompt, completion = alpaca_prompt_completion(record)
+        return _instruction_ids(tokenizer, prompt, completion)
+    if config.format == "pretokenized":
+        return pretokenized_ids(record, tokenizer)
+    if config.format in ("chat", "sharegpt"):
+        if config.format == "chat":
+            messages = _field(record, config.messages_field, list, "data.messages_field")
+        else:
+            messages = sharegpt_messages(record)
         _check_messages(messages, record)
         ids, mask = chat_assistant_mask(tokenizer, messages, where=record.where)
         return ids, [i if m else IGNORE_INDEX for i, m in zip(ids, mask)]
     raise DataError(f"unknown data.format {config.format!r}")
+
+
+def pretokenized_ids(record: Record, tokenizer: Any) -> tuple[list[int], list[int]]:
+    """``(input_ids, labels)`` as the record gives them (``labels`` default to ``input_ids``: every token a target).
+
+    Raises:
+        DataError: ids that are not integers in the tokenizer's vocabulary, or labels of another length.
+    """
+    ids = _field(record, "input_ids", list, "data.format (pretokenized records need input_ids)")
+    vocab = len(tokenizer)
+    bad = next((i for i in ids if isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < vocab), None)
+    if bad is not None or not ids:
+        shown = "it is empty" if not ids else f"found {bad!r}"
+        raise DataError(f"{record.where}: input_ids must be token ids in [0, {vocab}) (the tokenizer's); {shown}")
+    labels = record.value.get("labels")
+    if labels is None:
+        return list(ids), list(ids)
+    if not isinstance(labels, list) or len(labels) != len(ids):
+        got = f"{len(labels)} labels" if isinstance(labels, list) else type(labels).__name__
+        raise DataError(f"{record.where}: labels must be a list as long as input_ids ({len(ids)}), got {got}")
+    if any(isinstance(x, bool) or not isinstance(x, int) or not (x == IGNORE_INDEX or 0 <= x < vocab) for x in labels):
+        raise DataError(f"{record.where}: labels must be token ids in [0, {vocab}) or {IGNORE_INDEX} (no loss)")
+    return list(ids), list(labels)
+
+
+def _instruction_ids(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], list[int]]:
+    # Encoded apart so the boundary is exact: the prompt never leaks into the targets.
+    prompt_ids = _encode(tokenizer, prompt, add_special_tokens=True)
+    completion_ids = _encode(tokenizer, completion, add_special_tokens=False) + _eos(tokenizer)
+    return prompt_ids + completion_ids, [IGNORE_INDEX] * len(prompt_ids) + completion_ids
+
+
+# The Stanford Alpaca prompt (axolotl's and TRL's ``alpaca`` type), with and without an ``input``.
+ALPACA_PROMPT = (
+    "Below is an instruction that describes a task. Write a response that appropriately completes the request."
+    "\n\n### Instruction:\n{instruction}\n\n### Response:\n"
+)
+ALPACA_PROMPT_WITH_INPUT = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. Write a "
+    "response that appropriately completes the request.\n\n### Instruction:\n{instruction}\n\n### Input:\n"
+    "{input}\n\n### Response:\n"
+)
+
+# ShareGPT speaker names (``from``) and the chat roles they become.
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def alpaca_prompt_completion(record: Record) -> tuple[str, str]:
+    """``(prompt, completion)`` of an Alpaca record: the Alpaca template around ``instruction`` (and a non-empty
+    ``input``), ``output`` as the completion.
+
+    Raises:
+        DataError: a missing or non-string field (naming file and line).
+    """
+    instruction = _field(record, "instruction", str, "data.format (alpaca records need instruction/output)")
+    output = _field(record, "output", str, "data.format (alpaca records need instruction/output)")
+    extra = record.value.get("input")
+    if extra is not None and not isinstance(extra, str):
+        raise DataError(f"{record.where}: field 'input' must be a str, got {type(extra).__name__} {extra!r:.60}")
+    if extra and extra.strip():
+        return ALPACA_PROMPT_WITH_INPUT.format(instruction=instruction, input=extra), output
+    return ALPACA_PROMPT.format(instruction=instruction), output
+
+
+def sharegpt_messages(record: Record) -> list[dict]:
+    """The ``{role, content}`` messages of a ShareGPT record's ``conversations`` (``from``/``value`` turns).
+
+    Raises:
+        DataError: a missing ``conversations`` list, a turn without ``from``/``value``, or an unknown speaker
+            (naming file, line and turn).
+    """
+    turns = _field(record, "conversations", list, "data.format (sharegpt records need conversations)")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, Mapping) or not isinstance(turn.get("from"), str):
+            raise DataError(f"{record.where}: turn {i} must be an object with a string 'from', got {turn!r:.60}")
+        role = SHAREGPT_ROLES.get(turn["from"])
+        if role is None:
+            raise DataError(
+                f"{record.where}: turn {i} is from {turn['from']!r}; ShareGPT speakers are {', '.join(SHAREGPT_ROLES)}"
+            )
+        if not isinstance(turn.get("value"), str):
+            raise DataError(f"{record.where}: turn {i} ({turn['from']}) needs a string 'value'")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
 
 
 def chat_assistant_mask(tokenizer: Any, messages: list[dict], where: str = "") -> tuple[list[int], list[int]]:
@@ -344,15 +484,35 @@ def build_samples(paths: Sequence[str | Path], config: DataConfig, tokenizer: An
 
 
 def load_datasets(config: DataConfig, tokenizer: Any, seed: int) -> Datasets:
-    """Train and validation rows for ``config`` (validation from its file or a seeded split; packed if asked)."""
-    train, train_stats = build_samples(config.train_files, config, tokenizer)
+    """Train and validation rows for ``config`` (validation from its file or a seeded split; mixed and packed if
+    asked). With ``data.mix`` and ``validation_split`` each file is split first, so no sample is in both sets."""
+    split = config.validation_file is None and config.validation_split > 0
+    if config.mix is None:
+        train, train_stats = build_samples(config.train_files, config, tokenizer)
+        validation: list[Sample] = []
+        if split:
+            train, validation = split_samples(train, config.validation_split, seed)
+    else:
+        parts, validation, train_stats = [], [], DataStats()
+        for path in config.train_files:
+            part, stats = build_samples([path], config, tokenizer)
+            for name in ("records", "dropped_no_target", "truncated"):
+                setattr(train_stats, name, getattr(train_stats, name) + getattr(stats, name))
+            if split:
+                part, held = split_samples(part, config.validation_split, seed)
+                validation += held
+            parts.append(part)
+        train = mix_samples(parts, config.mix, seed)
+        logger.info(
+            "data.mix: %s",
+            ", ".join(
+                f"{p}: {n} of {len(part)}" for p, n, part in zip(config.train_files, _shares(parts, config.mix), parts)
+            ),
+        )
     if config.validation_file is not None:
         validation, val_stats = build_samples([config.validation_file], config, tokenizer)
-    elif config.validation_split > 0:
-        train, validation = split_samples(train, config.validation_split, seed)
-        val_stats = DataStats()
     else:
-        validation, val_stats = [], DataStats()
+        val_stats = DataStats()
     if config.packing:
         train, validation = pack_samples(train, config.max_length), pack_samples(validation, config.max_length)
     if not validation:
@@ -402,6 +562,31 @@ def split_samples(samples: Sequence[Sample], fraction: float, seed: int) -> tupl
     count = min(max(1, math.ceil(fraction * len(samples))), len(samples) - 1)
     held = set(order[:count])
     return [s for i, s in enumerate(samples) if i not in held], [s for i, s in enumerate(samples) if i in held]
+
+
+def _shares(parts: Sequence[Sequence[Sample]], weights: Sequence[float]) -> list[int]:
+    """Samples drawn from each part: the parts' total, divided in proportion to ``weights`` (largest remainders)."""
+    total = sum(len(p) for p in parts)
+    exact = [total * w / sum(weights) for w in weights]
+    counts = [math.floor(x) for x in exact]
+    for i in sorted(range(len(exact)), key=lambda i: counts[i] - exact[i])[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
+
+
+def mix_samples(parts: Sequence[Sequence[Sample]], weights: Sequence[float], seed: int) -> list[Sample]:
+    """One training set of as many samples as ``parts`` hold together, drawn from part ``i`` in proportion to
+    ``weights[i]``: whole passes over a part as often as its share holds it, then a seeded choice of the rest
+    (without replacement). Order: part by part (the trainer shuffles every epoch)."""
+    if len(parts) != len(weights):
+        raise DataError(f"data.mix has {len(weights)} weights for {len(parts)} training files")
+    rng = random.Random(seed)
+    mixed: list[Sample] = []
+    for part, count in zip(parts, _shares(parts, weights)):
+        passes, rest = divmod(count, len(part))
+        mixed += list(part) * passes
+        mixed += [part[i] for i in sorted(rng.sample(range(len(part)), rest))]
+    return mixed
 
 
 def fingerprint(samples: Sequence[Sample]) -> str:

@@ -52,7 +52,7 @@ from ..errors import CheckpointError, ConfigError, ExportError, check_model_dir
 from . import checkpoint as ckpt
 from .config import DEMO, RunConfig, save_config
 from .data import check_positions, load_datasets
-from .metrics import RunSummary, read_metrics
+from .metrics import TRACKER_DIRS, RunSummary, read_metrics
 from .module import LoraModule
 from .plot import plot_loss_curve
 from .trainer import CHECKPOINTS_DIR, METRICS_FILE, SHARDING_FILE, Trainer
@@ -70,6 +70,8 @@ RUN_ARTIFACTS = (
     ADAPTER_DIR,
     METRICS_FILE,
     "tb",
+    "wandb",
+    "mlruns",
     PLOT_FILE,
     SUMMARY_FILE,
     SHARDING_FILE,
@@ -128,6 +130,7 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
         datasets.validation,
         resume_from=resume_from,
         pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0,
+        tokenizer=tokenizer,
     )
 
     adapter_dir, export_error = None, None
@@ -161,8 +164,10 @@ def run_training(config: RunConfig, *, export_fn: ExportFn | None = None, progre
     )
     if acc.is_main_process:
         summary.save(run_dir / SUMMARY_FILE)
-        if trainer.tensorboard_dir is not None and trainer.tensorboard_dir.is_dir():
-            write_marker(trainer.tensorboard_dir, "tensorboard")  # its event files are this run's
+        for name in trainer.report_to:  # the trackers' files in the run directory are this run's
+            tracker_dir = run_dir / TRACKER_DIRS[name]
+            if tracker_dir.is_dir() and not tracker_dir.is_symlink():
+                write_marker(tracker_dir, name)
     acc.wait_for_everyone()
     acc.end_training()
     if export_error is not None:
@@ -293,7 +298,9 @@ def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
         logger.warning("kept what int4lora-train did not write in %s: %s", run_dir, ", ".join(kept))
     run_dir.mkdir(parents=True, exist_ok=True)
     claim(run_dir, [name + "/" if name in _RUN_SUBDIRS else name for name in RUN_ARTIFACTS])
-    for name in (CHECKPOINTS_DIR, "tb") if config.output.tensorboard else (CHECKPOINTS_DIR,):
+    report_to = config.train.report_to
+    tensorboard = config.output.tensorboard if report_to is None else "tensorboard" in report_to
+    for name in (CHECKPOINTS_DIR, "tb") if tensorboard else (CHECKPOINTS_DIR,):
         (run_dir / name).mkdir(exist_ok=True)
         if read_marker(run_dir / name) is None:
             write_marker(run_dir / name, name, entries=[])
@@ -301,7 +308,7 @@ def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
     return run_dir
 
 
-_RUN_SUBDIRS = (CHECKPOINTS_DIR, ADAPTER_DIR, "tb", GATHERED_DIR)
+_RUN_SUBDIRS = (CHECKPOINTS_DIR, ADAPTER_DIR, "tb", "wandb", "mlruns", GATHERED_DIR)
 
 
 def _write_failed(exc: OSError, target: Path, last_checkpoint: str | None, config: RunConfig) -> CheckpointError:

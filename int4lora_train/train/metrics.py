@@ -1,14 +1,66 @@
-"""Metrics: a JSONL tracker for accelerate, reading the log back, and the run summary."""
+"""Metrics: a JSONL tracker for accelerate, the experiment trackers of ``train.report_to``, reading the log back,
+and the run summary."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
+import os
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from accelerate.tracking import GeneralTracker
+
+from ..errors import ConfigError
+
+TRACKER_DIRS = {"tensorboard": "tb", "wandb": "wandb", "mlflow": "mlruns"}
+"""Where each tracker of ``train.report_to`` writes inside the run directory (when offline)."""
+
+_TRACKER_PACKAGES = {"tensorboard": ("tensorboard", "tensorboardX"), "wandb": ("wandb",), "mlflow": ("mlflow",)}
+PROJECT = "int4lora-train"
+
+
+def tracker_installed(name: str) -> bool:
+    return any(importlib.util.find_spec(package) for package in _TRACKER_PACKAGES[name])
+
+
+def experiment_trackers(report_to: Sequence[str], run_dir: Path) -> list[GeneralTracker]:
+    """accelerate's trackers for ``report_to`` (``tensorboard``, ``wandb``, ``mlflow``), writing inside ``run_dir``
+    unless the user's environment points them elsewhere (``WANDB_MODE``, ``MLFLOW_TRACKING_URI``).
+
+    Raises:
+        ConfigError: a tracker whose package is not installed, naming the extra that installs it.
+    """
+    from accelerate.tracking import MLflowTracker, TensorBoardTracker, WandBTracker
+
+    class OfflineMLflowTracker(MLflowTracker):
+        """MLflow into ``<run>/mlruns`` (a local file store) unless ``MLFLOW_TRACKING_URI`` says otherwise."""
+
+        def start(self) -> None:
+            import mlflow
+
+            if not os.environ.get("MLFLOW_TRACKING_URI"):
+                mlflow.set_tracking_uri((run_dir / TRACKER_DIRS["mlflow"]).resolve().as_uri())
+            super().start()
+
+    trackers: list[GeneralTracker] = []
+    for name in dict.fromkeys(report_to):
+        if not tracker_installed(name):
+            raise ConfigError(
+                f"train.report_to lists {name}, but the {name} package is not installed; install it with "
+                f"pip install 'int4lora-train[{name}]' (or pip install {name}), or remove {name} from train.report_to"
+            )
+        if name == "tensorboard":
+            trackers.append(TensorBoardTracker(TRACKER_DIRS[name], run_dir))
+        elif name == "wandb":
+            mode = os.environ.get("WANDB_MODE", "offline")  # no account, no network unless asked for
+            trackers.append(WandBTracker(PROJECT, name=run_dir.name, dir=str(run_dir), mode=mode))
+        else:
+            trackers.append(OfflineMLflowTracker(PROJECT, run_name=run_dir.name))
+    return trackers
 
 
 class JsonlTracker(GeneralTracker):
@@ -103,6 +155,9 @@ class FitResult:
     resumed_from: str | None
     last_checkpoint: str | None
     ranks_in_sync: bool | None
+    best_checkpoint: str | None  # train.keep_best: the checkpoint with the lowest validation loss
+    best_step: int | None
+    best_val_loss: float | None
 
 
 @dataclass
@@ -147,4 +202,6 @@ class RunSummary(FitResult):
             lines.append(f"  tensorboard {self.tensorboard_dir}")
         if self.last_checkpoint:
             lines.append(f"  checkpoint  {self.last_checkpoint}")
+        if self.best_checkpoint:
+            lines.append(f"  best        {self.best_checkpoint} (validation loss {num(self.best_val_loss)})")
         return "\n".join(lines)

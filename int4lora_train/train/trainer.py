@@ -18,7 +18,6 @@ object's; the step is the same, and so is the data plan.
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import logging
 import math
 import sys
@@ -29,7 +28,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate.tracking import TensorBoardTracker
 from accelerate.utils import set_seed
 from torch.profiler import record_function
 
@@ -37,14 +35,14 @@ from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterr
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
-from .metrics import FitResult, JsonlTracker, perplexity
+from .metrics import TRACKER_DIRS, FitResult, JsonlTracker, experiment_trackers, perplexity, tracker_installed
 from .module import LOSS_NORMALIZER, LoraModule
 from .strategy import Strategy, ddp_options, select_strategy, use_cpu
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
-TENSORBOARD_DIR = "tb"
+TENSORBOARD_DIR = TRACKER_DIRS["tensorboard"]
 CHECKPOINTS_DIR = "checkpoints"
 SHARDING_FILE = "sharding.json"
 
@@ -93,6 +91,8 @@ class TrainState:
     train_loss_last: float | None = None
     val_loss_initial: float | None = None
     val_loss: float | None = None
+    best_val_loss: float | None = None  # train.keep_best: the lowest validation loss with a checkpoint, and its step
+    best_step: int | None = None
 
 
 @dataclass
@@ -124,7 +124,9 @@ class Trainer:
         config: the ``train`` section.
         run_dir: where ``metrics.jsonl``, ``tb/`` and ``checkpoints/`` go.
         device: ``auto`` (accelerate's choice: the process's GPU, else CPU) or ``cpu`` / ``cuda``.
-        tensorboard: also log to ``<run_dir>/tb`` (skipped with a warning if tensorboard is not installed).
+        tensorboard: also log to ``<run_dir>/tb`` (skipped with a warning if tensorboard is not installed) when
+            ``config.report_to`` is null; an explicit ``report_to`` names every tracker (a missing package is a
+            ``ConfigError``).
         progress_bar: show a tqdm bar on the main process.
     """
 
@@ -143,14 +145,15 @@ class Trainer:
         self.should_stop = False
         self._updating = False
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
-        trackers: list[Any] = [self.metrics_tracker]
-        self.tensorboard_dir: Path | None = None
-        if tensorboard:
-            if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
-                trackers.append(TensorBoardTracker(TENSORBOARD_DIR, self.run_dir))
-                self.tensorboard_dir = self.run_dir / TENSORBOARD_DIR
-            else:
+        report_to = config.report_to
+        if report_to is None:  # the default: TensorBoard where it is installed
+            report_to = ["tensorboard"] if tensorboard else []
+            if tensorboard and not tracker_installed("tensorboard"):
                 logger.warning("tensorboard is not installed; logging to %s only", METRICS_FILE)
+                report_to = []
+        self.report_to = list(report_to)
+        trackers: list[Any] = [self.metrics_tracker, *experiment_trackers(report_to, self.run_dir)]
+        self.tensorboard_dir: Path | None = self.run_dir / TENSORBOARD_DIR if "tensorboard" in self.report_to else None
         if device == "cuda" and not torch.cuda.is_available():
             raise ConfigError("model.device is cuda but torch sees no CUDA device; use auto or cpu")
         if config.mixed_precision == "fp16" and (device == "cpu" or not torch.cuda.is_available()):
@@ -202,17 +205,22 @@ class Trainer:
         *,
         resume_from: str | Path | None = None,
         pad_token_id: int = 0,
+        tokenizer: Any = None,
     ) -> FitResult:
         """Train ``module`` until ``max_steps`` (or ``should_stop``); resume from a checkpoint directory if given.
 
         Ctrl-C (``KeyboardInterrupt``) raises :class:`~int4lora_train.errors.TrainingInterrupted` naming the newest
         checkpoint; one process alone first writes a checkpoint of the last whole step (a half step is dropped), so
-        resuming from it continues exactly as if never interrupted.
+        resuming from it continues exactly as if never interrupted. ``tokenizer`` is needed for
+        ``train.eval_prompts`` (greedy samples at each evaluation).
         """
         acc, cfg = self.accelerator, self.config
         module.trainer = self
         self.should_stop = False
         self.pad_token_id = pad_token_id
+        self.tokenizer = tokenizer
+        if cfg.eval_prompts and tokenizer is None:
+            logger.warning("train.eval_prompts is set but Trainer.fit got no tokenizer; no samples are generated")
         plan = self.plan_for(len(train_data))
         max_steps = self.max_steps_for(plan)
         data_id = fingerprint(train_data)
@@ -250,8 +258,10 @@ class Trainer:
         bar = self._progress(max_steps, state.step)
         step_rng = None
         try:
-            if cfg.eval_at_start and val_data and state.step == 0:
-                state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
+            if cfg.eval_at_start and state.step == 0:
+                if val_data:
+                    state.val_loss_initial = self._evaluate_and_log(module, val_data, 0)
+                self._generate_and_log(module, 0)
             while state.step < max_steps and not self.should_stop:
                 if plan.world_size == 1:  # what a checkpoint written mid-step (Ctrl-C) must hold to resume exactly
                     step_rng = ckpt.capture_rng_state()
@@ -283,9 +293,17 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{session.rate:.0f}", refresh=False)
                 bar.update(1)
                 module.on_train_step_end(state.step, metrics)
-                if val_data and (final or (cfg.eval_every and state.step % cfg.eval_every == 0)):
+                new_best = False
+                evaluating = final or (cfg.eval_every and state.step % cfg.eval_every == 0)
+                if val_data and evaluating:
                     state.val_loss = self._evaluate_and_log(module, val_data, state.step)
-                if final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0):
+                    new_best = cfg.keep_best and _improves(state.val_loss, state.best_val_loss)
+                    if new_best:  # saved below, so the best is always a checkpoint
+                        state.best_val_loss, state.best_step = state.val_loss, state.step
+                if evaluating:
+                    self._generate_and_log(module, state.step)
+                save_now = final or self.should_stop or (cfg.save_every and state.step % cfg.save_every == 0)
+                if save_now or new_best:
                     last_checkpoint = str(self._save(module, optimizer, scheduler, state, plan, max_steps, data_id))
                     saved_step = state.step
         except KeyboardInterrupt:
@@ -322,6 +340,9 @@ class Trainer:
             resumed_from=str(resume_from) if resume_from is not None else None,
             last_checkpoint=last_checkpoint,
             ranks_in_sync=self.strategy.ranks_in_sync(module),
+            best_checkpoint=None if state.best_step is None else str(self.checkpoint_root / f"step-{state.best_step}"),
+            best_step=state.best_step,
+            best_val_loss=state.best_val_loss,
         )
 
     def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
@@ -427,6 +448,47 @@ class Trainer:
         logger.info("step %d  validation loss %.4f  perplexity %.2f", step, loss, perplexity(loss))
         return loss
 
+    def generate_samples(self, module: LoraModule, prompts: Sequence[str], max_new_tokens: int) -> list[str]:
+        """Greedy completions of ``prompts`` by the model as it is now (eval mode, no gradients).
+
+        Every process runs them: FSDP's forward is collective, so its processes also generate in step until all
+        are done (``synced_gpus``); greedy decoding gives every process the same text.
+        """
+        synced = self.strategy.name == "fsdp" and self.accelerator.num_processes > 1
+        tokenizer = self.tokenizer
+        model = module.unwrapped_model
+        was_training = model.training
+        model.eval()
+        completions = []
+        try:
+            with torch.no_grad():
+                for prompt in prompts:
+                    ids = torch.tensor([tokenizer(prompt)["input_ids"]], dtype=torch.long, device=self.device)
+                    generated = model.generate(
+                        input_ids=ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=max_new_tokens,
+                        do_sample=False,
+                        pad_token_id=self.pad_token_id,
+                        eos_token_id=tokenizer.eos_token_id,
+                        synced_gpus=synced,
+                    )
+                    completions.append(tokenizer.decode(generated[0, ids.shape[1] :], skip_special_tokens=True))
+        finally:
+            model.train(was_training)
+        return completions
+
+    def _generate_and_log(self, module: LoraModule, step: int) -> None:
+        prompts = self.config.eval_prompts
+        if not prompts or self.tokenizer is None:
+            return
+        completions = self.generate_samples(module, prompts, self.config.eval_max_new_tokens)
+        values: dict[str, str] = {}
+        for i, (prompt, completion) in enumerate(zip(prompts, completions)):
+            values[f"eval/prompt_{i}"], values[f"eval/completion_{i}"] = prompt, completion
+            logger.info("step %d  sample %d: %r -> %r", step, i, prompt, completion)
+        self.accelerator.log(values, step=step)
+
     # -- checkpoints -------------------------------------------------------------------------------------------
 
     def _save(self, module, optimizer, scheduler, state, plan, max_steps, data_id) -> Path:
@@ -457,6 +519,7 @@ class Trainer:
             is_main=acc.is_main_process,
             barrier=acc.wait_for_everyone,
             keep_last=self.config.keep_last,
+            keep_steps=() if state.best_step is None else (state.best_step,),
             per_process_keys=self.strategy.per_process_keys,
         )
 
@@ -500,7 +563,8 @@ class Trainer:
                 path,
                 acc.process_index,
             )
-        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__})
+        # Checkpoints written before a counter existed lack it: its default.
+        state = TrainState(**{k: saved[k] for k in TrainState.__dataclass_fields__ if k in saved})
         logger.info("resumed from %s at step %d", path, state.step)
         return state
 
@@ -522,8 +586,8 @@ class Trainer:
         asked = [f"train.{k}" for k in ("eval_every", "eval_at_start") if getattr(self.config, k)]
         if asked and not has_validation:
             logger.warning(
-                "%s is set but there is no validation data, so evaluation will not run; set data.validation_file "
-                "or data.validation_split",
+                "%s is set but there is no validation data, so no validation loss is computed (only "
+                "train.eval_prompts samples, if any); set data.validation_file or data.validation_split",
                 " and ".join(asked),
             )
 
@@ -591,6 +655,10 @@ class PlainProgress:
 
     def close(self) -> None:
         pass
+
+
+def _improves(loss: float, best: float | None) -> bool:
+    return math.isfinite(loss) and (best is None or loss < best)
 
 
 def _duration(seconds: float) -> str:

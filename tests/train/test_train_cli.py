@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from train_helpers import arithmetic_records, write_jsonl
 
@@ -243,3 +244,41 @@ def test_on_a_terminal_log_lines_print_above_the_bar_never_inside_it(tmp_path, t
     logged = [line for line in shown if " INFO " in line]
     assert any("step 3/6  loss" in line for line in logged)
     assert all(re.match(r"\d\d:\d\d:\d\d INFO int4lora_train", line) for line in logged), logged
+
+
+def test_keep_best_is_in_the_summary_and_export_checkpoint_best_exports_it(tmp_path, tiny_int4_dir, capsys):
+    from safetensors.torch import load_file
+
+    from int4lora_train.train.checkpoint import load_checkpoint
+
+    config = _config(tmp_path, tiny_int4_dir, keep_best=True, keep_last=1)
+    assert cli.main(["train", "--config", config, "-q", "output.export.enabled=false"]) == 0
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    best = Path(summary["best_checkpoint"])
+    assert summary["best_step"] in (3, 6) and best == run / "checkpoints" / f"step-{summary['best_step']}"
+    assert best.is_dir()
+    capsys.readouterr()
+    assert cli.main(["export", str(run), "--checkpoint", "best", "--out", str(tmp_path / "best")]) == 0
+    exported = load_file(tmp_path / "best" / "adapter_model.safetensors")
+    trained = load_checkpoint(best)["state_dict"]
+    assert len(exported) == len(trained) > 0
+    for name, tensor in trained.items():  # PEFT's adapter keys drop the adapter name
+        assert torch.equal(exported[name.replace(".default", "")], tensor), name
+    assert cli.main(["export", str(run), "--checkpoint", "step-99"]) == 2
+    assert "step-99 does not exist" in capsys.readouterr().err
+
+
+def test_export_checkpoint_best_without_keep_best_says_so(tmp_path, tiny_int4_dir, capsys):
+    assert cli.main(["train", "--config", _config(tmp_path, tiny_int4_dir, max_steps=3), "-q"]) == 0
+    capsys.readouterr()
+    assert cli.main(["export", str(tmp_path / "run"), "--checkpoint", "best"]) == 2
+    assert "recorded no best checkpoint" in capsys.readouterr().err
+
+
+def test_eval_prompts_reach_the_metrics_log_through_the_main_job(tmp_path, tiny_int4_dir):
+    config = _config(tmp_path, tiny_int4_dir, max_steps=3, eval_prompts=["12+30="], eval_max_new_tokens=3)
+    assert cli.main(["train", "--config", config, "-q", "output.export.enabled=false"]) == 0
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    samples = [r for r in records if "eval/completion_0" in r]
+    assert [r["step"] for r in samples] == [0, 3] and samples[0]["eval/prompt_0"] == "12+30="

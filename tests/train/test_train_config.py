@@ -35,7 +35,12 @@ def test_key_in_the_wrong_section_points_to_where_it_lives(tmp_path):
 
 @pytest.mark.parametrize(
     ("key", "expected"),
-    [("learning_rate", "train.lr"), ("lerning_rate", "train.lr"), ("num_epochs", "train.epochs")],
+    [
+        ("learning_rate", "train.lr"),
+        ("lerning_rate", "train.lr"),
+        ("num_epochs", "train.epochs"),
+        ("load_best_model_at_end", "train.keep_best"),
+    ],
 )
 def test_other_trainers_names_point_to_ours(tmp_path, key, expected):
     with pytest.raises(ConfigError, match=rf"unknown key 'train.{key}'.*did you mean '{expected}'\?"):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import sys
 
 import pytest
 import torch
@@ -195,3 +197,129 @@ def test_json_array_records_keep_their_lines(tmp_path):
     path = tmp_path / "a.json"
     path.write_text(json.dumps([{"text": "a"}, {"text": "b"}], indent=1), encoding="utf-8")
     assert [r.line for r in read_records(path)] == [2, 5]
+
+
+def test_alpaca_preset_is_the_instruction_path_with_the_alpaca_prompt(tokenizer):
+    config = DataConfig(format="alpaca")
+    plain = tokenize_record(Record({"instruction": "add", "input": "", "output": "4"}, "f", 1), config, tokenizer)
+    ids, labels = plain
+    assert _targets(tokenizer, ids, labels) == "4</s>"
+    assert tokenizer.decode(ids).endswith("### Instruction:\nadd\n\n### Response:\n4</s>")
+    assert "### Input" not in tokenizer.decode(ids)
+    ids, labels = tokenize_record(
+        Record({"instruction": "add", "input": "2+2", "output": "4"}, "f", 1), config, tokenizer
+    )
+    assert "### Input:\n2+2\n\n### Response:\n4</s>" in tokenizer.decode(ids)
+    assert _targets(tokenizer, ids, labels) == "4</s>"
+
+
+def test_sharegpt_preset_is_the_chat_path(tokenizer):
+    speakers = {"system": "system", "user": "human", "assistant": "gpt"}
+    conversations = [{"from": speakers[m["role"]], "value": m["content"]} for m in CHAT]
+    sharegpt = tokenize_record(
+        Record({"conversations": conversations}, "f", 1), DataConfig(format="sharegpt"), tokenizer
+    )
+    chat = tokenize_record(Record({"messages": CHAT}, "f", 1), DataConfig(format="chat"), tokenizer)
+    assert sharegpt == chat
+    assert _targets(tokenizer, *sharegpt) == "yo</s>ab</s>"
+
+
+@pytest.mark.parametrize(
+    ("data_format", "record", "expected"),
+    [
+        ("alpaca", {"instruction": "a", "response": "b"}, r"p.jsonl:1: the record has no 'output' field"),
+        ("alpaca", {"instruction": "a", "input": 3, "output": "b"}, r"p.jsonl:1: field 'input' must be a str"),
+        ("sharegpt", {"messages": []}, r"p.jsonl:1: the record has no 'conversations' field"),
+        ("sharegpt", {"conversations": [{"from": "bot", "value": "x"}]}, r"p.jsonl:1: turn 0 is from 'bot'"),
+        ("sharegpt", {"conversations": [{"from": "gpt"}]}, r"p.jsonl:1: turn 0 \(gpt\) needs a string 'value'"),
+        ("sharegpt", {"conversations": [{"from": "human", "value": "x"}]}, r"p.jsonl:1: the conversation has no"),
+    ],
+)
+def test_bad_preset_records_name_file_and_line(tmp_path, tokenizer, data_format, record, expected):
+    path = write_jsonl(tmp_path / "p.jsonl", [record])
+    with pytest.raises(DataError, match=expected):
+        build_samples([path], DataConfig(format=data_format), tokenizer)
+
+
+def test_pretokenized_records_skip_the_tokenizer(tokenizer):
+    config = DataConfig(format="pretokenized")
+    ids, labels = tokenize_record(Record({"input_ids": [1, 2, 3]}, "f", 1), config, tokenizer)
+    assert ids == labels == [1, 2, 3]
+    record = Record({"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, "f", 1)
+    assert tokenize_record(record, config, tokenizer) == ([5, 6, 7], [-100, 6, 7])
+
+
+@pytest.mark.parametrize(
+    ("record", "expected"),
+    [
+        ({"text": "a"}, r"t.jsonl:1: the record has no 'input_ids' field"),
+        ({"input_ids": [1, 100000]}, r"t.jsonl:1: input_ids must be token ids in \[0, \d+\).*found 100000"),
+        ({"input_ids": []}, r"t.jsonl:1: input_ids .* it is empty"),
+        ({"input_ids": [1, 2], "labels": [1]}, r"t.jsonl:1: labels must be a list as long as input_ids \(2\), got 1"),
+        ({"input_ids": [1, 2], "labels": [1, -5]}, r"t.jsonl:1: labels must be token ids"),
+    ],
+)
+def test_bad_pretokenized_records(tmp_path, tokenizer, record, expected):
+    path = write_jsonl(tmp_path / "t.jsonl", [record])
+    with pytest.raises(DataError, match=expected):
+        build_samples([path], DataConfig(format="pretokenized"), tokenizer)
+
+
+def test_parquet_arrow_and_save_to_disk_sources(tmp_path, tokenizer):
+    datasets = pytest.importorskip("datasets")
+    rows = [{"prompt": f"{i}+1=", "completion": str(i + 1)} for i in range(6)]
+    table = datasets.Dataset.from_list(rows)
+    table.to_parquet(str(tmp_path / "d.parquet"))
+    table.save_to_disk(str(tmp_path / "saved"))
+    arrow = next((tmp_path / "saved").glob("*.arrow"))
+    config = DataConfig(format="instruction")
+    reference, _ = build_samples([write_jsonl(tmp_path / "d.jsonl", rows)], config, tokenizer)
+    for source in (tmp_path / "d.parquet", tmp_path / "saved", arrow):
+        samples, stats = build_samples([source], config, tokenizer)
+        assert stats.records == 6
+        assert [s.input_ids.tolist() for s in samples] == [s.input_ids.tolist() for s in reference], source
+    datasets.Dataset.from_list([{"prompt": "a", "answer": "b"}]).to_parquet(str(tmp_path / "bad.parquet"))
+    with pytest.raises(DataError, match=r"bad.parquet: row 1: the record has no 'completion' field"):
+        build_samples([tmp_path / "bad.parquet"], config, tokenizer)
+    datasets.DatasetDict({"train": table, "test": table}).save_to_disk(str(tmp_path / "splits"))
+    with pytest.raises(DataError, match=r"holds several splits \(train, test\)"):
+        read_records(tmp_path / "splits")
+    pretokenized = datasets.Dataset.from_list([{"input_ids": [1, 2, 3], "labels": [-100, 2, 3]}])
+    pretokenized.to_parquet(str(tmp_path / "tok.parquet"))
+    (sample,), _ = build_samples([tmp_path / "tok.parquet"], DataConfig(format="pretokenized"), tokenizer)
+    assert sample.labels.tolist() == [-100, 2, 3]
+
+
+def test_a_table_without_datasets_names_the_extra(tmp_path, tokenizer, monkeypatch):
+    (tmp_path / "d.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(sys.modules, "datasets", None)  # import fails
+    with pytest.raises(DataError, match=r"pip install 'int4lora-train\[datasets\]'"):
+        read_records(tmp_path / "d.parquet")
+
+
+def test_mix_draws_each_file_in_proportion(tmp_path, tokenizer):
+    small = write_jsonl(tmp_path / "small.jsonl", [{"text": f"s{i}"} for i in range(4)])
+    large = write_jsonl(tmp_path / "large.jsonl", [{"text": f"l{i}"} for i in range(16)])
+    config = DataConfig(train_files=[str(small), str(large)], format="text", mix=[1.0, 1.0])
+
+    def texts(rows):
+        return [tokenizer.decode(r.input_ids.tolist(), skip_special_tokens=True) for r in rows]
+
+    first, again = (load_datasets(config, tokenizer, 7) for _ in range(2))
+    mixed = texts(first.train)
+    assert len(mixed) == 20 and texts(again.train) == mixed  # as many as the files hold together; seeded
+    assert sum(t.startswith("s") for t in mixed) == 10  # the small file twice over and 2 more of its 4
+    assert set(t for t in mixed if t.startswith("l")) <= {f"l{i}" for i in range(16)}
+    assert len(set(t for t in mixed if t.startswith("l"))) == 10  # 10 of 16, none twice
+    split = load_datasets(dataclasses.replace(config, validation_split=0.25), tokenizer, 7)
+    held = texts(split.validation)
+    assert sum(t.startswith("s") for t in held) == 1 and sum(t.startswith("l") for t in held) == 4
+    assert not set(held) & set(texts(split.train))  # each file split first: nothing in both
+
+
+def test_mix_needs_one_weight_per_file():
+    from int4lora_train.errors import ConfigError
+    from int4lora_train.train.config import load_config
+
+    with pytest.raises(ConfigError, match="data.mix needs one positive weight per training file"):
+        load_config(None, ["data.train_files=[a.jsonl, b.jsonl]", "data.mix=[1.0]"])

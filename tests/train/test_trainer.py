@@ -71,7 +71,9 @@ def test_unused_rows_and_evaluation_without_validation_data_are_said(tmp_path, c
     assert result.val_loss is None
     assert "each epoch trains on 36 of the 40 rows: the last 4 do not fill a global batch of 6" in caplog.text
     warning = next(r for r in caplog.records if r.levelname == "WARNING")
-    assert warning.getMessage().startswith("train.eval_every is set but there is no validation data, so evaluation")
+    assert warning.getMessage().startswith(
+        "train.eval_every is set but there is no validation data, so no validation loss"
+    )
 
 
 def test_without_a_terminal_progress_is_a_plain_log_line_not_a_bar(tmp_path, caplog, monkeypatch):
@@ -276,3 +278,91 @@ def test_gradient_checkpointing_and_bf16_autocast(tmp_path):
     assert any(not torch.equal(plain[k], bf16[k]) for k in plain)  # autocast was on
     for key in plain:  # Adam turns tiny gradient differences into lr-sized steps: compare whole tensors
         assert (bf16[key] - plain[key]).norm() <= 0.05 * plain[key].norm(), key
+
+
+class ScriptedValidation(LoraModule):
+    """The real validation loss times a factor per step, so the test decides which evaluation is the best."""
+
+    factors: dict[int, float] = {}
+    step = 0
+    stop_at = 0
+
+    def on_train_step_end(self, step, metrics):
+        self.step = step
+        if step == self.stop_at:
+            self.trainer.should_stop = True
+
+    def validation_step(self, batch):
+        loss_sum, targets = super().validation_step(batch)
+        return loss_sum * self.factors[self.step], targets
+
+
+@pytest.mark.parametrize(
+    ("overrides", "factors", "kept"),
+    [
+        # saves every 2 steps: the best (step 4) outlives keep_last=1
+        (["train.eval_every=2", "train.save_every=2"], {2: 1.0, 4: 0.01, 6: 1.0, 8: 1.0}, [4, 8]),
+        # a new best between saves (step 6) is written there; the earlier best (step 3) is pruned once beaten
+        (["train.eval_every=3", "train.save_every=4"], {3: 0.1, 6: 0.01, 8: 1.0}, [6, 8]),
+    ],
+)
+def test_keep_best_keeps_the_lowest_validation_loss_checkpoint(tmp_path, overrides, factors, kept):
+    ScriptedValidation.factors = factors
+    run_overrides = ["train.keep_last=1", "train.keep_best=true", *overrides]
+    trainer, module, data = _setup(tmp_path, "run", run_overrides, module_cls=ScriptedValidation)
+    result = trainer.fit(module, data.train, data.validation)
+    root = tmp_path / "run" / "checkpoints"
+    assert [step for step, _ in list_checkpoints(root)] == kept
+    best = min(factors, key=factors.get)
+    assert (result.best_step, result.best_checkpoint) == (best, str(root / f"step-{best}"))
+    logged = {m["step"]: m["val/loss"] for m in read_metrics(tmp_path / "run" / "metrics.jsonl") if "val/loss" in m}
+    assert result.best_val_loss == pytest.approx(logged[best]) and logged[best] == min(logged.values())
+    assert load_checkpoint(root / f"step-{best}")["trainer_state"]["best_step"] == best
+
+
+def test_keep_best_resumes_with_its_best(tmp_path):
+    ScriptedValidation.factors = {2: 1.0, 4: 0.01, 6: 1.0, 8: 1.0}
+    overrides = ["train.keep_last=1", "train.keep_best=true", "train.eval_every=2"]
+    trainer, module, data = _setup(tmp_path, "run", overrides, module_cls=ScriptedValidation)
+    module.stop_at = 6
+    assert trainer.fit(module, data.train, data.validation).best_step == 4
+    root = tmp_path / "run" / "checkpoints"
+    trainer, module, data = _setup(tmp_path, "run", overrides, module_cls=ScriptedValidation)
+    result = trainer.fit(module, data.train, data.validation, resume_from=root / "step-6")
+    assert (result.best_step, [s for s, _ in list_checkpoints(root)]) == (4, [4, 8])
+
+
+def test_keep_best_needs_validation_data():
+    from int4lora_train.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="train.keep_best needs validation data"):
+        load_config(None, ["train.keep_best=true"])
+
+
+def test_eval_prompts_are_completed_greedily_at_each_evaluation(tmp_path):
+    pytest.importorskip("tensorboard")
+    prompts = ["12+30=", "Q: reverse abc\nA: "]
+    overrides = ["train.eval_every=4", "train.eval_at_start=true", "train.eval_max_new_tokens=5"]
+    config = load_config(None, [f"train.eval_prompts={json.dumps(prompts)}", *overrides])
+    assert config.train.eval_prompts == prompts
+    trainer, module, data = _setup(tmp_path, "run", [f"train.eval_prompts={json.dumps(prompts)}", *overrides])
+    trainer = Trainer(trainer.config, tmp_path / "run", device="cpu", tensorboard=True, progress_bar=False)
+    tokenizer = build_tokenizer()
+    trainer.fit(module, data.train, data.validation, tokenizer=tokenizer)
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    samples = {r["step"]: r for r in records if "eval/completion_0" in r}
+    assert sorted(samples) == [0, 4, 8]
+    assert all(samples[s]["eval/prompt_1"] == prompts[1] for s in samples)
+    for record in samples.values():
+        for i in range(2):  # byte tokens: at most 5 characters (fewer when EOS came first)
+            assert len(record[f"eval/completion_{i}"]) <= 5
+    # The last samples are the final model's greedy completions.
+    model = module.unwrapped_model.eval()
+    for i, prompt in enumerate(prompts):
+        ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+        expected = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        assert samples[8][f"eval/completion_{i}"] == tokenizer.decode(
+            expected[0, ids.shape[1] :], skip_special_tokens=True
+        )
+    events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
+    assert b"eval/completion_1" in events and b"eval/prompt_0" in events
