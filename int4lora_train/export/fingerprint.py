@@ -167,12 +167,20 @@ def iter_model_int4_weights(model: torch.nn.Module) -> Iterator[tuple[str, Int4W
     Recognises the toolkit's ``Int4Linear`` (``int4_weight()``) and, through the format readers, raw
     compressed-tensors / GPTQ / AWQ modules that were not converted.
     """
+    from int4lora_train.modeling.moe import moe_spec_for
     from int4lora_train.quant.formats import is_int4_module, read_module_int4_weight
 
     seen = set()
     for name, module in model.named_modules():
         if _is_lora_wrapper(module):
             continue  # its base_layer is visited on its own
+        expert_weights = getattr(module, "expert_int4_weights", None)
+        if callable(expert_weights):  # packed MoE experts: one entry per expert projection, named as stored
+            spec = moe_spec_for(getattr(model, "config", None) or model)
+            for e, proj, weight in expert_weights():
+                base_name = normalize_module_name(f"{name}.{e}.{proj}")
+                yield (spec.to_checkpoint_key(base_name) if spec is not None else base_name), weight
+            continue
         weight = None
         int4_weight = getattr(module, "int4_weight", None)
         if callable(int4_weight) and not isinstance(module, torch.nn.ModuleList):

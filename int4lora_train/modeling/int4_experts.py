@@ -37,6 +37,7 @@ from torch import nn
 
 from int4lora_train.errors import Int4FormatError, UnsupportedFormatError
 from int4lora_train.quant.experts import Int4ExpertStack, dequantize_experts
+from int4lora_train.quant.layout import Int4Weight
 
 logger = logging.getLogger(__name__)
 
@@ -191,6 +192,20 @@ class Int4Experts(nn.Module):
             self.group_sizes[prefix],
             self._buffers[f"{prefix}_zero_points"],
         )
+
+    def expert_int4_weights(self):
+        """``(expert, projection name, Int4Weight)`` for every expert's gate, up and down projection, as the
+        checkpoint stores them per expert (views of the stacks, no copy): what the base's fingerprint hashes."""
+        gate, up, down = self.projection_names
+        gate_up, down_stack = self.stack("gate_up"), self.stack("down")
+        rows = self.intermediate_dim
+        for e in range(self.num_experts):
+            both = gate_up.expert(e)
+            for proj, part in ((gate, slice(0, rows)), (up, slice(rows, 2 * rows))):
+                zero_points = None if both.zero_points is None else both.zero_points[part]
+                yield e, proj, Int4Weight(both.packed[part], both.scales[part], both.in_features, both.group_size,
+                                          zero_points)  # fmt: skip
+            yield e, down, down_stack.expert(e)
 
     def dequantize(self, prefix: str, dtype: torch.dtype | None = None) -> torch.Tensor:
         """All experts' dense ``[E, out, in]`` weight of ``prefix`` (transformers' ``gate_up_proj`` / ``down_proj``):
