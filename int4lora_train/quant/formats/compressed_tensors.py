@@ -221,8 +221,9 @@ def compressed_tensors_config(
 
 
 def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
-    """``config_groups`` of ``{targets, weights, input_activations, ...}`` plus a top-level ``ignore``; only
-    ``pack-quantized`` INT4 weights (W4A16, W4A16_ASYM, channel / tensor variants, ``actorder``) are supported."""
+    """``config_groups`` of ``{targets, weights, input_activations, ...}`` plus a top-level ``ignore``:
+    ``pack-quantized`` INT4 weights (W4A16, W4A16_ASYM, channel / tensor variants, ``actorder``), and beside them
+    weight-only 8-bit int / FP8 groups that the loader dequantizes at load (:func:`classify_group`)."""
     where = f"{source}: quantization_config"
     status = block.get("quantization_status")
     if status is not None and status != "compressed":
