@@ -317,10 +317,32 @@ def _cmd_export(args: argparse.Namespace) -> int:
 
 
 def _cmd_inspect(args: argparse.Namespace) -> int:
+    from .errors import UnsupportedFormatError
     from .quant.inspect import inspect_checkpoint
 
-    print(inspect_checkpoint(args.path).table(per_module=args.all))
+    try:
+        layout = inspect_checkpoint(args.path)
+    except UnsupportedFormatError:
+        _print_groups_of_refused(args.path)
+        raise
+    print(layout.table(per_module=args.all))
     return 0
+
+
+def _print_groups_of_refused(path: str) -> None:
+    """Show every config group (and which one is refused) of a checkpoint the toolkit does not load."""
+    from pathlib import Path
+
+    from .quant.checkpoint_dir import read_json
+    from .quant.inspect import group_lines
+
+    try:
+        block = read_json(Path(path) / "config.json", "config.json").get("quantization_config")
+    except Exception:  # the error being raised says what is wrong
+        return
+    if isinstance(block, dict):
+        for line in group_lines(block):
+            print(line)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ bytes straight from the tensors (one pass, about 1-2 GB/s per core: a few second
 as fp32, so an exact upcast (fp16 / bf16 -> fp32) does not change the identity, while a lossy cast does. Per-module
 digests are kept too, so a mismatch can name the modules that differ.
 
+Mixed-precision checkpoints: the 8-bit (int8 / FP8) modules the loader dequantizes at load
+(quant/dequant_at_load.py) are covered by a digest of their tensors *as stored* (``stored_digest``: name, dtype, shape
+and bytes of ``weight_packed`` / ``weight`` / scales / zero points), recorded on the module at load and read from the
+shards by :func:`checkpoint_identity`; the dequantized weight itself is never hashed.
+
 Why a sidecar file and not a custom key in ``adapter_config.json``: vLLM ignores both (``PEFTHelper.from_dict``
 keeps only the fields it knows, and it reads no other file), but PEFT's ``LoraConfig.from_pretrained`` warns about
 an unknown key (telling the user to upgrade PEFT), drops it, and loses it on the next ``save_pretrained``; older
@@ -196,9 +201,20 @@ def iter_model_int4_weights(model: torch.nn.Module) -> Iterator[tuple[str, Int4W
         yield base_name, weight
 
 
+def _dequantized_digests(model: torch.nn.Module) -> dict[str, str]:
+    """``{base module name: stored digest}`` of the modules the loader dequantized at load (bare or under PEFT)."""
+    digests = {}
+    for name, module in model.named_modules():
+        digest = module.__dict__.get("int4lora_stored_digest")  # not getattr: PEFT wrappers forward attributes
+        if isinstance(digest, str):
+            digests.setdefault(normalize_module_name(name), digest)
+    return digests
+
+
 def model_identity(model: torch.nn.Module, base_model: str | None = None) -> BaseIdentity:
     """The identity of ``model``'s INT4 base (a bare model or a ``PeftModel``): config + tensor fingerprint."""
     digests = {name: weight_digest(weight) for name, weight in iter_model_int4_weights(model)}
+    digests.update(_dequantized_digests(model))
     from int4lora_train.modeling.peft_integration import unwrap_peft  # PEFT only once a model is at hand
 
     base = unwrap_peft(model)
@@ -233,6 +249,10 @@ def checkpoint_identity(model_dir: str | Path) -> BaseIdentity:
     quant = read_checkpoint_quant_config(model_dir, required=True)
     checkpoint = CheckpointDir.open(model_dir)
     digests = {name: weight_digest(weight) for name, weight, _ in checkpoint.iter_int4_weights(quant)}
+    if digests:
+        from int4lora_train.quant.dequant_at_load import stored_digest
+
+        digests.update({name: stored_digest(t) for name, _, t in checkpoint.iter_dequantized_modules(quant)})
     if not digests:
         raise CheckpointError(f"{model_dir}: no INT4 tensors found in {[p.name for p in checkpoint.shards]}.")
     return BaseIdentity(

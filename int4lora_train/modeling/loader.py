@@ -48,6 +48,7 @@ from int4lora_train.modeling.surgery import (
     dense_reason,
     make_cache,
 )
+from int4lora_train.quant import dequant_at_load
 from int4lora_train.quant.checkpoint_config import Int4CheckpointConfig, read_checkpoint_quant_config
 from int4lora_train.quant.checkpoint_dir import CheckpointDir, module_and_local
 from int4lora_train.quant.formats import checkpoint_formats, format_named, read_int4_weight
@@ -66,6 +67,18 @@ class _Int4Plan:
     name: str
     scheme: WeightScheme
     keys: dict[str, str]
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class DequantizedModule:
+    """One 8-bit (int8 / FP8) linear of a mixed-precision checkpoint, dequantized at load into a frozen nn.Linear."""
+
+    name: str
+    group: str
+    scheme: str
+    stored_bytes: int
+    dense_bytes: int
 
 
 def load_int4_model(
@@ -113,11 +126,12 @@ def load_int4_model(
     device = torch.device(device)
     report = SurgeryReport(mode=mode)
     cache = make_cache(mode, cache_max_bytes)
-    report.converted.extend(
-        _load_tensors(
-            model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path, expert_plans
-        )
-    )
+    dequantized: list[DequantizedModule] = []
+    for entry in _load_tensors(
+        model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path, expert_plans
+    ):
+        (dequantized if isinstance(entry, DequantizedModule) else report.converted).append(entry)
+    _log_dequantized(dequantized, dtype)
 
     model.tie_weights()
     model.to(device)  # non-persistent buffers (rotary inv_freq) were built on the CPU
@@ -134,6 +148,7 @@ def load_int4_model(
     model.int4_report = report
     model.int4_checkpoint_config = quant_config
     model.int4_checkpoint_dir = str(directory)
+    model.int4_dequantized_modules = dequantized
     logger.info("loaded %s\n%s", directory, report.summary())
     return model
 
@@ -183,6 +198,8 @@ def _load_tensors(
         if name in expert_plans:
             experts = moe.install_experts(model, expert_plans[name], tensors, device, compute_dtype)
             yield moe.experts_report_entry(name, expert_plans[name], experts)
+        elif plan is not None and plan.scheme.dequantize:
+            yield _install_dequantized(model, plan, tensors, device, dtype, config_path)
         elif plan is not None:
             yield _install_int4(model, plan, tensors, device, compute_dtype, cache, config_path)
         else:
@@ -214,14 +231,25 @@ def _plan(
     for name, module in model.named_modules():
         if not isinstance(module, nn.Linear):
             continue
-        scheme = quant_config.scheme_for(name, module)
-        if scheme is None:
+        group = quant_config.group_for(name, module)
+        if group is None:
             continue
-        fmt = format_named(scheme.format)
+        scheme = group.scheme
         own = stored.get(name, {})
-        plan = _Int4Plan(name, scheme, {local: key for local, key in own.items() if local in fmt.tensor_names})
-        for local in fmt.required_tensor_names(scheme):
+        if scheme.dequantize:
+            names, required = dequant_at_load.TENSOR_NAMES, dequant_at_load.required_tensor_names(scheme)
+        else:
+            fmt = format_named(scheme.format)
+            names, required = fmt.tensor_names, fmt.required_tensor_names(scheme)
+        plan = _Int4Plan(name, scheme, {local: key for local, key in own.items() if local in names}, group.name)
+        for local in required:
             if local not in plan.keys:
+                if scheme.dequantize:
+                    raise CheckpointError(
+                        f"missing tensor {name}.{local} of module {name} (config group {group.name}: "
+                        f"{scheme.describe()}, dequantized at load): not found in {where}; the checkpoint is "
+                        "incomplete or its quantization_config does not describe it."
+                    )
                 if f"{name}.weight" in catalog:
                     raise CheckpointError(
                         f"{catalog[name + '.weight'].file}: {name} is stored dense ({name}.weight), but "
@@ -333,6 +361,45 @@ def _install_int4(model, plan: _Int4Plan, tensors, device, compute_dtype, cache,
     parent_name, _, child = plan.name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return converted_entry(plan.name, plan.scheme.format, weight)
+
+
+def _install_dequantized(model, plan: _Int4Plan, tensors, device, dtype, config_path: Path) -> DequantizedModule:
+    """Dequantize one 8-bit module once into its (frozen) nn.Linear weight, in the model's dtype; record the digest
+    of its stored tensors for the base fingerprint (export/fingerprint.py)."""
+    weight = dequant_at_load.dequantize_stored(tensors, plan.scheme, plan.name, dtype)
+    module = model.get_submodule(plan.name)
+    if tuple(weight.shape) != (module.out_features, module.in_features):
+        raise CheckpointError(
+            f"{plan.name}: the stored weight is {list(weight.shape)} (out, in), but {config_path} builds this layer "
+            f"as [{module.out_features}, {module.in_features}]; the config and the weights are from different models."
+        )
+    module._parameters["weight"] = nn.Parameter(weight.to(device), requires_grad=False)
+    module.int4lora_stored_digest = dequant_at_load.stored_digest(tensors)
+    module.int4lora_dequantized_from = f"{plan.group}: {plan.scheme.describe()}"
+    return DequantizedModule(
+        plan.name,
+        plan.group,
+        plan.scheme.describe(),
+        sum(t.numel() * t.element_size() for t in tensors.values()),
+        weight.numel() * weight.element_size(),
+    )
+
+
+def _log_dequantized(modules: list[DequantizedModule], dtype: torch.dtype) -> None:
+    """One INFO line per config group that was dequantized at load."""
+    by_group: dict[tuple[str, str], list[DequantizedModule]] = {}
+    for module in modules:
+        by_group.setdefault((module.group, module.scheme), []).append(module)
+    for (group, scheme), members in by_group.items():
+        logger.info(
+            "config group %s (%s): %d linear(s) dequantized at load to %s nn.Linear (%.2f MiB stored -> %.2f MiB dense)",
+            group,
+            scheme,
+            len(members),
+            str(dtype).removeprefix("torch."),
+            sum(m.stored_bytes for m in members) / 2**20,
+            sum(m.dense_bytes for m in members) / 2**20,
+        )
 
 
 def _set_dense(model: nn.Module, key: str, tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> None:

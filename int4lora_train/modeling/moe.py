@@ -147,6 +147,12 @@ def plan_experts(model: nn.Module, quant_config, checkpoint, config_path: Path) 
                         "(ignored or not targeted by the quantization config); only checkpoints whose experts are "
                         "all INT4 are supported. Quantize the experts, or load the model with transformers."
                     )
+                if scheme.dequantize:
+                    raise UnsupportedFormatError(
+                        f"{config_path}: expert projection {spec.to_checkpoint_key(module_name)} is in an 8-bit "
+                        f"group ({scheme.describe()}); 8-bit groups are dequantized at load only for plain linear "
+                        "layers, and experts must be INT4. Re-quantize the experts with W4A16."
+                    )
                 fmt = format_named(scheme.format)
                 own = stored.get(module_name, {})
                 for local in fmt.required_tensor_names(scheme):

@@ -308,6 +308,9 @@ def dense_reason(name: str, module: nn.Module, quant_config, unignored=None) -> 
         unignored = dataclasses.replace(quant_config, ignore=())
     if quant_config is None:
         return "dense weight, no INT4 tensors"
+    group = quant_config.group_for(name, module)
+    if group is not None and group.scheme.dequantize:
+        return f"dequantized at load from config group {group.name}: {group.scheme.describe()}"
     if unignored.scheme_for(name, module) is not None:
         return "in the quantization config's ignore list"
     return "not targeted by the quantization config"

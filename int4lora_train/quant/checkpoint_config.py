@@ -10,8 +10,11 @@ The formats' parsers understand (FORMATS.md §1.5, §3.4, §4.3):
   ``checkpoint_format`` / ``format`` (``gptq`` = v1 zero-minus-one, ``gptq_v2``).
 - ``"awq"`` (AutoAWQ): ``bits``, ``group_size``, ``zero_point``, ``version`` / ``format`` (only ``gemm``).
 
-Everything else (8-bit, float / FP4 types, sparse or Marlin-2:4 layouts, activation quantization, transforms) is an
-:class:`UnsupportedFormatError` that says what was found and what is supported. The parsed result
+In a compressed-tensors block, weight-only 8-bit groups (int8 ``pack-quantized`` / ``int-quantized``, FP8
+``float-quantized``) beside INT4 ones parse to a :class:`WeightScheme` with ``dequantize=True``: the loader dequantizes
+them at load (``quant/dequant_at_load.py``, docs/formats.md "Mixed schemes"). Everything else (other bit widths, FP4,
+sparse or Marlin-2:4 layouts, activation quantization, transforms) is an :class:`UnsupportedFormatError` that says
+what was found and what is supported. The parsed result
 (:class:`Int4CheckpointConfig`, :class:`WeightScheme`) and the module matching live in :mod:`.scheme`; the block
 writers (:func:`compressed_tensors_config`, :func:`gptq_config`, :func:`awq_config`) with their formats.
 """

@@ -27,7 +27,7 @@ import torch
 from int4lora_train.errors import CheckpointError
 from int4lora_train.quant.formats import int4_markers, read_int4_weight
 from int4lora_train.quant.layout import Int4Weight
-from int4lora_train.quant.scheme import Int4CheckpointConfig
+from int4lora_train.quant.scheme import Int4CheckpointConfig, TargetGroup
 
 SINGLE_FILE = "model.safetensors"
 SAFE_INDEX = "model.safetensors.index.json"
@@ -305,5 +305,26 @@ class CheckpointDir:
         Each module is read with its scheme in ``quant_config`` (none when the config does not quantize it);
         reading checks the tensors, so a corrupt module raises with its name.
         """
-        for name, tensors in self.iter_module_tensors(self.int4_modules()):
+        requests = {
+            name: tensors
+            for name, tensors in self.int4_modules().items()
+            if not getattr(quant_config.scheme_for(name, "Linear"), "dequantize", False)
+        }
+        for name, tensors in self.iter_module_tensors(requests):
             yield name, read_int4_weight(tensors, name, quant_config.scheme_for(name, "Linear")), tensors
+
+    def iter_dequantized_modules(
+        self, quant_config: Int4CheckpointConfig
+    ) -> Iterator[tuple[str, TargetGroup, dict[str, torch.Tensor]]]:
+        """``(module, its config group, its quantized tensors as stored)`` for every module of an 8-bit group that
+        the loader dequantizes at load (mixed-precision checkpoints; quant/dequant_at_load.py), one at a time."""
+        from int4lora_train.quant.dequant_at_load import TENSOR_NAMES
+
+        requests, groups = {}, {}
+        for name, tensors in self.modules().items():
+            group = quant_config.group_for(name, "Linear") if "weight_scale" in tensors else None
+            if group is not None and group.scheme.dequantize:
+                requests[name] = {local: key for local, key in tensors.items() if local in TENSOR_NAMES}
+                groups[name] = group
+        for name, tensors in self.iter_module_tensors(requests):
+            yield name, groups[name], tensors

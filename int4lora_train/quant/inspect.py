@@ -1,6 +1,11 @@
 """What an INT4 checkpoint holds, module by module: format, shape, group size, symmetry, activation order, scale
 dtype and bytes (``int4lora-train inspect``). Every INT4 module is read into the canonical layout through the
 checkpoint reader, one module at a time, so inspecting also checks the tensors: a corrupt module raises with its name.
+
+A compressed-tensors checkpoint's config groups are listed first, each with its scheme and how the toolkit treats it:
+packed INT4 (Int4Linear), dequantized at load (the 8-bit groups of a mixed-precision checkpoint, plain frozen
+``nn.Linear``; quant/dequant_at_load.py) or refused (with the reason). :func:`group_lines` works on the raw block, so
+the CLI can show the groups of a checkpoint the toolkit refuses.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ from pathlib import Path
 from int4lora_train.quant.checkpoint_config import read_checkpoint_quant_config
 from int4lora_train.quant.checkpoint_dir import CheckpointDir
 from int4lora_train.quant.formats import detect_format
-from int4lora_train.quant.scheme import Int4CheckpointConfig
+from int4lora_train.quant.scheme import REFUSED, Int4CheckpointConfig
 
 _HEADER = ("module", "format", "out x in", "group", "sym", "g_idx", "scale", "bytes", "vs bf16")
 
@@ -45,6 +50,7 @@ class CheckpointLayout:
     quant_config: Int4CheckpointConfig
     modules: list[ModuleLayout]
     other_bytes: int
+    dequantized: dict[str, tuple[int, int]] = None  # config group -> (modules, stored bytes), dequantized at load
 
     def table(self, per_module: bool = False) -> str:
         """The report ``inspect`` prints: a line per module (``per_module``) or per kind of module with the same
@@ -62,6 +68,7 @@ class CheckpointLayout:
                 rows.append(_cells(name, members[0], nbytes, dense))
         widths = [max(len(row[i]) for row in rows) for i in range(len(_HEADER))]
         lines = [f"{self.path}: quant_method {self.quant_config.quant_method}, {len(self.modules)} INT4 modules"]
+        lines += group_lines(self.quant_config.to_dict(), self.dequantized or {})
         for i, row in enumerate(rows):
             lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip())
             if i == 0:
@@ -73,6 +80,33 @@ class CheckpointLayout:
             f"other tensors: {_mib(self.other_bytes)}"
         )
         return "\n".join(lines)
+
+
+def group_lines(block: dict, dequantized: dict[str, tuple[int, int]] | None = None) -> list[str]:
+    """``config groups:`` then one line per compressed-tensors config group: name, targets, scheme, treatment (for
+    a refused group, the reason). Empty for GPTQ / AWQ blocks (one scheme for every module)."""
+    from int4lora_train.quant.formats.compressed_tensors import classify_group, describe_group
+
+    groups = block.get("config_groups") if block.get("quant_method") == "compressed-tensors" else None
+    if not isinstance(groups, dict) or not groups:
+        return []
+    lines = ["config groups:"]
+    for name, group in groups.items():
+        if not isinstance(group, dict):
+            continue
+        scheme, refusal = classify_group(name, group, block.get("format"), "quantization_config")
+        treatment = scheme.treatment if scheme is not None else REFUSED
+        if scheme is not None and scheme.dequantize and dequantized and name in dequantized:
+            count, nbytes = dequantized[name]
+            treatment += f" to nn.Linear ({count} modules, {_mib(nbytes)} stored)"
+        elif scheme is not None and not scheme.dequantize:
+            treatment += " (Int4Linear)"
+        targets = group.get("targets")
+        line = f"  {name}: targets {targets} -- {describe_group(group, block.get('format'))} -> {treatment}"
+        if refusal is not None:
+            line += f": {refusal}"
+        lines.append(line)
+    return lines
 
 
 def inspect_checkpoint(path: str | os.PathLike) -> CheckpointLayout:
@@ -98,8 +132,12 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointLayout:
             )
         )
     int4_keys = {key for tensors in checkpoint.int4_modules().values() for key in tensors.values()}
+    dequantized: dict[str, tuple[int, int]] = {}
+    for _name, group, tensors in checkpoint.iter_dequantized_modules(quant):
+        count, nbytes = dequantized.get(group.name, (0, 0))
+        dequantized[group.name] = (count + 1, nbytes + sum(t.numel() * t.element_size() for t in tensors.values()))
     other_bytes = sum(info.nbytes for key, info in checkpoint.catalog.items() if key not in int4_keys)
-    return CheckpointLayout(str(path), quant, modules, other_bytes)
+    return CheckpointLayout(str(path), quant, modules, other_bytes, dequantized)
 
 
 def _cells(name: str, module: ModuleLayout, nbytes: int, dense_bytes: int) -> tuple[str, ...]:

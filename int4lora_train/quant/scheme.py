@@ -17,6 +17,10 @@ from int4lora_train.errors import CheckpointError
 STRATEGIES = ("group", "channel", "tensor")
 CT_FORMAT = "pack-quantized"
 """compressed-tensors' name of its INT4 packing (a config group's ``format``)."""
+PACKED_INT4 = "packed INT4"
+DEQUANTIZED_AT_LOAD = "dequantized at load"
+REFUSED = "refused"
+"""How the toolkit treats a config group (``int4lora-train inspect`` prints it)."""
 
 
 @dataclass(frozen=True)
@@ -27,6 +31,11 @@ class WeightScheme:
     strategies (one scale column per row). ``checkpoint_format`` is ``"pack-quantized"`` (compressed-tensors),
     ``"gptq"`` / ``"gptq_v2"`` (the GPTQ zero-point convention) or ``"gemm"`` (AWQ). ``actorder`` is ``"group"``
     when the checkpoint carries a ``g_idx`` permutation.
+
+    ``dequantize`` marks a weight-only 8-bit group of a mixed-precision compressed-tensors checkpoint (``type``
+    ``"int"`` or ``"float"`` (FP8), ``checkpoint_format`` ``pack-quantized`` / ``int-quantized`` / ``float-quantized``
+    / ``naive-quantized``): the loader dequantizes it once into a frozen ``nn.Linear`` (:mod:`..dequant_at_load`)
+    instead of keeping it packed.
     """
 
     format: str = "compressed-tensors"
@@ -36,6 +45,21 @@ class WeightScheme:
     actorder: str | None = None
     checkpoint_format: str = CT_FORMAT
     num_bits: int = 4
+    type: str = "int"
+    dequantize: bool = False
+
+    @property
+    def treatment(self) -> str:
+        """``"packed INT4"`` or ``"dequantized at load"``."""
+        return DEQUANTIZED_AT_LOAD if self.dequantize else PACKED_INT4
+
+    def describe(self) -> str:
+        """E.g. ``"int8 channel sym (pack-quantized)"`` or ``"float8 tensor sym (float-quantized)"``."""
+        strategy = f"group {self.group_size}" if self.strategy == "group" else self.strategy
+        kind = "fp" if self.type == "float" else "int"
+        sym = "sym" if self.symmetric else "asym"
+        order = ", actorder" if self.actorder else ""
+        return f"{kind}{self.num_bits} {strategy} {sym}{order} ({self.checkpoint_format})"
 
 
 @dataclass(frozen=True)
@@ -64,12 +88,17 @@ class Int4CheckpointConfig:
         any base class; ``"Linear"`` also matches vLLM's ``LinearBase``), its exact name, or, with a ``re:`` prefix,
         ``re.match`` against its name. The first group whose targets match wins.
         """
+        group = self.group_for(module_name, module_or_class_name)
+        return group.scheme if group is not None else None
+
+    def group_for(self, module_name: str, module_or_class_name: torch.nn.Module | str) -> TargetGroup | None:
+        """The config group of the module called ``module_name`` (see :meth:`scheme_for`)."""
         class_names = _class_names(module_or_class_name)
         if any(_matches(module_name, class_names, entry) for entry in self.ignore):
             return None
         for group in self.groups:
             if any(_matches(module_name, class_names, entry) for entry in group.targets):
-                return group.scheme
+                return group
         return None
 
     @property

@@ -130,12 +130,13 @@ def test_class_targets_match_base_classes():
 @pytest.mark.parametrize(
     "path, value, found",
     [
-        ("config_groups.group_0.weights.num_bits", 8, "num_bits is 8"),
+        ("config_groups.group_0.weights.num_bits", 2, "num_bits is 2"),
+        ("config_groups.group_0.weights.num_bits", 8, "every config group is 8-bit"),  # W8A16 only beside W4A16
         ("config_groups.group_0.weights.type", "float", "type 'float'"),
         ("config_groups.group_0.format", "nvfp4-pack-quantized", "FP4"),
         ("config_groups.group_0.format", "marlin-24", "2:4-sparse Marlin"),
         ("config_groups.group_0.format", "sparse-24-bitmask", "sparse format"),
-        ("config_groups.group_0.format", "int-quantized", "unpacked 8-bit"),
+        ("config_groups.group_0.format", "int-quantized", "num_bits is 4 in format 'int-quantized'"),
         ("config_groups.group_0.input_activations", {"num_bits": 8, "type": "int"}, "W4A8 / W8A8"),
         ("config_groups.group_0.weights.strategy", "block", "strategy 'block'"),
         ("config_groups.group_0.weights.dynamic", True, "dynamic=True"),

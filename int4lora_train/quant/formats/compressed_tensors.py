@@ -22,6 +22,7 @@ from collections.abc import Iterable, Mapping
 import torch
 
 from int4lora_train.errors import CheckpointError, Int4FormatError, UnsupportedFormatError
+from int4lora_train.quant.dequant_at_load import DEQUANT_FORMATS
 from int4lora_train.quant.formats.base import (
     INT_DTYPES,
     Int4Format,
@@ -220,8 +221,9 @@ def compressed_tensors_config(
 
 
 def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
-    """``config_groups`` of ``{targets, weights, input_activations, ...}`` plus a top-level ``ignore``; only
-    ``pack-quantized`` INT4 weights (W4A16, W4A16_ASYM, channel / tensor variants, ``actorder``) are supported."""
+    """``config_groups`` of ``{targets, weights, input_activations, ...}`` plus a top-level ``ignore``:
+    ``pack-quantized`` INT4 weights (W4A16, W4A16_ASYM, channel / tensor variants, ``actorder``), and beside them
+    weight-only 8-bit int / FP8 groups that the loader dequantizes at load (:func:`classify_group`)."""
     where = f"{source}: quantization_config"
     status = block.get("quantization_status")
     if status is not None and status != "compressed":
@@ -243,46 +245,96 @@ def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
         raise CheckpointError(f"{where}.config_groups is missing or empty; the checkpoint names no quantized modules.")
     groups = []
     for group_name, group in groups_block.items():
-        gwhere = f"{where}.config_groups.{group_name}"
-        fmt = group.get("format") or top_format
-        if fmt in (None, "mixed-precision"):
-            fmt = CT_FORMAT if top_format in (None, "mixed-precision") else top_format
-        if fmt != CT_FORMAT:
-            raise UnsupportedFormatError(
-                f"{gwhere}: format {fmt!r} is not supported ({_format_hint(fmt)}); {supported()}."
-            )
-        for activation in ("input_activations", "output_activations"):
-            if group.get(activation):
-                raise UnsupportedFormatError(
-                    f"{gwhere}.{activation} is set ({_short(group[activation])}): activation quantization (W4A8 / "
-                    f"W8A8) is not supported; only weight-only INT4 (W4A16). {supported()}."
-                )
-        weights = group.get("weights")
-        if not weights:
-            raise UnsupportedFormatError(f"{gwhere}: no weights quantization; {supported()}.")
+        scheme, refusal = classify_group(group_name, group, top_format, where)
+        if refusal is not None:
+            raise refusal
         targets = group.get("targets") or []
         if isinstance(targets, str):
             targets = [targets]
         if not targets:
-            raise CheckpointError(f"{gwhere}.targets is empty; the group applies to no module.")
-        groups.append(TargetGroup(str(group_name), tuple(targets), _weight_scheme(weights, f"{gwhere}.weights")))
+            raise CheckpointError(f"{where}.config_groups.{group_name}.targets is empty; the group applies to no module.")
+        groups.append(TargetGroup(str(group_name), tuple(targets), scheme))
+    dequantized = [g for g in groups if g.scheme.dequantize]
+    if dequantized and not any(not g.scheme.dequantize for g in groups):
+        raise UnsupportedFormatError(
+            f"{where}: every config group is 8-bit ({', '.join(f'{g.name}: {g.scheme.describe()}' for g in groups)}); "
+            "this toolkit trains LoRA on INT4 (W4A16) bases and dequantizes 8-bit groups only beside INT4 ones. "
+            "Quantize the model to W4A16 (llm-compressor, or int4lora-train quantize), or train LoRA on the dense "
+            f"model. {supported()}."
+        )
     ignore = block.get("ignore") or []
     if isinstance(ignore, str):
         ignore = [ignore]
     return Int4CheckpointConfig("compressed-tensors", tuple(groups), tuple(ignore), source, copy.deepcopy(block))
 
 
-def _weight_scheme(weights: Mapping, where: str) -> WeightScheme:
+def classify_group(
+    group_name: str, group: Mapping, top_format: str | None, where: str
+) -> tuple[WeightScheme | None, UnsupportedFormatError | None]:
+    """One ``config_groups`` entry -> ``(scheme, None)`` when the toolkit can load it (packed INT4, or an 8-bit
+    weight-only group dequantized at load), else ``(None, the error naming the group, its scheme and the fix)``."""
+    gwhere = f"{where}.config_groups.{group_name}"
+    fmt = group.get("format") or top_format
+    if fmt in (None, "mixed-precision"):
+        fmt = CT_FORMAT if top_format in (None, "mixed-precision") else top_format
+    weights = group.get("weights")
+    if fmt != CT_FORMAT and fmt not in DEQUANT_FORMATS:
+        return None, UnsupportedFormatError(
+            f"{gwhere}: format {fmt!r} is not supported ({_format_hint(fmt)}); {supported()}."
+        )
+    for activation in ("input_activations", "output_activations"):
+        if group.get(activation):
+            bits = (weights or {}).get("num_bits", 8) if isinstance(weights, Mapping) else "?"
+            return None, UnsupportedFormatError(
+                f"{gwhere}.{activation} is set ({_short(group[activation])}): activation quantization (W{bits}A8 "
+                f"/ W4A8 / W8A8 / FP8 with quantized activations) is not supported; only weight-only groups: INT4 "
+                "(W4A16), or 8-bit int / FP8 weights dequantized at load (W8A16). Fix: re-quantize with a weight-only "
+                f"scheme for this group, or list its modules in ignore to keep them dense. {supported()}."
+            )
+    if not weights:
+        return None, UnsupportedFormatError(f"{gwhere}: no weights quantization; {supported()}.")
+    try:
+        return _weight_scheme(weights, f"{gwhere}.weights", fmt), None
+    except UnsupportedFormatError as exc:
+        return None, exc
+
+
+def describe_group(group: Mapping, top_format: str | None = None) -> str:
+    """A config group's scheme in a few words (also for a group the toolkit refuses), e.g.
+    ``"int8 channel sym, input_activations int8 (int-quantized)"``."""
+    weights = group.get("weights") if isinstance(group.get("weights"), Mapping) else {}
+    fmt = group.get("format") or top_format or CT_FORMAT
+    kind = "fp" if weights.get("type") == "float" else "int"
+    strategy = weights.get("strategy") or ("group" if weights.get("group_size") else "channel")
+    if strategy == "group" and weights.get("group_size"):
+        strategy = f"group {weights['group_size']}"
+    text = f"{kind}{weights.get('num_bits', 8)} {strategy} {'sym' if weights.get('symmetric', True) else 'asym'}"
+    acts = group.get("input_activations")
+    if isinstance(acts, Mapping):
+        text += f", input_activations {'fp' if acts.get('type') == 'float' else 'int'}{acts.get('num_bits', 8)}"
+    return f"{text} ({fmt})"
+
+
+def _weight_scheme(weights: Mapping, where: str, fmt: str = CT_FORMAT) -> WeightScheme:
     """QuantizationArgs of the weights -> WeightScheme, following compressed-tensors' strategy inference."""
     kind = weights.get("type", "int")
     num_bits = weights.get("num_bits", 8)  # compressed-tensors' default
-    if kind != "int":
+    dequantize = num_bits == 8 and (
+        (kind == "int" and fmt in ("pack-quantized", "int-quantized", "naive-quantized"))
+        or (kind == "float" and fmt in ("float-quantized", "naive-quantized"))
+    )
+    if not dequantize and (kind != "int" or num_bits != 4 or fmt != CT_FORMAT):
+        if kind not in ("int", "float"):
+            what = f"type {kind!r} with {num_bits} bits"
+        elif kind == "float":
+            what = f"type 'float' with {num_bits} bits (an FP4 / FP8 format)"
+        else:
+            what = f"num_bits is {num_bits}"
         raise UnsupportedFormatError(
-            f"{where}: type {kind!r} with {num_bits} bits (a float / FP4 / FP8 format) is not supported; {supported()}."
-        )
-    if num_bits != 4:
-        raise UnsupportedFormatError(
-            f"{where}: num_bits is {num_bits}, only 4-bit weights are supported; {supported()}."
+            f"{where}: {what} in format {fmt!r} is not supported: packed INT4 (num_bits 4, pack-quantized) is kept "
+            "packed and weight-only 8-bit groups (int8 pack-quantized / int-quantized, FP8 float-quantized) are "
+            "dequantized at load; nothing else. Fix: re-quantize this group with W4A16 (or W8A16 / FP8 weight-only), "
+            f"or list its modules in ignore to keep them dense. {supported()}."
         )
     if weights.get("dynamic") not in (None, False, "false"):
         raise UnsupportedFormatError(
@@ -305,13 +357,21 @@ def _weight_scheme(weights: Mapping, where: str) -> WeightScheme:
     # "dynamic" and true are compressed-tensors' aliases of "group" (a g_idx is stored); "weight" / "static" only
     # change the calibration order and store nothing.
     actorder = {True: "group", "dynamic": "group", "group": "group", "static": None, "weight": None}.get(actorder)
+    if dequantize and actorder is not None:
+        raise UnsupportedFormatError(
+            f"{where}: an 8-bit group with actorder={weights.get('actorder')!r} (a g_idx) is not supported; "
+            "re-quantize it with actorder 'static' (or none)."
+        )
     return WeightScheme(
         format="compressed-tensors",
         group_size=group_size,
         symmetric=bool(weights.get("symmetric", True)),
         strategy=strategy,
         actorder=actorder,
-        checkpoint_format=CT_FORMAT,
+        checkpoint_format=fmt if dequantize else CT_FORMAT,
+        num_bits=num_bits,
+        type=kind,
+        dequantize=dequantize,
     )
 
 
@@ -344,7 +404,7 @@ class CompressedTensorsFormat(Int4Format):
     marker = "weight_packed"
     summary = (
         "compressed-tensors pack-quantized INT4 weights (W4A16 / W4A16_ASYM; group, channel or tensor strategy) "
-        "with unquantized activations"
+        "with unquantized activations (weight-only int8 / FP8 groups beside them are dequantized at load)"
     )
     layout = "compressed-tensors (weight_packed int32 [out, in/8], weight_shape, weight_scale)"
 
