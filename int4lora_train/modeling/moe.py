@@ -25,7 +25,6 @@ INT4 kernel cannot take a one-row linear.
 
 from __future__ import annotations
 
-import copy
 import logging
 import re
 from collections.abc import Iterator
@@ -394,7 +393,7 @@ def save_int4_moe_checkpoint(
     """Write a dense transformers MoE ``model`` as an INT4 checkpoint with per-expert tensors, as llm-compressor /
     GPTQ / AWQ tools write them (the toolkit's RTN packer, :func:`moe_checkpoint_stream`); the routers and, unless
     ``quantize_linears``, every other linear stay dense and are listed in the config's ignore."""
-    from int4lora_train.quant.packer import write_int4_checkpoint
+    from int4lora_train.quant.packer import model_checkpoint_config, write_int4_checkpoint
 
     spec = moe_spec_for(model)
     if spec is None:
@@ -407,9 +406,7 @@ def save_int4_moe_checkpoint(
         if isinstance(m, nn.Linear) and not quantize_linears and n.rpartition(".")[2] not in ignore
     ]
     ignore_all = tuple(dict.fromkeys([*ignore, *spec.router_ignore, *dense_linears]))
-    config = copy.deepcopy(model.config.to_dict())
-    config["architectures"] = config.get("architectures") or [type(model).__name__]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype, config = model_checkpoint_config(model)
     return write_int4_checkpoint(
         config,
         moe_checkpoint_stream(model, group_size, symmetric, strategy, quantize_linears, ignore),

@@ -228,12 +228,9 @@ def save_int4_checkpoint(
             _check_group_size(module_name, module.in_features, format, group_size, strategy)
             quantized[module_name] = module
     dense_linears = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized]
-    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    dtype, config = model_checkpoint_config(model)
     generation_config = getattr(model, "generation_config", None)
     can_generate = getattr(model, "can_generate", lambda: False)()
-    config = model.config.to_dict()
-    # from_config() leaves architectures unset; vLLM and AutoModel pick the model class from it.
-    config["architectures"] = config.get("architectures") or [type(model).__name__]
     return write_int4_checkpoint(
         config,
         _model_stream(model, quantized, group_size, symmetric, strategy, on_quantized),
@@ -250,6 +247,15 @@ def save_int4_checkpoint(
         overwrite=overwrite,
         dtype=dtype,
     )
+
+
+def model_checkpoint_config(model: torch.nn.Module) -> tuple[torch.dtype | None, dict]:
+    """``(dtype of the model's floating tensors, its config as a dict)`` for a checkpoint written from ``model``;
+    ``architectures`` filled in (``from_config()`` leaves it unset; vLLM and AutoModel pick the model class from it)."""
+    dtype = next((p.dtype for p in model.parameters() if p.is_floating_point()), None)
+    config = model.config.to_dict()
+    config["architectures"] = config.get("architectures") or [type(model).__name__]
+    return dtype, config
 
 
 def _model_stream(

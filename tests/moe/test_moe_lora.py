@@ -25,6 +25,19 @@ def _randomise_lora(model, seed=0):
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
 
 
+def _train_briefly(peft_model, steps: int = 4) -> list[float]:
+    """``steps`` AdamW steps on the adapters (lr 1e-3) on :data:`TOKENS`; the losses."""
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
+    losses = []
+    for _ in range(steps):
+        loss = peft_model(TOKENS, labels=TOKENS).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
 def test_attention_and_shared_expert_lora_train_and_reload(moe_checkpoints, arch, tmp_path):
     _, path = moe_checkpoints(arch)
@@ -34,14 +47,7 @@ def test_attention_and_shared_expert_lora_train_and_reload(moe_checkpoints, arch
     wrapped = [n for n, m in peft_model.named_modules() if isinstance(m, Int4LoraLinear)]
     assert len(wrapped) == 2 * len(targets)  # 2 layers; experts untouched (not Linear)
     assert not any(isinstance(m, Int4ExpertsLora) for m in peft_model.modules())
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss = peft_model(TOKENS, labels=TOKENS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _train_briefly(peft_model)
     assert losses[-1] < losses[0]
     with torch.no_grad():
         want = peft_model(TOKENS).logits
@@ -106,14 +112,7 @@ def test_expert_lora_trains_only_adapters(moe_checkpoints):
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["experts"]))
     trainable = [n for n, p in peft_model.named_parameters() if p.requires_grad]
     assert trainable and all("lora_experts" in n for n in trainable)
-    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-3)
-    losses = []
-    for _ in range(4):
-        loss = peft_model(TOKENS, labels=TOKENS).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = _train_briefly(peft_model)
     assert losses[-1] < losses[0]
 
 
