@@ -54,10 +54,9 @@ from common import (
 from int4lora_train.train import distributed
 from int4lora_train.train.strategy import FSDPStrategy, select_strategy
 
-DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4+fused+keep+group+kernels"}
-"""``train_step.py`` modes: DDP with all of the toolkit's training optimisations; FSDP with all but the chunked loss,
-which ``prepare_fsdp`` switches off (it reads the output head's weight outside its forward, where FSDP has not
-gathered it)."""
+DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4-opt"}
+"""``train_step.py`` modes: all of the toolkit's training optimisations under both strategies (the chunked loss runs
+as the output head's forward, where FSDP has gathered the head)."""
 
 
 def run(args) -> dict | None:
@@ -161,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument(
         "--mode",
         default=None,
-        help="train_step.py's INT4 mode (default: int4-opt for ddp, int4-opt without chunked for fsdp)",
+        help="train_step.py's INT4 mode (default: int4-opt)",
     )
     add_shape_arguments(parser)
     parser.add_argument("--group-size", type=int, default=128)

@@ -235,17 +235,37 @@ def _loss_from_hidden(causal_lm: nn.Module, hidden: torch.Tensor, labels, option
             )
         shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
     head = causal_lm.get_output_embeddings()
-    return linear_cross_entropy(
-        hidden.reshape(-1, hidden.shape[-1]),
-        head.weight,
-        shift_labels.reshape(-1),
-        head.bias,
-        chunk_size=options.get("chunk_size"),
-        softcap=getattr(causal_lm.config, "final_logit_softcapping", None),
-        num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
-        ignore_index=ignore_index,
-        backend=options.get("backend", "auto"),
-    )
+
+    def head_loss(flat_hidden: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(
+            flat_hidden,
+            head.weight,
+            shift_labels.reshape(-1),
+            head.bias,
+            chunk_size=options.get("chunk_size"),
+            softcap=getattr(causal_lm.config, "final_logit_softcapping", None),
+            num_items_in_batch=loss_kwargs.get("num_items_in_batch"),
+            ignore_index=ignore_index,
+            backend=options.get("backend", "auto"),
+        )
+
+    return call_as_forward(head, head_loss, hidden.reshape(-1, hidden.shape[-1]))
+
+
+def call_as_forward(module: nn.Module, fn, *args: Any) -> Any:
+    """``fn(*args)`` run as ``module``'s forward: through ``module.__call__``, so that the hooks registered on the module
+    wrap it. The loss reads the head's weight outside ``lm_head(hidden)``; FSDP2 gathers a sharded head in its
+    forward pre-hook (and again before its backward, from a hook on the output), so the loss must run inside it.
+    Forward hooks on the head see the loss instead of logits (there are no logits)."""
+    own = module.__dict__.get("forward")
+    module.forward = fn
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 def chunked_causal_lm_loss(

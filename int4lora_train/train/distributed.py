@@ -356,19 +356,14 @@ def prepare_fsdp(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
     Every process calls it with the same, whole model. Then: the INT4 buffers become frozen parameters, accelerate's
     FSDP2 preparation shards each decoder layer (then embeddings, head, root), and the forward is wrapped in the
     accelerator's autocast exactly as its DDP preparation does (accelerate's FSDP2 path relies on FSDP mixed
-    precision instead, which the toolkit leaves off). The chunked cross-entropy is switched off (see the comment
-    below); everything else of the model's training setup, the fused LoRA node included, stays as it is.
+    precision instead, which the toolkit leaves off). The model's training setup stays as it is.
     """
-    from .. import speed
-
     converted = int4_buffers_to_parameters(model)
     logger.debug("FSDP: %d Int4Linear layers hold their INT4 tensors as frozen parameters", converted)
-    # The fused LoRA node (and the q/k/v, gate/up groups) stay as configured: they read the INT4 tensors through
-    # Int4Linear.int4_tensors (buffers or these parameters) and the LoRA weights inside the decoder layer's forward,
-    # where FSDP has gathered that layer's unit. The chunked loss multiplies by lm_head.weight outside lm_head's
-    # forward, where FSDP has not gathered it: off.
-    speed.apply(model, chunked_loss=False)
-    logger.info("FSDP: chunked cross-entropy off (it reads the sharded output head outside its forward)")
+    # The fused LoRA node (and the q/k/v, gate/up groups) read the INT4 tensors through Int4Linear.int4_tensors
+    # (buffers or these parameters) and the LoRA weights inside the decoder layer's forward, where FSDP has gathered
+    # that layer's unit. The chunked loss runs as the output head's forward (chunked_loss.call_as_forward), where
+    # FSDP has gathered the head.
     model, optimizer = accelerator.prepare(model, optimizer)
     if accelerator.native_amp:
         _wrap_forward_in_autocast(accelerator, model)

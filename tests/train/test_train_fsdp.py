@@ -221,7 +221,7 @@ def _launch(config: Path, *overrides: str, script: Path = REPO / "scripts" / "tr
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, tiny_int4_dir) -> Path:
     """An FSDP run (4 steps, checkpoints at 2 and 4), the same resumed from step 2, DDP, FSDP with PEFT's generic LoRA
-    forward instead of the fused node, and one process."""
+    forward and transformers' loss instead of the fused node and the chunked loss, and one process."""
     root = tmp_path_factory.mktemp("fsdp-runs")
     data = write_jsonl(root / "train.jsonl", arithmetic_records(32))
     config = small_run_config(tiny_int4_dir, data, root / "fsdp", strategy="fsdp")
@@ -230,7 +230,7 @@ def runs(tmp_path_factory, tiny_int4_dir) -> Path:
     _launch(path)
     _launch(path, f"output.dir={root / 'resumed'}", f"train.resume={root / 'fsdp' / 'checkpoints' / 'step-2'}")
     _launch(path, f"output.dir={root / 'ddp'}", "train.strategy=ddp")
-    unfused = ["train.speed.fused_lora=false", "train.speed.group_projections=false"]
+    unfused = ["train.speed.fused_lora=false", "train.speed.group_projections=false", "train.speed.chunked_loss=false"]
     _launch(path, f"output.dir={root / 'fsdp-unfused'}", *unfused)
     one = ["train", "--config", str(path), "-q", "train.micro_batch_size=4", f"output.dir={root / 'one'}"]
     assert cli.main(one) == 0
@@ -250,7 +250,7 @@ def test_fsdp_matches_one_process_with_the_same_global_batch(runs):
 
 
 @pytest.mark.slow
-def test_fsdp_with_the_fused_lora_node_trains_like_peft_generic_forward(runs):
+def test_fsdp_with_the_fused_lora_node_and_chunked_loss_trains_like_peft_and_transformers_loss(runs):
     assert_same_adapter(runs / "fsdp", runs / "fsdp-unfused")
     summaries = [json.loads((runs / r / "summary.json").read_text()) for r in ("fsdp", "fsdp-unfused")]
     assert summaries[0]["train_loss_final"] == pytest.approx(summaries[1]["train_loss_final"], rel=1e-4)
