@@ -89,16 +89,23 @@ def run(args) -> dict | None:
     gen = torch.Generator(device=device).manual_seed(1 + accelerator.process_index)  # each process its own batch
     tokens = torch.randint(0, args.vocab, (args.bs, args.seq), device=device, generator=gen)
     times, loss = [], torch.zeros(())
-    for i in range(args.warmup + args.steps):
-        sync(device)
-        start = time.perf_counter()
+
+    def step() -> torch.Tensor:
         loss = model(input_ids=tokens, labels=tokens).loss
         accelerator.backward(loss)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    for i in range(args.warmup + args.steps):
+        sync(device)
+        start = time.perf_counter()
+        loss = step()
         sync(device)
         if i >= args.warmup:
             times.append(time.perf_counter() - start)
+    if args.profile:
+        profile_steps(step, device, Path(f"{args.profile}.rank{accelerator.process_index}.txt"))
     mine = {
         "rank": accelerator.process_index,
         "median_step_s": statistics.median(times),
@@ -140,6 +147,19 @@ def run(args) -> dict | None:
     }
 
 
+def profile_steps(step, device: torch.device, out: Path, steps: int = 2) -> None:
+    """Profile ``steps`` more steps; write the operators by device time (collectives included) to ``out``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            step()
+        sync(device)
+    sort = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    out.write_text(f"{steps} steps\n" + prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+
+
 def scaling(paths: list[str]) -> str:
     """``tokens/s`` of each result file relative to the first (e.g. 1 GPU, then 2 GPUs)."""
     results = [json.loads(Path(p).read_text()) for p in paths]
@@ -175,6 +195,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--static-graph", action="store_true", help="DDP static_graph + gradient_as_bucket_view")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the result here (main process)")
+    parser.add_argument("--profile", default=None, metavar="PREFIX", help="profile 2 more steps: PREFIX.rankN.txt")
     parser.add_argument("--scaling", nargs="+", metavar="RESULT_JSON", help="compare result files; no run")
     args = parser.parse_args(argv)
     if args.scaling:
