@@ -109,8 +109,12 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         self._protected = set()
         if model is not None:
             for tensor in (*model.parameters(), *model.buffers()):
+                tensor = getattr(tensor, "_local_tensor", tensor)  # an FSDP2 DTensor: its shard
                 if tensor.device.type != "meta":
-                    self._protected.add(tensor.untyped_storage().data_ptr())
+                    try:
+                        self._protected.add(tensor.untyped_storage().data_ptr())
+                    except (RuntimeError, NotImplementedError):  # a tensor subclass without a storage
+                        continue
 
     def enter(self, module: nn.Module) -> None:
         """Make the hooks active for ``module``'s call (its inputs are about to be saved by the checkpoint)."""
@@ -134,8 +138,8 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
             return False
         if t.device.type != "cuda" and not (self.include_cpu and t.device.type == "cpu"):
             return False
-        if t.numel() * t.element_size() < self.min_bytes:
-            return False
+        if t.numel() * t.element_size() < self.min_bytes or type(t) is not torch.Tensor:
+            return False  # small, or a tensor subclass (DTensor, FP8 tensors) whose storage is not plain
         return t.untyped_storage().data_ptr() not in self._protected
 
     def _pack(self, t: torch.Tensor) -> Any:
