@@ -106,7 +106,7 @@ def enable_host_embeddings(model: nn.Module, device: torch.device | str | None =
     weight = embed.weight
     compute_device = torch.device(device) if device is not None else weight.device
     host = weight.detach().to("cpu", copy=weight.device.type == "cpu")
-    if torch.cuda.is_available():
+    if compute_device.type == "cuda":  # pinned: the copies to the device run asynchronously
         host = host.pin_memory()
     del embed._parameters["weight"]
     embed.__dict__["weight"] = nn.Parameter(host, requires_grad=False)
