@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    add_memory_arguments,
     add_shape_arguments,
     apply_shape,
     device_name,
@@ -106,6 +107,7 @@ def run(args) -> dict | None:
         "peak_memory_bytes": memory_peak(device),
         "held_after_prepare_bytes": held,
         "last_loss": float(loss.detach()),
+        "memory": (getattr(model, "memory_report", None) or {}).get("summary"),
         "build_s": build_s,
         "sharding": shards,
     }
@@ -176,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--static-graph", action="store_true", help="DDP static_graph + gradient_as_bucket_view")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the result here (main process)")
+    add_memory_arguments(parser)
     parser.add_argument("--scaling", nargs="+", metavar="RESULT_JSON", help="compare result files; no run")
     args = parser.parse_args(argv)
     if args.scaling:

@@ -292,7 +292,9 @@ def plan(
         refusal = f"the model computes on {device.type}, already host memory"
     if embed_choice == "on":
         if refusal is not None and not refusal.startswith("the model computes on"):
-            raise ConfigError(f"memory.embeddings_on_cpu: on cannot be used: {refusal}; set embeddings_on_cpu: auto/off")
+            raise ConfigError(
+                f"memory.embeddings_on_cpu: on cannot be used: {refusal}; set embeddings_on_cpu: auto/off"
+            )
         result.embeddings_on_cpu = True
         reasons["embeddings_on_cpu"] = "set" + (f"; {refusal}" if refusal else "")
     elif embed_choice == "off":
@@ -347,12 +349,19 @@ def apply(
     else:
         unknown = sorted(set(features) - {f.name for f in dataclasses.fields(MemoryConfig)})
         if unknown:
-            raise ConfigError(f"memory.apply: unknown feature(s) {unknown}; the features are "
-                              f"{[f.name for f in dataclasses.fields(MemoryConfig)]}")
+            raise ConfigError(
+                f"memory.apply: unknown feature(s) {unknown}; the features are "
+                f"{[f.name for f in dataclasses.fields(MemoryConfig)]}"
+            )
         config = dataclasses.replace(config or MemoryConfig(), **features)
         keep_dense = any(m.keep_dense_for_backward for m in model.modules() if isinstance(m, Int4Linear))
         chosen = plan(
-            model, micro_batch_size, seq_len, config=config, strategy=strategy, world_size=world_size,
+            model,
+            micro_batch_size,
+            seq_len,
+            config=config,
+            strategy=strategy,
+            world_size=world_size,
             keep_dense_for_backward=keep_dense,
         )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "summary": chosen.summary()}

@@ -85,8 +85,9 @@ def _host_embedding_forward(self, input_ids: torch.Tensor) -> torch.Tensor:
         torch.index_select(weight, 0, flat, out=out)
         out = out.view(*ids.shape, weight.shape[1])
     else:
-        out = F.embedding(ids, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq,
-                          self.sparse)
+        out = F.embedding(
+            ids, weight, self.padding_idx, self.max_norm, self.norm_type, self.scale_grad_by_freq, self.sparse
+        )
     return out.to(device, non_blocking=out.is_pinned())
 
 
@@ -113,8 +114,10 @@ def enable_host_embeddings(model: nn.Module, device: torch.device | str | None =
     embed.__dict__[_DEVICE] = compute_device
     embed.forward = types.MethodType(_host_embedding_forward, embed)
     logger.info(
-        "input embedding in host memory (%s): %.2f GiB off %s", "pinned" if host.is_pinned() else "pageable",
-        host.numel() * host.element_size() / 2**30, compute_device,
+        "input embedding in host memory (%s): %.2f GiB off %s",
+        "pinned" if host.is_pinned() else "pageable",
+        host.numel() * host.element_size() / 2**30,
+        compute_device,
     )
     return embed
 

@@ -51,7 +51,9 @@ def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     return [
-        m for m in model.modules() if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)
+        m
+        for m in model.modules()
+        if isinstance(m, GradientCheckpointingLayer) and getattr(m, "gradient_checkpointing", False)
     ]
 
 
@@ -145,8 +147,15 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, t: torch.Tensor) -> Any:
         if not self._eligible(t):
             return t
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype, t._version,
-               t.device)
+        key = (
+            t.untyped_storage().data_ptr(),
+            t.storage_offset(),
+            tuple(t.shape),
+            t.stride(),
+            t.dtype,
+            t._version,
+            t.device,
+        )
         ref = self._seen.get(key)
         handle = ref() if ref is not None else None
         if handle is not None:
@@ -290,4 +299,3 @@ def disable_activation_offload(model: nn.Module) -> bool:
 def activation_offloader(model: nn.Module) -> ActivationOffloader | None:
     """The offloader :func:`enable_activation_offload` put on ``model``, or None."""
     return model.__dict__.get(_STATE_ATTR)
-

@@ -51,9 +51,13 @@ def test_one_copy_per_layer_each_prefetched_while_the_layer_after_it_runs_backwa
     loss.backward()
     # The last layer's input is fetched on demand; each earlier one was prefetched during the layer after it.
     assert offloader.trace == [
-        ("fetch", 4), ("prefetch", 3), ("use", 4),
-        ("prefetch", 2), ("use", 3),
-        ("prefetch", 1), ("use", 2),
+        ("fetch", 4),
+        ("prefetch", 3),
+        ("use", 4),
+        ("prefetch", 2),
+        ("use", 3),
+        ("prefetch", 1),
+        ("use", 2),
         ("use", 1),
     ]
     assert offloader.stats["fetched"] == 1 and offloader.stats["prefetched"] == 3

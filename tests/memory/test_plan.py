@@ -28,9 +28,13 @@ def fake_gpu(monkeypatch):
 
 
 def _plan(model, seq_len, **options):
-    config = MemoryConfig(**{k: options.pop(k) for k in list(options) if k in ("offload_activations",
-                                                                               "embeddings_on_cpu",
-                                                                               "mlp_chunk_tokens")})
+    config = MemoryConfig(
+        **{
+            k: options.pop(k)
+            for k in list(options)
+            if k in ("offload_activations", "embeddings_on_cpu", "mlp_chunk_tokens")
+        }
+    )
     return memory.plan(model, 1, seq_len, "cuda", config, keep_dense_for_backward=True, **options)
 
 
@@ -46,7 +50,9 @@ def test_offload_when_the_inputs_outgrow_a_tenth_of_what_is_left_or_rows_are_lon
     assert tight.offload_activations and "> 10% of" in tight.reasons["offload_activations"]
     fake_gpu["free"] = 80 * GIB
     long = _plan(model, OFFLOAD_MIN_ROW_TOKENS)
-    assert long.offload_activations and f"{OFFLOAD_MIN_ROW_TOKENS} tokens per row" in long.reasons["offload_activations"]
+    assert (
+        long.offload_activations and f"{OFFLOAD_MIN_ROW_TOKENS} tokens per row" in long.reasons["offload_activations"]
+    )
     assert not _plan(model, OFFLOAD_MIN_ROW_TOKENS, offload_activations="off").offload_activations
 
 
@@ -84,8 +90,15 @@ def test_bad_values_are_config_errors_naming_the_key():
 
 
 def test_the_config_section_reads_yaml_on_off_and_checks_what_needs_what():
-    config = load_config(None, ["train.memory.offload_activations=on", "train.gradient_checkpointing=true",
-                                "train.memory.embeddings_on_cpu=off", "train.memory.mlp_chunk_tokens=4096"])
+    config = load_config(
+        None,
+        [
+            "train.memory.offload_activations=on",
+            "train.gradient_checkpointing=true",
+            "train.memory.embeddings_on_cpu=off",
+            "train.memory.mlp_chunk_tokens=4096",
+        ],
+    )
     assert (config.train.memory.offload_activations, config.train.memory.embeddings_on_cpu) == ("on", "off")
     assert config.train.memory.mlp_chunk_tokens == 4096
     with pytest.raises(ConfigError, match="train.gradient_checkpointing: true"):
@@ -106,11 +119,23 @@ def test_the_trainer_plans_once_logs_one_line_and_records_it(tmp_path, caplog):
 
     def run(name, *overrides):
         data = tmp_path / "train.jsonl"
-        data.write_text("".join(json.dumps({"prompt": f"{a} {a}:", "completion": f"{a}{a}"}) + "\n"
-                                for a in range(10, 26)), encoding="utf-8")
-        config = load_config(None, [f"data.train_files={data}", "data.max_length=32", "train.max_steps=2",
-                                    "train.micro_batch_size=2", "train.gradient_checkpointing=true", "train.lr=5e-3",
-                                    f"output.dir={tmp_path / name}", *overrides])
+        data.write_text(
+            "".join(json.dumps({"prompt": f"{a} {a}:", "completion": f"{a}{a}"}) + "\n" for a in range(10, 26)),
+            encoding="utf-8",
+        )
+        config = load_config(
+            None,
+            [
+                f"data.train_files={data}",
+                "data.max_length=32",
+                "train.max_steps=2",
+                "train.micro_batch_size=2",
+                "train.gradient_checkpointing=true",
+                "train.lr=5e-3",
+                f"output.dir={tmp_path / name}",
+                *overrides,
+            ],
+        )
         datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
         trainer = Trainer(config.train, tmp_path / name, device="cpu", tensorboard=False, progress_bar=False)
         module = LoraModule(int4_lora_model(layers=2, checkpointing=False), config.train)
@@ -121,8 +146,12 @@ def test_the_trainer_plans_once_logs_one_line_and_records_it(tmp_path, caplog):
     assert plain.memory["offload_activations"] is False and plain.memory["mlp_chunk_tokens"] == 0
     caplog.clear()
     with caplog.at_level(logging.INFO, logger="int4lora_train.memory"):
-        result, lora = run("memory", "train.memory.offload_activations=on", "train.memory.mlp_chunk_tokens=7",
-                           "train.memory.embeddings_on_cpu=on")
+        result, lora = run(
+            "memory",
+            "train.memory.offload_activations=on",
+            "train.memory.mlp_chunk_tokens=7",
+            "train.memory.embeddings_on_cpu=on",
+        )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory: ")]
     assert len(lines) == 1 and lines[0] == result.memory["summary"]
     assert "offload_activations=on (set;" in lines[0] and "mlp_chunk_tokens=7 (set)" in lines[0]
