@@ -13,12 +13,15 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from int4lora_train.modeling import prepare_for_training, quantize_model_rtn
 
 
-def int4_lora_model(layers: int = 4, checkpointing: bool = True, reentrant: bool = False, **lora_options) -> nn.Module:
-    """A tiny Llama (``layers`` decoder layers), RTN-quantized to INT4, with LoRA on all linears (random lora_B),
-    frozen and checkpointed as the trainer prepares it; the same for the same arguments."""
+def int4_lora_model(
+    layers: int = 4, checkpointing: bool = True, reentrant: bool = False, sizes: dict | None = None, **lora_options
+) -> nn.Module:
+    """A tiny Llama (``layers`` decoder layers; ``sizes``: other config overrides), RTN-quantized to INT4, with LoRA
+    on all linears (random lora_B), frozen and checkpointed as the trainer prepares it; the same for the same
+    arguments."""
     from peft import LoraConfig, get_peft_model
 
-    model = tiny("llama", num_hidden_layers=layers)
+    model = tiny("llama", num_hidden_layers=layers, **(sizes or {}))
     quantize_model_rtn(model, GROUP_SIZE, symmetric=False)
     torch.manual_seed(0)
     options = {"r": 4, "target_modules": "all-linear", **lora_options}
