@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import platform
 from pathlib import Path
 
@@ -206,8 +207,47 @@ def prepare(args, mode: str, device: torch.device, dtype=torch.bfloat16, dropout
     speed.apply(model, **features)
     reentrant = args.reentrant or "reentrant" in options
     prepare_for_training(model, gradient_checkpointing=not args.no_checkpointing, use_reentrant=reentrant)
+    apply_memory_options(args, model)
     model.train()
     return model
+
+
+def add_memory_arguments(parser) -> None:
+    """``--offload-activations``, ``--embeddings-on-cpu``, ``--mlp-chunk-tokens``: int4lora_train.memory's features
+    (docs/memory.md); off unless asked, so the other measurements stay as they were."""
+    choices = ("auto", "on", "off")
+    parser.add_argument("--offload-activations", choices=choices, default="off", help="checkpointed inputs to host")
+    parser.add_argument("--embeddings-on-cpu", choices=choices, default="off", help="input embedding table on host")
+    parser.add_argument(
+        "--mlp-chunk-tokens",
+        type=lambda v: None if v == "auto" else int(v),
+        default=0,
+        help="decoder MLP in chunks of this many tokens; 0 = off, auto = the memory plan's choice",
+    )
+
+
+def apply_memory_options(args, model: torch.nn.Module) -> dict | None:
+    """``memory.apply`` with the options of :func:`add_memory_arguments` (nothing when all are off); the report is
+    kept as ``model.memory_report`` and returned."""
+    offload = getattr(args, "offload_activations", "off")
+    embeddings = getattr(args, "embeddings_on_cpu", "off")
+    chunk = getattr(args, "mlp_chunk_tokens", 0)
+    if offload == "off" and embeddings == "off" and chunk == 0:
+        return None
+    from int4lora_train import memory
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    report = memory.apply(
+        model,
+        memory.MemoryConfig(offload_activations=offload, embeddings_on_cpu=embeddings, mlp_chunk_tokens=chunk),
+        micro_batch_size=args.bs,
+        seq_len=args.seq,
+        strategy=getattr(args, "strategy", "single") if world > 1 else "single",
+        world_size=world,
+    )
+    print(report["summary"], flush=True)
+    model.memory_report = report
+    return report
 
 
 # ------------------------------------------------------------------------------------------------ memory, timing

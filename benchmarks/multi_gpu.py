@@ -40,6 +40,7 @@ from pathlib import Path
 
 import torch
 from common import (
+    add_memory_arguments,
     add_shape_arguments,
     apply_shape,
     device_name,
@@ -112,6 +113,7 @@ def run(args) -> dict | None:
         "peak_memory_bytes": memory_peak(device),
         "held_after_prepare_bytes": held,
         "last_loss": float(loss.detach()),
+        "memory": (getattr(model, "memory_report", None) or {}).get("summary"),
         "build_s": build_s,
         "sharding": shards,
     }
@@ -196,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict | None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--json", default=None, help="write the result here (main process)")
     parser.add_argument("--profile", default=None, metavar="PREFIX", help="profile 2 more steps: PREFIX.rankN.txt")
+    add_memory_arguments(parser)
     parser.add_argument("--scaling", nargs="+", metavar="RESULT_JSON", help="compare result files; no run")
     args = parser.parse_args(argv)
     if args.scaling:

@@ -47,6 +47,7 @@ import torch
 import transformers
 from common import (
     PROJECTIONS,
+    add_memory_arguments,
     add_shape_arguments,
     apply_shape,
     device_name,
@@ -108,6 +109,7 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
         "trainable_params": sum(p.numel() for p in params),
         "int4_layers": sum(isinstance(m, Int4Linear) for m in model.modules()),
         "last_loss": loss,
+        "memory": getattr(model, "memory_report", None),
         "build_s": build_s,
     }
     if profile:
@@ -271,6 +273,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--profile-rows", type=int, default=25)
     parser.add_argument("--profile-dir", default=None, help="write each profile's kernel table here")
     parser.add_argument("--json", default=None, help="write the results here as JSON (rewritten after each mode)")
+    add_memory_arguments(parser)
     args = parser.parse_args(argv)
     apply_shape(args)
     args.profile_modes = {m.strip() for m in args.profile_modes.split(",") if m.strip()}

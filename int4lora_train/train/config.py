@@ -195,6 +195,30 @@ class SpeedConfig:
 
 
 @dataclass
+class MemoryConfig:
+    """Device-memory features (int4lora_train.memory; docs/memory.md); `auto` lets the memory plan choose."""
+
+    offload_activations: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "Keep the inputs of the gradient-checkpointed layers in pinned host memory (copied on side streams, "
+        "prefetched in backward). Needs `gradient_checkpointing`. `auto` = on (CUDA) when they would exceed 10% of "
+        "the device memory left after the weights, or rows have >= 32k tokens.",
+    )
+    embeddings_on_cpu: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "Keep the frozen input embedding table in host memory (rows gathered there, copied to the device). Not with "
+        "a tied or trained embedding, nor `strategy: fsdp`. `auto` = on when the run is memory-bound (weights + "
+        "activations > 90% of the device).",
+    )
+    mlp_chunk_tokens: int | None = _opt(
+        None,
+        "Run the decoder MLPs on this many tokens at a time, each chunk checkpointed (one chunk's intermediates "
+        "live at once); 0 = off; null = auto: 8192 when a micro-batch has more than 16384 tokens.",
+        min=0,
+    )
+
+
+@dataclass
 class TrainConfig:
     seed: int = _opt(42, "Seed for LoRA init, data order and dropout.", min=0)
     max_steps: int | None = _opt(None, "Optimizer steps; give this or `epochs` (default: 1 epoch).", min=1)
@@ -249,6 +273,7 @@ class TrainConfig:
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     ddp: DdpConfig = field(default_factory=DdpConfig)
     speed: SpeedConfig = field(default_factory=SpeedConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
 
 
 @dataclass
@@ -444,9 +469,11 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         raise ConfigError(f"{source}: {key} must be {_type_name(hint)}, got {value!r}")
     if origin is Literal:
         choices = typing.get_args(hint)
-        # YAML 1.1 reads a bare `no` / `yes` as a boolean.
+        # YAML 1.1 reads a bare `no` / `yes` / `on` / `off` as a boolean.
         if isinstance(value, bool) and ("yes" if value else "no") in choices:
             return "yes" if value else "no"
+        if isinstance(value, bool) and ("on" if value else "off") in choices:
+            return "on" if value else "off"
         if value not in choices:
             close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
             hint_text = f"; did you mean {close[0]!r}?" if close else ""
@@ -539,6 +566,16 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
     if train.report_to is not None and "tensorboard" in train.report_to and not config.output.tensorboard:
         raise ConfigError(
             f"{source}: train.report_to lists tensorboard but output.tensorboard is false; drop one of them"
+        )
+    if train.memory.offload_activations == "on" and not train.gradient_checkpointing:
+        raise ConfigError(
+            f"{source}: train.memory.offload_activations: on moves the inputs of gradient-checkpointed layers to host "
+            "memory, which needs train.gradient_checkpointing: true (set it, or offload_activations: auto/off)"
+        )
+    if train.memory.embeddings_on_cpu == "on" and train.strategy == "fsdp":
+        raise ConfigError(
+            f"{source}: train.memory.embeddings_on_cpu: on keeps the embedding table out of the parameters, which "
+            "train.strategy: fsdp shards; use embeddings_on_cpu: auto/off (or train.strategy: ddp)"
         )
     if train.fsdp.wrap_classes is not None and not train.fsdp.wrap_classes:
         raise ConfigError(f"{source}: train.fsdp.wrap_classes is empty; use null (the decoder layer) or class names")

@@ -158,6 +158,7 @@ class FitResult:
     best_checkpoint: str | None  # train.keep_best: the checkpoint with the lowest validation loss
     best_step: int | None
     best_val_loss: float | None
+    memory: dict[str, Any] | None  # the device-memory plan (train.memory): its log line, choices and estimate
 
 
 @dataclass

@@ -231,6 +231,7 @@ class Trainer:
             reentrant = cfg.gradient_checkpointing_reentrant
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
         self._apply_speed_options(module)
+        self.memory_plan = self._apply_memory_options(module, train_data)
         optimizer, scheduler = module.configure_optimizers(max_steps)
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
         self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
@@ -343,6 +344,7 @@ class Trainer:
             best_checkpoint=None if state.best_step is None else str(self.checkpoint_root / f"step-{state.best_step}"),
             best_step=state.best_step,
             best_val_loss=state.best_val_loss,
+            memory={"summary": self.memory_plan.summary(), **self.memory_plan.to_dict()},
         )
 
     def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
@@ -617,6 +619,33 @@ class Trainer:
                 fused_kernels=speed.fused_kernels,
             ),
         )
+
+    def _apply_memory_options(self, module: LoraModule, train_data: Sequence[Sample]):
+        """Plan and switch the device-memory features of ``train.memory`` (after the speed options, before DDP /
+        FSDP wrapping) for this run's longest row; logs the plan's line and returns the plan."""
+        from .. import memory as device_memory
+
+        cfg = self.config
+        model = module.unwrapped_model
+        memory = cfg.memory
+        config = device_memory.MemoryConfig(
+            offload_activations=memory.offload_activations,
+            embeddings_on_cpu=memory.embeddings_on_cpu,
+            mlp_chunk_tokens=memory.mlp_chunk_tokens,
+        )
+        keep_dense = cfg.speed.keep_dense_for_backward
+        plan = device_memory.plan(
+            model,
+            cfg.micro_batch_size,
+            max((len(sample) for sample in train_data), default=0),
+            self.device,
+            config,
+            strategy=self.strategy.name if self.accelerator.num_processes > 1 else "single",
+            world_size=self.accelerator.num_processes,
+            keep_dense_for_backward=keep_dense,
+        )
+        device_memory.apply(model, plan)  # logs the plan's line
+        return plan
 
 
 PROGRESS_EVERY_S = 30.0

@@ -1,0 +1,156 @@
+"""Activation offloading: the checkpointed layers' inputs leave and come back bit-exact, once each, in order."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from memory_helpers import Stack, batch, int4_lora_model, step
+
+from int4lora_train import memory, speed
+from int4lora_train.errors import ConfigError
+from int4lora_train.memory import MemoryConfig
+from int4lora_train.memory.offload import activation_offloader, checkpointed_layers, enable_activation_offload
+
+
+def _top_hooks():
+    return torch._C._autograd._top_saved_tensors_default_hooks(False)
+
+
+@pytest.mark.parametrize("with_speed", [False, True])
+@pytest.mark.parametrize("reentrant", [False, True])
+def test_loss_and_every_lora_gradient_are_bit_equal_to_plain_checkpointing(with_speed, reentrant):
+    def run(offload: bool):
+        model = int4_lora_model(reentrant=reentrant)
+        if with_speed:
+            speed.apply(model)
+        if offload:
+            offloader = enable_activation_offload(model, min_bytes=0, include_cpu=True)
+        result = step(model, batch())
+        if offload:
+            assert offloader.stats["offloaded"] == 4 and offloader.stats["fetched"] + offloader.stats["prefetched"] == 4
+        return result
+
+    (ref_loss, ref_grads), (loss, grads) = run(False), run(True)
+    assert torch.equal(loss, ref_loss)
+    assert ref_grads.keys() == grads.keys() and len(grads) == 4 * 7 * 2
+    for name in grads:
+        assert torch.equal(grads[name], ref_grads[name]), name
+
+
+def test_one_copy_per_layer_each_prefetched_while_the_layer_after_it_runs_backward():
+    model = int4_lora_model(layers=4)
+    offloader = enable_activation_offload(model, min_bytes=0, include_cpu=True)
+    offloader.trace = []
+    loss = model(input_ids=batch(), labels=batch(), use_cache=False).loss
+    # Exactly the layer inputs: the final norm's and the loss's saved tensors are not the hooks' business.
+    assert offloader.stats["offloaded"] == len(checkpointed_layers(model)) == 4
+    assert offloader.stats["bytes"] == 4 * 2 * 12 * 128 * 4
+    assert offloader.trace == [("offload", i) for i in range(1, 5)]
+    assert not offloader.active and _top_hooks() is None
+    offloader.trace.clear()
+    loss.backward()
+    # The last layer's input is fetched on demand; each earlier one was prefetched during the layer after it.
+    assert offloader.trace == [
+        ("fetch", 4),
+        ("prefetch", 3),
+        ("use", 4),
+        ("prefetch", 2),
+        ("use", 3),
+        ("prefetch", 1),
+        ("use", 2),
+        ("use", 1),
+    ]
+    assert offloader.stats["fetched"] == 1 and offloader.stats["prefetched"] == 3
+
+
+def test_a_tensor_saved_by_every_layer_is_copied_once_and_parameters_never():
+    stack = Stack(layers=3)
+    x = torch.randn(5, 8, requires_grad=True)
+    table = torch.randn(5, 8)
+
+    def run(offload: bool):
+        if offload:
+            offloader = enable_activation_offload(stack, min_bytes=0, include_cpu=True)
+        stack.zero_grad()
+        x.grad = None
+        out = stack(x, table, pass_parameter=True)
+        out.square().sum().backward()
+        grads = [x.grad.clone(), stack.shared.grad.clone(), *(b.linear.weight.grad.clone() for b in stack.blocks)]
+        return grads, (offloader if offload else None)
+
+    reference, _ = run(False)
+    grads, offloader = run(True)
+    # Each block saved x_i, table and the shared parameter: three layer inputs, the table once, the parameter never.
+    assert offloader.stats["offloaded"] == 3 + 1
+    assert offloader.stats["deduplicated"] == 2
+    assert all(torch.equal(a, b) for a, b in zip(grads, reference))
+
+
+def test_views_of_parameters_are_not_offloaded():
+    stack = Stack(layers=2)
+    offloader = enable_activation_offload(stack, min_bytes=0, include_cpu=True)
+    x = torch.randn(5, 8, requires_grad=True)
+    table = stack.blocks[0].linear.weight.t()[:5]  # a view of a parameter, saved by every block
+    stack(x, table).sum().backward()
+    assert offloader.stats["offloaded"] == 2  # the two layer inputs only
+
+
+def test_small_and_cpu_tensors_stay_unless_asked():
+    model = int4_lora_model(layers=2)
+    offloader = enable_activation_offload(model)  # CUDA only, >= 1 MiB: nothing here
+    step(model, batch())
+    assert offloader.stats["offloaded"] == 0
+    offloader = enable_activation_offload(model, min_bytes=1 << 30, include_cpu=True)
+    step(model, batch())
+    assert offloader.stats["offloaded"] == 0
+
+
+def test_an_exception_inside_the_forward_leaves_no_hooks_active():
+    model = int4_lora_model(layers=3)
+    offloader = enable_activation_offload(model, min_bytes=0, include_cpu=True)
+    attention = checkpointed_layers(model)[1].self_attn
+    original = attention.forward
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    attention.forward = boom
+    with pytest.raises(RuntimeError, match="boom"):
+        model(input_ids=batch(), labels=batch(), use_cache=False)
+    assert _top_hooks() is None and not offloader.active
+    attention.forward = original
+    loss, grads = step(model, batch())
+    reference_loss, reference_grads = step(int4_lora_model(layers=3), batch())
+    assert torch.equal(loss, reference_loss)
+    assert all(torch.equal(grads[n], reference_grads[n]) for n in grads)
+
+
+def test_apply_twice_keeps_one_set_of_hooks_and_off_removes_them():
+    model = int4_lora_model(layers=2)
+    layers = checkpointed_layers(model)
+    for _ in range(2):
+        report = memory.apply(model, MemoryConfig(offload_activations="on", embeddings_on_cpu="off"))
+        assert report["offloaded_layers"] == 2
+        assert all(len(layer._forward_pre_hooks) == 1 and len(layer._forward_hooks) == 1 for layer in layers)
+    first = activation_offloader(model)
+    memory.apply(model, offload_activations="off", embeddings_on_cpu="off")
+    assert activation_offloader(model) is None and first is not None
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    step(model, batch())  # still trains
+
+
+def test_on_without_gradient_checkpointing_is_a_config_error_and_auto_stays_off():
+    model = int4_lora_model(layers=2, checkpointing=False)
+    with pytest.raises(ConfigError, match="gradient_checkpointing: true"):
+        memory.plan(model, 1, 64, config=MemoryConfig(offload_activations="on"))
+    chosen = memory.plan(model, 1, 1 << 17, config=MemoryConfig())
+    assert not chosen.offload_activations
+    assert "no gradient checkpointing" in chosen.reasons["offload_activations"]
+
+
+def test_on_the_cpu_auto_does_nothing_and_on_says_so():
+    model = int4_lora_model(layers=2)
+    chosen = memory.plan(model, 1, 1 << 17)
+    assert not chosen.offload_activations and "cpu" in chosen.reasons["offload_activations"]
+    chosen = memory.plan(model, 1, 1 << 17, config=MemoryConfig(offload_activations="on"))
+    assert chosen.offload_activations and "no effect on cpu" in chosen.reasons["offload_activations"]
