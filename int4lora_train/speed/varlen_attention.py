@@ -184,9 +184,7 @@ class FlashVarlenFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, cu_seqlens, max_seqlen, scale, window):
-        out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
-            q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, **_flash_options(scale, window)
-        )
+        out, lse, rng_state, unused = _flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window)
         ctx.save_for_backward(q, k, v, out, lse, cu_seqlens, rng_state, unused)
         ctx.max_seqlen, ctx.scale, ctx.window = max_seqlen, scale, window
         return out
@@ -194,11 +192,30 @@ class FlashVarlenFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, cu_seqlens, rng_state, unused = ctx.saved_tensors
-        dq, dk, dv = torch.ops.aten._flash_attention_backward(
-            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, cu_seqlens, ctx.max_seqlen, ctx.max_seqlen,
-            0.0, True, rng_state, unused, **_flash_options(ctx.scale, ctx.window),
+        dq, dk, dv = _flash_backward(
+            grad_out.contiguous(), q, k, v, out, lse, cu_seqlens, ctx.max_seqlen, rng_state, unused, ctx.scale,
+            ctx.window,
         )  # fmt: skip
         return dq, dk, dv, None, None, None, None
+
+
+def _flash_forward(q, k, v, cu_seqlens, max_seqlen, scale, window):
+    """``aten._flash_attention_forward`` (causal, no dropout, no debug mask) -> ``(out, lse, rng_state, unused)``.
+
+    Positional arguments up to ``return_debug_mask`` and the keywords ``scale``, ``window_size_left/right`` are the
+    same in torch 2.11 and 2.13 (the schemas differ only in later optional keywords, not passed here)."""
+    out, lse, rng_state, unused, _ = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, False, **_flash_options(scale, window)
+    )
+    return out, lse, rng_state, unused
+
+
+def _flash_backward(grad_out, q, k, v, out, lse, cu_seqlens, max_seqlen, rng_state, unused, scale, window):
+    """``aten._flash_attention_backward`` for :func:`_flash_forward`'s output -> ``(dq, dk, dv)``."""
+    return torch.ops.aten._flash_attention_backward(
+        grad_out, q, k, v, out, lse, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, 0.0, True, rng_state, unused,
+        **_flash_options(scale, window),
+    )  # fmt: skip
 
 
 def _flash_options(scale: float | None, window: int | None) -> dict[str, Any]:
