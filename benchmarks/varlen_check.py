@@ -88,7 +88,7 @@ def check_attention(args, positions: torch.Tensor) -> dict:
     mask = segments.block_causal_mask()
 
     def run(fn, dtype):
-        q, k, v = (t.to(dtype).requires_grad_() for t in (q32, k32, v32))
+        q, k, v = (t.detach().to(dtype).clone().requires_grad_() for t in (q32, k32, v32))
         out = fn(q, k, v)
         out.backward(grad_out.to(dtype))
         return out.detach(), q.grad, k.grad, v.grad

@@ -188,9 +188,9 @@ def reference_varlen(q, k, v, cu_seqlens, scale=None, window=None):
     for start, end in zip(bounds, bounds[1:]):
         qs, ks, vs = (t[start:end].transpose(0, 1) for t in (q, k, v))
         n = end - start
-        mask = torch.ones(n, n, dtype=torch.bool).tril()
+        mask = torch.ones(n, n, dtype=torch.bool, device=q.device).tril()
         if window is not None:
-            mask &= ~torch.ones(n, n, dtype=torch.bool).tril(-window)
+            mask &= ~torch.ones(n, n, dtype=torch.bool, device=q.device).tril(-window)
         out = F.scaled_dot_product_attention(qs, ks, vs, attn_mask=mask, scale=scale, enable_gqa=True)
         outs.append(out.transpose(0, 1))
     return torch.cat(outs)
