@@ -359,16 +359,19 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (the
 
 @cuda
 @pytest.mark.parametrize("kernel", ["aten", "varlen_attn"])
-def test_cuda_flash_varlen_matches_reference(kernel):
+@pytest.mark.parametrize("kv_heads", [2, 8])  # grouped-query and multi-head
+@pytest.mark.parametrize("window", [None, 3])
+def test_cuda_flash_varlen_matches_reference(kernel, kv_heads, window):
     try:
-        va.flash_kernel(8, 2, kernel)
+        va.flash_kernel(8, kv_heads, kernel)
     except UnsupportedFormatError:
-        pytest.skip(f"torch {torch.__version__} has no {kernel} for grouped heads")
-    q, k, v = (t.detach().cuda().to(torch.bfloat16).requires_grad_() for t in _qkv(heads=8, kv_heads=2, dim=64))
+        pytest.skip(f"torch {torch.__version__} has no {kernel} for 8 query and {kv_heads} key/value heads")
+    qkv = _qkv(heads=8, kv_heads=kv_heads, dim=64)
+    q, k, v = (t.detach().cuda().to(torch.bfloat16).requires_grad_() for t in qkv)
     segments = va.compute_segments(POSITIONS.cuda())
     flat = [va.to_varlen(t) for t in (q, k, v)]
-    out = va.flash_varlen(*flat, segments.cu_seqlens, segments.max_seqlen, scale=0.2, kernel=kernel)
-    expected = reference_varlen(*[t.float() for t in flat], segments.cu_seqlens.cpu(), 0.2)
+    out = va.flash_varlen(*flat, segments.cu_seqlens, segments.max_seqlen, scale=0.2, window=window, kernel=kernel)
+    expected = reference_varlen(*[t.float() for t in flat], segments.cu_seqlens, 0.2, window)
     assert (out.float() - expected).abs().max().item() < 2e-2
     grads = torch.autograd.grad(out.float().square().sum(), (q, k, v))
     ref_grads = torch.autograd.grad(expected.square().sum(), (q, k, v))
