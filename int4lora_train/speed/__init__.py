@@ -22,6 +22,10 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
   not support keep their own loss (logged).
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
   :data:`~int4lora_train.speed.fused_ops.AUTO_MIN_ELEMENTS` elements, where the step is GPU-bound.
+- ``packed_attention``: attention over rows of several segments (packing; padding in batches of several rows)
+  without a 4-D mask, on the flash varlen kernel (:mod:`.varlen_attention`): ``"varlen"``, ``"mask"`` (transformers'
+  block-causal mask) or ``"auto"``: varlen where the rows hold several segments (``apply``'s ``packed``) and the
+  kernel runs (CUDA, bf16/fp16), else mask. Switches ``config._attn_implementation``.
 
 Call it after ``get_peft_model`` (the LoRA layers must exist) and before wrapping the model for DDP / FSDP.
 """
@@ -41,6 +45,7 @@ from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
 from int4lora_train.speed.projection_groups import find_projection_groups
+from int4lora_train.speed.varlen_attention import PACKED_ATTENTION_CHOICES, set_packed_attention
 
 logger = logging.getLogger(__name__)
 
@@ -57,16 +62,29 @@ class SpeedConfig:
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
+    packed_attention: str = "auto"  # "auto", "varlen", "mask"
 
 
 FEATURES = tuple(f.name for f in dataclasses.fields(SpeedConfig))
 
 
-def apply(model: nn.Module, config: SpeedConfig | None = None, **features: Any) -> dict[str, Any]:
+def apply(
+    model: nn.Module,
+    config: SpeedConfig | None = None,
+    *,
+    packed: bool = True,
+    device: Any = None,
+    dtype: Any = None,
+    **features: Any,
+) -> dict[str, Any]:
     """Switch the features of ``config`` (default ``SpeedConfig()`` when no keyword is given) on ``model``, with
     ``features`` (keywords named like :class:`SpeedConfig`'s fields) overriding them; without ``config`` only the
     features named change. Returns what was done, for logging: the LoRA and INT4 layer counts, plus ``groups``,
-    ``chunked_loss``, ``rmsnorm`` / ``swiglu`` for the features that were set.
+    ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``packed_attention`` (``"varlen"`` or ``"mask"``) for the features
+    that were set.
+
+    ``packed``, ``device``, ``dtype`` inform ``packed_attention="auto"``: whether the batches hold several segments
+    per row, and where and in which dtype the model computes (default: its first parameter's device, its dtype).
     """
     unknown = sorted(set(features) - set(FEATURES))
     if unknown:
@@ -96,6 +114,10 @@ def apply(model: nn.Module, config: SpeedConfig | None = None, **features: Any) 
         report.update(rmsnorm=0, swiglu=0)
         if choice is not False:
             report.update(enable_fused_kernels(model, min_elements="auto" if choice == "auto" else 0))
+    if "packed_attention" in features:
+        report["packed_attention"] = set_packed_attention(
+            model, features["packed_attention"], packed=packed, device=device, dtype=dtype
+        )
     logger.info("training-step speed features: %s", report)
     return report
 
@@ -114,6 +136,10 @@ def _check(features: dict[str, Any]) -> None:
         value = features["fused_kernels"]
         if not isinstance(value, bool | str) or value not in FUSED_KERNEL_CHOICES:
             raise ConfigError(f"fused_kernels must be one of 'auto', 'on', 'off', true, false; got {value!r}")
+    if "packed_attention" in features and features["packed_attention"] not in PACKED_ATTENTION_CHOICES:
+        raise ConfigError(
+            f"packed_attention must be one of {', '.join(PACKED_ATTENTION_CHOICES)}; got {features['packed_attention']!r}"
+        )
     if features.get("group_projections") and features.get("fused_lora") is False:
         raise ConfigError("group_projections needs fused_lora: true (or set group_projections: false)")
 

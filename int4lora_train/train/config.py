@@ -192,6 +192,13 @@ class SpeedConfig:
     fused_kernels: Literal["auto", "on", "off"] = _opt(
         "auto", "Triton RMSNorm and SwiGLU: `auto` uses them on large inputs (GPU-bound steps), `on`, `off`."
     )
+    packed_attention: Literal["auto", "varlen", "mask"] = _opt(
+        "auto",
+        "Attention over rows of several segments (`data.packing`, or padding with `micro_batch_size` > 1): `varlen` "
+        "runs the flash varlen kernel over the segments, without a mask (CUDA, bf16/fp16; elsewhere the same "
+        "block-causal attention through SDPA); `mask` is transformers' 4-D block-causal mask; `auto` = varlen when "
+        "the rows hold several segments and the kernel runs (CUDA, bf16/fp16 compute), else mask.",
+    )
 
 
 @dataclass

@@ -230,7 +230,7 @@ class Trainer:
 
             reentrant = cfg.gradient_checkpointing_reentrant
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
-        self._apply_speed_options(module)
+        self._apply_speed_options(module, train_data)
         self.memory_plan = self._apply_memory_options(module, train_data)
         optimizer, scheduler = module.configure_optimizers(max_steps)
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
@@ -603,12 +603,18 @@ class Trainer:
             return tqdm(total=total, initial=initial, desc="train", unit="step", dynamic_ncols=True)
         return PlainProgress(total, initial, every_s=PROGRESS_EVERY_S if enabled else math.inf)
 
-    def _apply_speed_options(self, module: LoraModule) -> None:
-        """Switch the training-step optimisations of ``train.speed`` on (before DDP / FSDP wrapping)."""
+    def _apply_speed_options(self, module: LoraModule, train_data: Sequence[Sample] = ()) -> None:
+        """Switch the training-step optimisations of ``train.speed`` on (before DDP / FSDP wrapping).
+
+        ``packed_attention: auto`` needs to know whether the batches hold several segments per row (packed rows, or
+        padding in batches of several rows) and where and in which dtype the model computes (the autocast dtype of
+        ``train.mixed_precision``, else the model's)."""
         from .. import speed as training_speed
 
         speed = self.config.speed
-        training_speed.apply(  # logs what it switched on
+        packed = self.config.micro_batch_size > 1 or any(_is_packed(row) for row in train_data)
+        autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
+        report = training_speed.apply(  # logs what it switched on
             module.unwrapped_model,
             training_speed.SpeedConfig(
                 fused_lora=speed.fused_lora,
@@ -617,7 +623,16 @@ class Trainer:
                 chunked_loss=speed.chunked_loss,
                 loss_chunk_size=speed.loss_chunk_size,
                 fused_kernels=speed.fused_kernels,
+                packed_attention=speed.packed_attention,
             ),
+            packed=packed,
+            device=self.device,
+            dtype=autocast,
+        )
+        logger.info(
+            "attention over packed rows: %s (train.speed.packed_attention: %s)",
+            report["packed_attention"],
+            speed.packed_attention,
         )
 
     def _apply_memory_options(self, module: LoraModule, train_data: Sequence[Sample]):
@@ -646,6 +661,11 @@ class Trainer:
         )
         device_memory.apply(model, plan)  # logs the plan's line
         return plan
+
+
+def _is_packed(row: Sample) -> bool:
+    """Whether ``row`` holds several samples (its positions restart: the last one is not its length - 1)."""
+    return int(row.position_ids[-1]) != len(row) - 1
 
 
 PROGRESS_EVERY_S = 30.0
