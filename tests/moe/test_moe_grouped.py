@@ -112,7 +112,7 @@ def _run(experts, impl, x, index, weights, lora=None, dtype=None, seed=2):
     params = {k: v.clone().requires_grad_() for k, v in (lora or {}).items()}
     adapter = ExpertLora(**params, scaling=2.0) if lora else None
     y = experts.forward_with_lora(x, index, weights.to(x.dtype), adapter)
-    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.dtype)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed)).to(y.device, y.dtype)
     y.backward(grad)
     return y.detach(), x.grad, {k: p.grad for k, p in params.items()}
 
@@ -204,6 +204,24 @@ def test_grouped_refused_where_unsupported_and_auto_loops(monkeypatch):
     experts.experts_impl = "grouped"
     with pytest.raises(UnsupportedFormatError, match="has no grouped GEMM"):
         experts(x, index, weights)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("max_dense_experts", [None, 3])
+def test_grouped_equals_loop_cuda_bf16(max_dense_experts):
+    """On the GPU image (torch 2.11, sm90): the CUTLASS grouped GEMM in bf16 against the cuBLAS loop, with LoRA."""
+    experts = _experts(symmetric=True).to("cuda")
+    assert grouped_mm_supported(torch.device("cuda"), torch.bfloat16)
+    experts.max_dense_experts = max_dense_experts
+    x, index, weights = (t.to("cuda") for t in _routing(tokens=64, skip=(1,)))
+    lora = {k: v.to("cuda") for k, v in _lora(experts, rank=8, dtype=torch.bfloat16).items()}
+    loop = _run(experts, "loop", x, index, weights, lora, dtype=torch.bfloat16)
+    grouped = _run(experts, "grouped", x, index, weights, lora, dtype=torch.bfloat16)
+    _assert_close(grouped[0], loop[0], 2e-2, "output")
+    _assert_close(grouped[1], loop[1], 2e-2, "input gradient")
+    for name in loop[2]:
+        _assert_close(grouped[2][name], loop[2][name], 2e-2, f"{name} gradient")
+        assert torch.count_nonzero(grouped[2][name][1]).item() == 0
 
 
 def test_feature_detection():
