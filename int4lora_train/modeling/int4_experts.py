@@ -32,10 +32,11 @@ through the segment matmuls). The PEFT layer that owns those parameters is
   dequantization chunk: ``x_sorted [rows, K] @ W [n, K, N]`` with ``offs`` = the chunk's cumulative row counts
   (int32, on the device; ``W`` is the chunk's dequantized buffer or its transposed view). The LoRA gathers the used
   experts' A and B (``A.index_select(0, ids)``, differentiable) and runs two grouped matmuls per projection through
-  torch's own autograd of ``_grouped_mm``. It runs where :func:`grouped_mm_supported` says so (CUDA: bfloat16 on
-  sm80+ with torch >= 2.9, sm90 only before, as transformers' ``grouped_mm`` experts check; CPU: torch >= 2.9's
-  kernel, float32 / bfloat16 / float16) and where every operand's row stride is a multiple of 16 bytes
-  (:func:`grouped_mm_aligned`: hidden size, expert width and LoRA rank times the element size).
+  torch's own autograd of ``_grouped_mm``. It runs where :func:`grouped_mm_supported` says so (CUDA: sm80+ with
+  torch >= 2.9, sm90 only before, as transformers' ``grouped_mm`` experts check, bfloat16 being the CUTLASS path;
+  CPU: torch >= 2.9's kernel; float32 / bfloat16 / float16, each confirmed by a one-time probe) and where every
+  operand's row stride is a multiple of 16 bytes (:func:`grouped_mm_aligned`: hidden size, expert width and LoRA
+  rank times the element size).
 - ``"loop"``: one ``torch.matmul`` per used expert and projection, and two per expert for each LoRA projection
   (:func:`_segment_lora`): the behaviour before the grouped path; it runs everywhere.
 - ``"auto"`` (the default): the grouped path where it runs, else the loop, decided per call and per projection.
@@ -108,16 +109,18 @@ def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
 def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
     """Whether the grouped GEMM runs for ``dtype`` operands on ``device`` in this torch build.
 
-    CUDA: bfloat16 only (the dtype torch documents for ``grouped_mm``), compute capability 8.0+ with torch >= 2.9
-    and 9.x (Hopper) before, as transformers 5's ``_can_use_grouped_mm`` checks; CPU: torch >= 2.9 (no CPU kernel
-    before). Both then run a one-time probe (:func:`_grouped_mm_probe`, cached per device and dtype) so that a build
-    without the kernel falls back instead of failing mid-training.
+    CUDA: compute capability 8.0+ with torch >= 2.9 and 9.x (Hopper) before, as transformers 5's
+    ``_can_use_grouped_mm`` checks. bfloat16 is the dtype torch documents and the one that takes the CUTLASS kernel
+    on sm90; torch 2.11 also accepts float16 and float32 there (measured on an H200: its fallback, per-group GEMMs in
+    C++), so those are taken where the probe passes. CPU: torch >= 2.9 (no CPU kernel before). Both then run a
+    one-time probe (:func:`_grouped_mm_probe`, cached per device and dtype) so that a build without the kernel falls
+    back to the loop instead of failing mid-training.
     """
-    if _grouped_mm_op() is None:
+    if _grouped_mm_op() is None or dtype not in (torch.float32, torch.bfloat16, torch.float16):
         return False
     device = torch.device(device)
     if device.type == "cuda":
-        if dtype != torch.bfloat16 or not torch.cuda.is_available():
+        if not torch.cuda.is_available():
             return False
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
@@ -125,7 +128,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
             return False
         device = torch.device("cuda", index)
     elif device.type == "cpu":
-        if not _torch_at_least(2, 9) or dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        if not _torch_at_least(2, 9):
             return False
     else:
         return False
