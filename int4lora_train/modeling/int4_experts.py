@@ -87,7 +87,7 @@ def _torch_at_least(major: int, minor: int) -> bool:
         return True
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
     """Run the grouped GEMM once on tiny operands of ``device`` / ``dtype`` (one of them an empty group) and compare
     with per-group matmuls: a kernel that is missing, refuses the dtype or computes something else says False."""
@@ -375,7 +375,9 @@ class Int4Experts(nn.Module):
         """Whether a grouped GEMM computes the projections of ``dtype`` on ``device`` whose row widths are
         ``features`` (see ``experts_impl``); ``"grouped"`` where it cannot run raises with the reason."""
         if self.experts_impl not in EXPERTS_IMPLS:
-            raise UnsupportedFormatError(f"experts_impl must be one of {list(EXPERTS_IMPLS)}, not {self.experts_impl!r}.")
+            raise UnsupportedFormatError(
+                f"experts_impl must be one of {list(EXPERTS_IMPLS)}, not {self.experts_impl!r}."
+            )
         if self.experts_impl == "loop":
             return False
         supported = grouped_mm_supported(device, dtype)
@@ -435,7 +437,9 @@ class Int4Experts(nn.Module):
             offsets = torch.cumsum(counts_all.index_select(0, ids), 0, dtype=torch.int32)
         gate_up, down = self.stack("gate_up"), self.stack("down")
         spec_gu = _GroupedSpec(dtype, self.hidden_dim, gate_up.group_size, counts, self.backend, chunk, base_grouped)
-        spec_down = _GroupedSpec(dtype, self.intermediate_dim, down.group_size, counts, self.backend, chunk, base_grouped)
+        spec_down = _GroupedSpec(
+            dtype, self.intermediate_dim, down.group_size, counts, self.backend, chunk, base_grouped
+        )
 
         def delta(inputs, lora_A, lora_B):
             if lora_grouped:
