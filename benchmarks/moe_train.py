@@ -183,6 +183,9 @@ def run_mode(mode, args, device, dtype, experts_impl="auto"):
         if p.requires_grad:
             p.data = p.data.to(dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from int4lora_train.modeling.int4_experts import grouped_mm_supported
+
+    grouped_available = grouped_mm_supported(device, dtype)  # what "auto" takes (alignment aside)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
@@ -202,7 +205,7 @@ def run_mode(mode, args, device, dtype, experts_impl="auto"):
         return {"mode": mode, "skipped": f"out of memory while training: {exc}".splitlines()[0]}
     result = {
         "mode": mode,
-        **({} if mode == "bf16-peft" else {"experts_impl": experts_impl}),
+        **({} if mode == "bf16-peft" else {"experts_impl": experts_impl, "grouped_mm_available": grouped_available}),
         "step_s": sum(times) / max(1, len(times)),
         "tokens_per_s": args.batch * args.seq * len(times) / max(sum(times), 1e-9),
         "trainable_params": trainable,
