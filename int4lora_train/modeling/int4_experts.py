@@ -111,8 +111,8 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 
     CUDA: compute capability 8.0+ with torch >= 2.9 and 9.x (Hopper) before, as transformers 5's
     ``_can_use_grouped_mm`` checks. bfloat16 is the dtype torch documents and the one that takes the CUTLASS kernel
-    on sm90; torch 2.11 also accepts float16 and float32 there (measured on an H200: its fallback, per-group GEMMs in
-    C++), so those are taken where the probe passes. CPU: torch >= 2.9 (no CPU kernel before). Both then run a
+    on sm90; torch 2.11 also accepts float16 and float32 there (seen on an H200, exact against per-group matmuls;
+    not the CUTLASS kernel), so those are taken where the probe passes. CPU: torch >= 2.9 (no CPU kernel before). Both then run a
     one-time probe (:func:`_grouped_mm_probe`, cached per device and dtype) so that a build without the kernel falls
     back to the loop instead of failing mid-training.
     """
