@@ -10,6 +10,9 @@ Modes (``--modes``, comma separated):
   bf16-peft      the baseline: a dense bf16 model (experts as transformers' fused bf16 parameters) + PEFT LoRA on
                  q/k/v/o; skipped with a note where it does not fit (about 61 GB of bf16 weights at the full shape)
 
+``--experts-impl loop,grouped`` runs each INT4 mode once per ``Int4Experts.experts_impl`` (per-expert matmul loop
+vs one grouped GEMM per dequantization chunk; default ``auto``), so one call compares them.
+
 GPU (one H200):  python benchmarks/moe_train.py
 CPU smoke test:  python benchmarks/moe_train.py --device cpu --dtype float32 --layers 1 --hidden 128 --heads 4 \\
                      --kv-heads 2 --head-dim 32 --experts 4 --top-k 2 --expert-intermediate 64 --vocab 320 \\
@@ -52,6 +55,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="bfloat16", choices=sorted(DTYPES))
     p.add_argument("--modes", default="int4-attn,int4-experts,bf16-peft")
     p.add_argument("--max-dense-experts", type=int, default=None, help="Int4Experts dequantization chunk (experts)")
+    p.add_argument(
+        "--experts-impl",
+        default="auto",
+        help="Int4Experts.experts_impl for the INT4 modes, comma separated to run each (auto, grouped, loop)",
+    )
     p.add_argument("--no-gradient-checkpointing", action="store_true")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     return p.parse_args(argv)
@@ -90,7 +98,7 @@ def random_int4(out_features, in_features, group_size, device, dtype, gen, exper
     return packed, scales
 
 
-def build_int4_model(args, device, dtype):
+def build_int4_model(args, device, dtype, experts_impl="auto"):
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -115,7 +123,10 @@ def build_int4_model(args, device, dtype):
             for out_features, in_features in ((two_i, h), (h, two_i // 2)):
                 packed, scales = random_int4(out_features, in_features, gs, device, dtype, gen, experts=e)
                 stacks.append(Int4ExpertStack(packed, scales, in_features, gs))
-            setattr(parent, child, Int4Experts(*stacks, module.act_fn, max_dense_experts=args.max_dense_experts))
+            experts = Int4Experts(
+                *stacks, module.act_fn, max_dense_experts=args.max_dense_experts, experts_impl=experts_impl
+            )
+            setattr(parent, child, experts)
     materialise(model, device, dtype, gen)
     return model
 
@@ -147,7 +158,7 @@ def materialise(model, device, dtype, gen):
     model.to(device)
 
 
-def run_mode(mode, args, device, dtype):
+def run_mode(mode, args, device, dtype, experts_impl="auto"):
     from peft import LoraConfig, get_peft_model
 
     from int4lora_train.modeling import prepare_for_training
@@ -158,7 +169,10 @@ def run_mode(mode, args, device, dtype):
         torch.cuda.reset_peak_memory_stats()
     targets = ["q_proj", "k_proj", "v_proj", "o_proj"] + (["experts"] if mode == "int4-experts" else [])
     try:
-        model = build_dense_model(args, device, dtype) if mode == "bf16-peft" else build_int4_model(args, device, dtype)
+        if mode == "bf16-peft":
+            model = build_dense_model(args, device, dtype)
+        else:
+            model = build_int4_model(args, device, dtype, experts_impl)
     except torch.OutOfMemoryError as exc:
         return {"mode": mode, "skipped": f"does not fit: {exc}".splitlines()[0]}
     weights_gib = torch.cuda.memory_allocated() / 2**30 if device.type == "cuda" else None
@@ -169,6 +183,9 @@ def run_mode(mode, args, device, dtype):
         if p.requires_grad:
             p.data = p.data.to(dtype)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    from int4lora_train.modeling.int4_experts import grouped_mm_supported
+
+    grouped_available = grouped_mm_supported(device, dtype)  # what "auto" takes (alignment aside)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     gen = torch.Generator().manual_seed(1)
     tokens = torch.randint(0, args.vocab, (args.batch, args.seq), generator=gen).to(device)
@@ -188,6 +205,7 @@ def run_mode(mode, args, device, dtype):
         return {"mode": mode, "skipped": f"out of memory while training: {exc}".splitlines()[0]}
     result = {
         "mode": mode,
+        **({} if mode == "bf16-peft" else {"experts_impl": experts_impl, "grouped_mm_available": grouped_available}),
         "step_s": sum(times) / max(1, len(times)),
         "tokens_per_s": args.batch * args.seq * len(times) / max(sum(times), 1e-9),
         "trainable_params": trainable,
@@ -203,13 +221,19 @@ def run_mode(mode, args, device, dtype):
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
+    impls = [i.strip() for i in args.experts_impl.split(",") if i.strip()]
+    from int4lora_train.modeling.int4_experts import EXPERTS_IMPLS
+
+    if not impls or any(i not in EXPERTS_IMPLS for i in impls):
+        raise SystemExit(f"--experts-impl takes {list(EXPERTS_IMPLS)}, comma separated; got {args.experts_impl!r}")
     results = []
     for mode in [m.strip() for m in args.modes.split(",") if m.strip()]:
         if mode not in ("int4-attn", "int4-experts", "bf16-peft"):
             raise SystemExit(f"unknown mode {mode!r}")
-        result = run_mode(mode, args, device, dtype)
-        print(json.dumps(result), flush=True)
-        results.append(result)
+        for impl in impls if mode != "bf16-peft" else ["auto"]:
+            result = run_mode(mode, args, device, dtype, impl)
+            print(json.dumps(result), flush=True)
+            results.append(result)
     if args.json:
         args.json.write_text(json.dumps({"args": vars(args) | {"json": str(args.json)}, "results": results}, indent=2))
     return results
