@@ -129,8 +129,13 @@ def run_config(args, base: str, model_dir: Path, data: Path, out_dir: Path) -> d
             "save_every": None,
             "eval_every": None,
             "eval_at_start": False,
-            # bf16 + PEFT and NF4 as users run them with HF: the model's own loss, no toolkit kernels.
-            **({"speed": {"chunked_loss": False, "fused_kernels": "off"}} if baseline else {}),
+            # bf16 + PEFT and NF4 as users run them with HF: the model's own loss, no toolkit kernels, transformers'
+            # attention over packed rows (a block-causal mask built from the position ids).
+            **(
+                {"speed": {"chunked_loss": False, "fused_kernels": "off", "packed_attention": "mask"}}
+                if baseline
+                else {}
+            ),
         },
         # No export: the adapter is not what is timed (and a dense baseline has no INT4 base to record).
         "output": {
