@@ -93,7 +93,7 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         self.stats: dict[str, int] = {}
         self.trace: list | None = None
         self._group: list = []
-        self._seen: dict[tuple, weakref.ref] = {}
+        self._seen: dict[int, tuple[weakref.ref, weakref.ref]] = {}  # id(tensor) -> (tensor, its copy)
         self._protected: set[int] = set()
         self._seq = 0
         self._streams: dict[torch.device, tuple[Any, Any]] = {}
@@ -147,17 +147,11 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, t: torch.Tensor) -> Any:
         if not self._eligible(t):
             return t
-        key = (
-            t.untyped_storage().data_ptr(),
-            t.storage_offset(),
-            tuple(t.shape),
-            t.stride(),
-            t.dtype,
-            t._version,
-            t.device,
-        )
-        ref = self._seen.get(key)
-        handle = ref() if ref is not None else None
+        # The same tensor object saved again (a RoPE table passed to every layer) shares one copy. Identity, not
+        # the address: a layer input freed after its copy leaves its address (and shape, and version 0) to the next
+        # layer's input, which must get its own copy.
+        seen = self._seen.get(id(t))
+        handle = seen[1]() if seen is not None and seen[0]() is t else None
         if handle is not None:
             handle.packs += 1
             self.stats["deduplicated"] += 1
@@ -169,7 +163,7 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         self._seq += 1
         handle = _Offloaded(self._seq, self._group, host, t.device, event)
         self._group.append(weakref.ref(handle))
-        self._seen[key] = weakref.ref(handle)
+        self._seen[id(t)] = (weakref.ref(t), weakref.ref(handle))
         self.stats["offloaded"] += 1
         self.stats["bytes"] += host.numel() * host.element_size()
         if self.trace is not None:

@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 from memory_helpers import Stack, batch, int4_lora_model, step
 
 from int4lora_train import memory, speed
 from int4lora_train.errors import ConfigError
 from int4lora_train.memory import MemoryConfig
-from int4lora_train.memory.offload import activation_offloader, checkpointed_layers, enable_activation_offload
+from int4lora_train.memory.offload import (
+    ActivationOffloader,
+    activation_offloader,
+    checkpointed_layers,
+    enable_activation_offload,
+)
 
 
 def _top_hooks():
@@ -154,3 +160,26 @@ def test_on_the_cpu_auto_does_nothing_and_on_says_so():
     assert not chosen.offload_activations and "cpu" in chosen.reasons["offload_activations"]
     chosen = memory.plan(model, 1, 1 << 17, config=MemoryConfig(offload_activations="on"))
     assert chosen.offload_activations and "no effect on cpu" in chosen.reasons["offload_activations"]
+
+
+def test_a_tensor_at_a_freed_inputs_address_gets_its_own_copy():
+    """A layer input freed after its copy leaves its address, shape and version to the next layer's input (the
+    allocator reuses blocks): that input is new data and must get its own copy, not the freed one's."""
+    offloader = ActivationOffloader(nn.Linear(1, 1), min_bytes=0, include_cpu=True)
+    storage = torch.full((16,), 1.0).untyped_storage()
+    alias = torch.empty(0).set_(storage, 0, (4, 4))
+
+    def at_the_address() -> torch.Tensor:
+        return torch.empty(0).set_(storage, 0, (4, 4))
+
+    first = at_the_address()
+    first_copy = offloader._pack(first)
+    del first  # freed; its block now holds the next layer's input
+    with torch.no_grad():
+        alias.fill_(2.0)
+    second = at_the_address()
+    second_copy = offloader._pack(second)
+    assert second_copy is not first_copy and offloader.stats == {**offloader.stats, "offloaded": 2, "deduplicated": 0}
+    assert torch.equal(offloader._unpack(first_copy), torch.full((4, 4), 1.0))
+    assert torch.equal(offloader._unpack(second_copy), torch.full((4, 4), 2.0))
+    assert offloader._pack(second) is second_copy  # the same live tensor saved again still shares its copy
