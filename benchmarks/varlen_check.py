@@ -122,7 +122,7 @@ def check_attention(args, positions: torch.Tensor) -> dict:
         result["paths"][name] = {
             "max_abs_diff_vs_mask": {t: diff(a, b) for t, a, b in zip(("out", "dq", "dk", "dv"), got, expected)},
             "max_abs_diff_vs_fp32": {t: diff(a, b) for t, a, b in zip(("out", "dq", "dk", "dv"), got, reference)},
-            "fwd_bwd_ms": timed(lambda: run(fn, torch.bfloat16), args.repeat),
+            "fwd_bwd_ms": timed(lambda fn=fn: run(fn, torch.bfloat16), args.repeat),
         }
     return result
 

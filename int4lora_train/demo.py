@@ -86,7 +86,6 @@ def build_demo_checkpoint(out_dir: str | Path) -> Path:
     return out_dir
 
 
-
 def resolve_demo(config: RunConfig) -> RunConfig:
     """``config`` with every ``demo`` path replaced: the model built under ``<output.dir>/demo-model`` (once, by the
     main process first when several run), the bundled train / validation files."""

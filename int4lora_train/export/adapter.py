@@ -306,7 +306,10 @@ def _export(
         logger.warning(w)
     logger.info(
         "exported a LoRA adapter (r=%d, %d modules) to %s; serve with --max-lora-rank %d",
-        report.r, len(report.modules), out_dir, max_lora_rank,
+        report.r,
+        len(report.modules),
+        out_dir,
+        max_lora_rank,
     )
     return report
 

@@ -5,15 +5,16 @@ backward: its inputs (``torch.utils.checkpoint`` saves them, outside the checkpo
 recomputes everything else in backward). That is ``layers x tokens x hidden`` elements, 32 GiB for an 8B model at
 128k tokens in bf16; this module moves them to host memory and back::
 
-    forward, per checkpointed layer:    forward pre-hook  -> push the offloader's saved_tensors_hooks
+    forward, per checkpointed layer:    the layer's checkpoint function is called -> push the offloader's hooks
                                         checkpoint saves the layer inputs -> pack: D2H copy on a side stream
                                         (the checkpoint's own hooks take over inside the layer)
-                                        forward hook      -> pop (always_call: also when the forward raises)
+                                        the checkpoint function returns (or raises) -> pop
     backward, layer i's recompute:      unpack(i): H2D copy of i (unless prefetched), prefetch i-1 on the side
                                         stream, the compute stream waits for i's copy
 
-Only tensors saved while a checkpointed layer is being entered are seen (the hooks are active from the layer's
-pre-hook to the checkpoint's own hooks): the layer inputs, never the layer's intermediates, the final norm's or the
+Only tensors saved while a checkpointed layer is being entered are seen (the hooks are active around the layer's
+``_gradient_checkpointing_func`` call, and the checkpoint's own hooks are innermost inside it; the recompute in
+backward calls the layer's function directly): the layer inputs, never the layer's intermediates, the final norm's or the
 loss's saved tensors (those are used first in backward; moving them would cost copies and save nothing).
 
 The copies overlap the compute: the D2H copy runs on a side stream after an event of the compute stream, and
@@ -22,8 +23,7 @@ of the previous layer's inputs (in forward order) is issued while the current la
 
 Rules: parameters and buffers are never offloaded (``nn.Parameter``, or the storage of any of the model's
 parameters/buffers); tensors under ``min_bytes`` stay where they are; a tensor saved several times in one forward
-(same storage, offset, shape, stride, dtype and version: RoPE tables a model passes positionally to every layer)
-is copied once. CPU tensors are left alone unless ``include_cpu`` (tests: the same bookkeeping, copies between CPU
+(the same live tensor object: RoPE tables a model passes positionally to every layer) is copied once. CPU tensors are left alone unless ``include_cpu`` (tests: the same bookkeeping, copies between CPU
 tensors).
 """
 
@@ -98,7 +98,7 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         self._seq = 0
         self._streams: dict[torch.device, tuple[Any, Any]] = {}
         self._active: list[nn.Module] = []
-        self.hook_handles: list = []
+        self.layers: list[nn.Module] = []
         self.new_forward()
 
     # -- scope: the module hooks -------------------------------------------------------------------------------
@@ -239,6 +239,28 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         handle.dev, handle.h2d_event = dev, event
 
 
+def _offloading_checkpoint(layer: nn.Module, offloader: ActivationOffloader, first: nn.Module):
+    """``layer``'s checkpoint function with the offloader's hooks active around it.
+
+    transformers calls ``layer._gradient_checkpointing_func(function, *args)`` once per forward; the checkpoint saves
+    the inputs under the hooks active at that moment (these) and pushes its own hooks for the layer's inside. The
+    recompute in backward calls ``function`` directly, without these hooks. (Module hooks would not do: transformers
+    <= 5.17 checkpoints ``__call__``, so forward pre-hooks run inside the checkpoint, and again in the recompute.)"""
+    original = layer._gradient_checkpointing_func
+
+    def checkpointed(function, *args, **kwargs):
+        if layer is first:
+            offloader.new_forward()
+        offloader.enter(layer)
+        try:
+            return original(function, *args, **kwargs)
+        finally:
+            offloader.exit(layer)
+
+    checkpointed._int4lora_original = original
+    return checkpointed
+
+
 def enable_activation_offload(
     model: nn.Module, min_bytes: int = DEFAULT_MIN_BYTES, prefetch: int = 1, include_cpu: bool = False
 ) -> ActivationOffloader:
@@ -254,21 +276,9 @@ def enable_activation_offload(
         raise ValueError("activation offloading needs gradient checkpointing: no checkpointed decoder layer found")
     offloader = ActivationOffloader(model, min_bytes=min_bytes, prefetch=prefetch, include_cpu=include_cpu)
     first = layers[0]
-
-    def pre_hook(module: nn.Module, args: Any) -> None:
-        if module.gradient_checkpointing and module.training and torch.is_grad_enabled():
-            if module is first:
-                offloader.new_forward()
-            offloader.enter(module)
-
-    def post_hook(module: nn.Module, args: Any, output: Any) -> None:
-        offloader.exit(module)
-
-    handles = []
     for layer in layers:
-        handles.append(layer.register_forward_pre_hook(pre_hook))
-        handles.append(layer.register_forward_hook(post_hook, always_call=True))
-    offloader.hook_handles = handles
+        layer._gradient_checkpointing_func = _offloading_checkpoint(layer, offloader, first)
+    offloader.layers = layers
     model.__dict__[_STATE_ATTR] = offloader
     logger.info(
         "activation offloading: the inputs of %d checkpointed layers go to host memory (tensors >= %d bytes)",
@@ -283,8 +293,10 @@ def disable_activation_offload(model: nn.Module) -> bool:
     offloader = model.__dict__.pop(_STATE_ATTR, None)
     if offloader is None:
         return False
-    for handle in offloader.hook_handles:
-        handle.remove()
+    for layer in offloader.layers:
+        original = getattr(layer._gradient_checkpointing_func, "_int4lora_original", None)
+        if original is not None:
+            layer._gradient_checkpointing_func = original
     while offloader.active:
         offloader.exit(offloader._active[-1])
     return True

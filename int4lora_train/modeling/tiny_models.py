@@ -36,13 +36,26 @@ ARCHITECTURES: dict[str, tuple[str, dict]] = {
     # Mixture-of-experts (tests/moe): 4 experts, 2 active, expert width 64.
     "qwen3_moe": (
         "Qwen3MoeConfig",
-        {"head_dim": 32, "num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-         "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": []},
+        {
+            "head_dim": 32,
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "norm_topk_prob": True,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
     ),
     "qwen2_moe": (
         "Qwen2MoeConfig",
-        {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 64,
-         "shared_expert_intermediate_size": 64, "decoder_sparse_step": 1, "mlp_only_layers": []},
+        {
+            "num_experts": 4,
+            "num_experts_per_tok": 2,
+            "moe_intermediate_size": 64,
+            "shared_expert_intermediate_size": 64,
+            "decoder_sparse_step": 1,
+            "mlp_only_layers": [],
+        },
     ),
     "mixtral": ("MixtralConfig", {"num_local_experts": 4, "num_experts_per_tok": 2, "sliding_window": None}),
 }

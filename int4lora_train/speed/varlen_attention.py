@@ -115,9 +115,7 @@ def compute_segments(position_ids: torch.Tensor, batch: int | None = None) -> Se
     cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
     cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
     rows, width = position_ids.shape
-    return Segments(
-        cu.to(position_ids.device, non_blocking=True), max(lengths), tuple(lengths), rows, width
-    )
+    return Segments(cu.to(position_ids.device, non_blocking=True), max(lengths), tuple(lengths), rows, width)
 
 
 @dataclass

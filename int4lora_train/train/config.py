@@ -183,8 +183,9 @@ class SpeedConfig:
 
     fused_lora: bool = _opt(True, "One autograd node per LoRA'd INT4 projection (base + LoRA, one dequantization).")
     keep_dense_for_backward: bool = _opt(
-        True, "With gradient checkpointing, the weight dequantized in the recompute serves the backward (2 instead "
-        "of 3 dequantizations per step; one layer's dense weights live at a time)."
+        True,
+        "With gradient checkpointing, the weight dequantized in the recompute serves the backward (2 instead "
+        "of 3 dequantizations per step; one layer's dense weights live at a time).",
     )
     group_projections: bool = _opt(True, "q/k/v and gate/up as one node each (needs `fused_lora`).")
     chunked_loss: bool = _opt(True, "Cross-entropy in chunks of tokens: the full fp32 logits are never held.")

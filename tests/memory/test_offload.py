@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
-from torch import nn
 from memory_helpers import Stack, batch, int4_lora_model, step
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 from int4lora_train import memory, speed
 from int4lora_train.errors import ConfigError
@@ -134,15 +138,55 @@ def test_an_exception_inside_the_forward_leaves_no_hooks_active():
 def test_apply_twice_keeps_one_set_of_hooks_and_off_removes_them():
     model = int4_lora_model(layers=2)
     layers = checkpointed_layers(model)
+    plain = [layer._gradient_checkpointing_func for layer in layers]
     for _ in range(2):
         report = memory.apply(model, MemoryConfig(offload_activations="on", embeddings_on_cpu="off"))
         assert report["offloaded_layers"] == 2
-        assert all(len(layer._forward_pre_hooks) == 1 and len(layer._forward_hooks) == 1 for layer in layers)
+        wrapped = [layer._gradient_checkpointing_func for layer in layers]
+        assert all(w._int4lora_original is p for w, p in zip(wrapped, plain))  # wrapped once, not twice
     first = activation_offloader(model)
     memory.apply(model, offload_activations="off", embeddings_on_cpu="off")
     assert activation_offloader(model) is None and first is not None
-    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for layer in layers)
+    assert [layer._gradient_checkpointing_func for layer in layers] == plain
     step(model, batch())  # still trains
+
+
+class CallCheckpointedBlock(GradientCheckpointingLayer):
+    """A decoder layer as transformers <= 5.17 checkpoints it: ``__call__`` (module hooks included) inside the
+    checkpoint, so forward pre-hooks run inside it and again in the recompute."""
+
+    def __init__(self, width: int):
+        super().__init__()
+        self.linear = nn.Linear(width, width)
+
+    def __call__(self, *args, **kwargs):
+        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+            return self._gradient_checkpointing_func(functools.partial(nn.Module.__call__, self, **kwargs), *args)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+
+CallCheckpointedBlock.forward = lambda self, x: torch.tanh(self.linear(x)) * 2  # no 5.24-style forward wrapper
+
+
+def test_only_the_layer_inputs_are_offloaded_when_the_checkpoint_wraps_call():
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*(CallCheckpointedBlock(8) for _ in range(3)))
+    for block in blocks:
+        block.gradient_checkpointing = True
+        block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    x = torch.randn(4, 8, requires_grad=True)
+
+    def grads(offload: bool):
+        offloader = enable_activation_offload(blocks, min_bytes=0, include_cpu=True) if offload else None
+        blocks.zero_grad()
+        x.grad = None
+        blocks(x).square().sum().backward()
+        return offloader, [x.grad.clone(), *(b.linear.weight.grad.clone() for b in blocks)]
+
+    _, reference = grads(False)
+    offloader, got = grads(True)
+    assert offloader.stats["offloaded"] == 3  # the inputs; not the tanh output, the linear's input, the recompute's
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
 
 
 def test_on_without_gradient_checkpointing_is_a_config_error_and_auto_stays_off():

@@ -103,7 +103,9 @@ def test_mixed_block_parses_every_group_with_its_treatment():
     )
     config = parse_quantization_config(block)
     assert [g.scheme.treatment for g in config.groups] == ["packed INT4", "dequantized at load", "dequantized at load"]
-    assert config.scheme_for("model.layers.0.self_attn.q_proj", "Linear").describe() == "int8 channel sym (pack-quantized)"
+    assert (
+        config.scheme_for("model.layers.0.self_attn.q_proj", "Linear").describe() == "int8 channel sym (pack-quantized)"
+    )
     assert config.group_for("model.layers.0.mlp.up_proj", "Linear").name == "group_0"
 
 

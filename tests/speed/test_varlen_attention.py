@@ -98,7 +98,7 @@ def test_compute_segments_gives_flash_cu_seqlens():
 
 def test_block_causal_mask_is_transformers_packed_mask():
     from transformers import LlamaConfig
-    from transformers.masking_utils import create_causal_mask, sliding_window_causal_mask_function, sdpa_mask
+    from transformers.masking_utils import create_causal_mask, sdpa_mask, sliding_window_causal_mask_function
 
     config = LlamaConfig(hidden_size=8, num_attention_heads=2, num_hidden_layers=1)
     config._attn_implementation = "sdpa"

@@ -252,7 +252,9 @@ def _parse_config(block: dict, source: str) -> Int4CheckpointConfig:
         if isinstance(targets, str):
             targets = [targets]
         if not targets:
-            raise CheckpointError(f"{where}.config_groups.{group_name}.targets is empty; the group applies to no module.")
+            raise CheckpointError(
+                f"{where}.config_groups.{group_name}.targets is empty; the group applies to no module."
+            )
         groups.append(TargetGroup(str(group_name), tuple(targets), scheme))
     dequantized = [g for g in groups if g.scheme.dequantize]
     if dequantized and not any(not g.scheme.dequantize for g in groups):
