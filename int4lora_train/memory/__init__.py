@@ -15,6 +15,8 @@ The features (docs/memory.md has when ``auto`` picks each and what it costs):
 - ``embeddings_on_cpu``: the frozen input embedding table stays in host memory (:mod:`.host_embeddings`).
 - ``mlp_chunk_tokens``: the decoder MLPs run on this many tokens at a time, each chunk checkpointed
   (:mod:`.chunked_mlp`); ``None`` = auto, ``0`` = off.
+- ``optimizer_on_cpu``: the LoRA optimizer's state and update in host memory (:mod:`.host_optimizer`); the
+  trainer builds the optimizer from the plan (:func:`optimizer_class`), :func:`apply` has nothing to switch for it.
 - under memory pressure ``auto`` also turns off ``keep_dense_for_backward`` (one layer's dense weights held through
   the recompute, :mod:`int4lora_train.modeling.int4_linear`).
 
@@ -42,6 +44,7 @@ from int4lora_train.memory.host_embeddings import (
     host_embeddings_enabled,
     input_embedding,
 )
+from int4lora_train.memory.host_optimizer import HostAdamW
 from int4lora_train.memory.offload import (
     DEFAULT_MIN_BYTES,
     activation_offloader,
@@ -82,6 +85,7 @@ class MemoryConfig:
     offload_activations: str | bool = "auto"  # "auto", "on" / True, "off" / False
     embeddings_on_cpu: str | bool = "auto"
     mlp_chunk_tokens: int | None = None  # None: auto; 0: off; n: chunks of n tokens
+    optimizer_on_cpu: str | bool = "auto"
 
 
 @dataclass
@@ -91,6 +95,7 @@ class MemoryPlan:
     offload_activations: bool = False
     embeddings_on_cpu: bool = False
     mlp_chunk_tokens: int = 0
+    optimizer_on_cpu: bool = False
     keep_dense_for_backward: bool | None = None  # False: turn it off; None: leave it as it is
     reasons: dict[str, str] = field(default_factory=dict)
     estimate: dict[str, Any] = field(default_factory=dict)
@@ -101,6 +106,7 @@ class MemoryPlan:
             f"offload_activations={_onoff(self.offload_activations)} ({self.reasons.get('offload_activations', '')})",
             f"embeddings_on_cpu={_onoff(self.embeddings_on_cpu)} ({self.reasons.get('embeddings_on_cpu', '')})",
             f"mlp_chunk_tokens={self.mlp_chunk_tokens or 'off'} ({self.reasons.get('mlp_chunk_tokens', '')})",
+            f"optimizer_on_cpu={_onoff(self.optimizer_on_cpu)} ({self.reasons.get('optimizer_on_cpu', '')})",
         ]
         if self.keep_dense_for_backward is False:
             parts.append(f"keep_dense_for_backward=off ({self.reasons.get('keep_dense_for_backward', '')})")
@@ -125,13 +131,13 @@ def _gib(n: float) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def _check_config(config: MemoryConfig) -> tuple[str, str, int | None]:
+def _check_config(config: MemoryConfig) -> tuple[str, str, int | None, str]:
     offload = _choice("offload_activations", config.offload_activations)
     embeddings = _choice("embeddings_on_cpu", config.embeddings_on_cpu)
     chunk = config.mlp_chunk_tokens
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 0):
         raise ConfigError(f"memory.mlp_chunk_tokens must be null (auto), 0 (off) or a positive integer; got {chunk!r}")
-    return offload, embeddings, chunk
+    return offload, embeddings, chunk, _choice("optimizer_on_cpu", config.optimizer_on_cpu)
 
 
 def _model_dims(model: nn.Module) -> dict[str, int]:
@@ -203,7 +209,7 @@ def plan(
             ``embeddings_on_cpu: on`` where the embedding cannot move (the message says why).
     """
     config = config or MemoryConfig()
-    offload_choice, embed_choice, chunk_choice = _check_config(config)
+    offload_choice, embed_choice, chunk_choice, optimizer_choice = _check_config(config)
     device = torch.device(device) if device is not None else _device_of(model)
     if device.type == "cuda" and device.index is None and torch.cuda.is_available():
         device = torch.device("cuda", torch.cuda.current_device())
@@ -275,10 +281,12 @@ def plan(
     keeps_dense = keep_dense_for_backward if keep_dense_for_backward is not None else True
     dense = _layer_dense_bytes(model, dtype_bytes, dims["layers"]) if keeps_dense else 0
     resident = (2 * ckpt_inputs // max(1, ckpt_layers)) if result.offload_activations else ckpt_inputs
-    needed = on_device + resident + working + dense
+    optimizer_state = 2 * _trainable_bytes(model)  # AdamW's exp_avg and exp_avg_sq (gradients: in `working`'s margin)
+    needed = on_device + resident + working + dense + optimizer_state
     pressure = total is not None and needed > PRESSURE_SHARE * total
     pressure_text = (
-        f"weights {_gib(on_device)} + activations {_gib(resident + working + dense)} "
+        f"weights {_gib(on_device)} + activations {_gib(resident + working + dense)} + optimizer state "
+        f"{_gib(optimizer_state)} "
         f"{'>' if pressure else '<='} {PRESSURE_SHARE:.0%} of {_gib(total)}"
         if total is not None
         else "no device memory figure"
@@ -305,6 +313,25 @@ def plan(
         result.embeddings_on_cpu = pressure
         reasons["embeddings_on_cpu"] = f"auto: {pressure_text}"
 
+    # optimizer_on_cpu
+    optimizer_refusal = "train.strategy: fsdp shards the optimizer state" if strategy == "fsdp" else None
+    if optimizer_choice == "on":
+        if optimizer_refusal is not None:
+            raise ConfigError(
+                f"memory.optimizer_on_cpu: on cannot be used: {optimizer_refusal}; set optimizer_on_cpu: auto/off"
+            )
+        result.optimizer_on_cpu = True
+        reasons["optimizer_on_cpu"] = "set" + ("" if device.type == "cuda" else f"; no effect on {device.type}")
+    elif optimizer_choice == "off":
+        reasons["optimizer_on_cpu"] = "set"
+    elif optimizer_refusal is not None:
+        reasons["optimizer_on_cpu"] = f"auto: {optimizer_refusal}"
+    elif device.type != "cuda":
+        reasons["optimizer_on_cpu"] = f"auto: {device.type} has no device memory to save"
+    else:
+        result.optimizer_on_cpu = pressure
+        reasons["optimizer_on_cpu"] = f"auto: {pressure_text}"
+
     if pressure and keep_dense_for_backward:
         result.keep_dense_for_backward = False
         reasons["keep_dense_for_backward"] = f"auto: {pressure_text}"
@@ -316,6 +343,7 @@ def plan(
         "checkpointed_inputs_bytes": ckpt_inputs,
         "weights_on_device_bytes": on_device,
         "working_set_bytes": working + dense,
+        "optimizer_state_bytes": optimizer_state,
         "device_free_bytes": free,
         "device_total_bytes": total,
         "memory_bound": bool(pressure),
@@ -397,6 +425,19 @@ def apply(
     return report
 
 
+def optimizer_class(memory_plan: MemoryPlan | None) -> type[torch.optim.Optimizer]:
+    """The AdamW class a run with ``memory_plan`` trains with: :class:`~.host_optimizer.HostAdamW` when the plan
+    puts the optimizer on the host, else :class:`torch.optim.AdamW`."""
+    if memory_plan is not None and memory_plan.optimizer_on_cpu:
+        return HostAdamW
+    return torch.optim.AdamW
+
+
+def _trainable_bytes(model: nn.Module) -> int:
+    """Bytes of the trainable parameters (the LoRA tensors; fp32 with PEFT's defaults)."""
+    return sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+
+
 def _compute_device(model: nn.Module) -> torch.device:
     """Where the model computes: the device of its first parameter outside the input embedding."""
     embed = input_embedding(model)
@@ -408,11 +449,13 @@ def _compute_device(model: nn.Module) -> torch.device:
 
 
 __all__ = [
+    "HostAdamW",
     "MemoryConfig",
     "MemoryPlan",
     "activation_offloader",
     "apply",
     "chunked_mlp_tokens",
     "host_embeddings_enabled",
+    "optimizer_class",
     "plan",
 ]

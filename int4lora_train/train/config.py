@@ -224,6 +224,12 @@ class MemoryConfig:
         "live at once); 0 = off; null = auto: 8192 when a micro-batch has more than 16384 tokens.",
         min=0,
     )
+    optimizer_on_cpu: Literal["auto", "on", "off"] = _opt(
+        "auto",
+        "Keep the LoRA optimizer's AdamW state in pinned host memory and run its update there (2 x the LoRA bytes off "
+        "the device; copies and a host update per step). Not with `strategy: fsdp`. `auto` = on when the run is "
+        "memory-bound.",
+    )
 
 
 @dataclass
@@ -584,6 +590,11 @@ def _check_cross_field(config: RunConfig, source: str) -> None:
         raise ConfigError(
             f"{source}: train.memory.embeddings_on_cpu: on keeps the embedding table out of the parameters, which "
             "train.strategy: fsdp shards; use embeddings_on_cpu: auto/off (or train.strategy: ddp)"
+        )
+    if train.memory.optimizer_on_cpu == "on" and train.strategy == "fsdp":
+        raise ConfigError(
+            f"{source}: train.memory.optimizer_on_cpu: on keeps whole AdamW states on the host, while "
+            "train.strategy: fsdp shards them over the processes; use optimizer_on_cpu: auto/off (or strategy: ddp)"
         )
     if train.fsdp.wrap_classes is not None and not train.fsdp.wrap_classes:
         raise ConfigError(f"{source}: train.fsdp.wrap_classes is empty; use null (the decoder layer) or class names")

@@ -83,8 +83,11 @@ class LoraModule:
         """``(name, parameter)`` of everything that trains, in a stable order (names without a DDP prefix)."""
         return [(n, p) for n, p in self.unwrapped_model.named_parameters() if p.requires_grad]
 
-    def configure_optimizers(self, num_training_steps: int) -> tuple[torch.optim.Optimizer, Any]:
-        """AdamW over the trainable parameters (no decay on vectors) and a transformers schedule with warmup."""
+    def configure_optimizers(
+        self, num_training_steps: int, optimizer_class: type[torch.optim.Optimizer] = torch.optim.AdamW
+    ) -> tuple[torch.optim.Optimizer, Any]:
+        """AdamW (``optimizer_class``: AdamW or a subclass such as the memory plan's ``HostAdamW``) over the trainable
+        parameters (no decay on vectors) and a transformers schedule with warmup."""
         from transformers import get_scheduler
 
         params = self.trainable_parameters()
@@ -97,7 +100,7 @@ class LoraModule:
             {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": self.config.weight_decay},
             {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
         ]
-        optimizer = torch.optim.AdamW(
+        optimizer = optimizer_class(
             [g for g in groups if g["params"]], lr=self.config.lr, betas=tuple(self.config.adam_betas)
         )
         warmup = self.config.warmup_steps or round(self.config.warmup_ratio * num_training_steps)

@@ -232,7 +232,9 @@ class Trainer:
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
         self._apply_speed_options(module, train_data)
         self.memory_plan = self._apply_memory_options(module, train_data)
-        optimizer, scheduler = module.configure_optimizers(max_steps)
+        from ..memory import optimizer_class
+
+        optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
         self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
 
@@ -647,6 +649,7 @@ class Trainer:
             offload_activations=memory.offload_activations,
             embeddings_on_cpu=memory.embeddings_on_cpu,
             mlp_chunk_tokens=memory.mlp_chunk_tokens,
+            optimizer_on_cpu=memory.optimizer_on_cpu,
         )
         keep_dense = cfg.speed.keep_dense_for_backward
         plan = device_memory.plan(

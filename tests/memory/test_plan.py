@@ -32,7 +32,7 @@ def _plan(model, seq_len, **options):
         **{
             k: options.pop(k)
             for k in list(options)
-            if k in ("offload_activations", "embeddings_on_cpu", "mlp_chunk_tokens")
+            if k in ("offload_activations", "embeddings_on_cpu", "mlp_chunk_tokens", "optimizer_on_cpu")
         }
     )
     return memory.plan(model, 1, seq_len, "cuda", config, keep_dense_for_backward=True, **options)
@@ -64,13 +64,22 @@ def test_memory_bound_runs_keep_the_embeddings_on_the_host_and_drop_dense_weight
     bound = _plan(model, 4096)
     assert bound.estimate["memory_bound"]
     assert bound.offload_activations and bound.embeddings_on_cpu and bound.keep_dense_for_backward is False
+    assert bound.optimizer_on_cpu and memory.optimizer_class(bound) is memory.HostAdamW
+    assert not needed.optimizer_on_cpu and memory.optimizer_class(needed) is torch.optim.AdamW
+    assert needed.estimate["optimizer_state_bytes"] == 2 * sum(
+        p.numel() * 4 for p in model.parameters() if p.requires_grad
+    )
     line = bound.summary()
     assert line.startswith("memory: offload_activations=on (auto: checkpointed inputs ")
     assert "embeddings_on_cpu=on (auto: weights " in line and "keep_dense_for_backward=off (auto: " in line
     assert "mlp_chunk_tokens=off (auto: 4096 tokens per micro-batch <= 16384)" in line
+    assert "optimizer_on_cpu=on (auto: weights " in line
     assert not _plan(model, 4096, embeddings_on_cpu="off").embeddings_on_cpu
     fsdp = _plan(model, 4096, strategy="fsdp", world_size=2)
     assert not fsdp.embeddings_on_cpu and "fsdp" in fsdp.reasons["embeddings_on_cpu"]
+    assert not fsdp.optimizer_on_cpu and "fsdp" in fsdp.reasons["optimizer_on_cpu"]
+    with pytest.raises(ConfigError, match="optimizer_on_cpu: on cannot be used: train.strategy: fsdp"):
+        _plan(model, 4096, strategy="fsdp", world_size=2, optimizer_on_cpu="on")
     assert fsdp.keep_dense_for_backward is False
 
     report = memory.apply(model, bound)
@@ -105,6 +114,8 @@ def test_the_config_section_reads_yaml_on_off_and_checks_what_needs_what():
         load_config(None, ["train.memory.offload_activations=on"])
     with pytest.raises(ConfigError, match="embeddings_on_cpu: on .* fsdp"):
         load_config(None, ["train.memory.embeddings_on_cpu=on", "train.strategy=fsdp"])
+    with pytest.raises(ConfigError, match="optimizer_on_cpu: on .* fsdp"):
+        load_config(None, ["train.memory.optimizer_on_cpu=on", "train.strategy=fsdp"])
     with pytest.raises(ConfigError, match="mlp_chunk_tokens must be >= 0"):
         load_config(None, ["train.memory.mlp_chunk_tokens=-2"])
 
@@ -151,10 +162,12 @@ def test_the_trainer_plans_once_logs_one_line_and_records_it(tmp_path, caplog):
             "train.memory.offload_activations=on",
             "train.memory.mlp_chunk_tokens=7",
             "train.memory.embeddings_on_cpu=on",
+            "train.memory.optimizer_on_cpu=on",
         )
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("memory: ")]
     assert len(lines) == 1 and lines[0] == result.memory["summary"]
     assert "offload_activations=on (set;" in lines[0] and "mlp_chunk_tokens=7 (set)" in lines[0]
     assert result.memory["embeddings_on_cpu"] and result.memory["estimate"]["tokens_per_micro_batch"] > 0
+    assert result.memory["optimizer_on_cpu"] and "optimizer_on_cpu=on (set; no effect on cpu)" in lines[0]
     for name in plain_lora:  # the same training, up to the chunked MLP's summation order
         torch.testing.assert_close(lora[name], plain_lora[name], rtol=1e-4, atol=1e-6, msg=name)
