@@ -213,8 +213,9 @@ def prepare(args, mode: str, device: torch.device, dtype=torch.bfloat16, dropout
 
 
 def add_memory_arguments(parser) -> None:
-    """``--offload-activations``, ``--embeddings-on-cpu``, ``--mlp-chunk-tokens``: int4lora_train.memory's features
-    (docs/memory.md); off unless asked, so the other measurements stay as they were."""
+    """``--offload-activations``, ``--embeddings-on-cpu``, ``--mlp-chunk-tokens``, ``--optimizer-on-cpu``:
+    int4lora_train.memory's features (docs/memory.md); off unless asked, so the other measurements stay as they
+    were."""
     choices = ("auto", "on", "off")
     parser.add_argument("--offload-activations", choices=choices, default="off", help="checkpointed inputs to host")
     parser.add_argument("--embeddings-on-cpu", choices=choices, default="off", help="input embedding table on host")
@@ -224,6 +225,18 @@ def add_memory_arguments(parser) -> None:
         default=0,
         help="decoder MLP in chunks of this many tokens; 0 = off, auto = the memory plan's choice",
     )
+    parser.add_argument("--optimizer-on-cpu", action="store_true", help="AdamW state and update on the host")
+
+
+def make_optimizer(args, params, **kwargs) -> torch.optim.Optimizer:
+    """AdamW over ``params``; :class:`~int4lora_train.memory.HostAdamW` (state on the host) with
+    ``--optimizer-on-cpu`` (``fused`` then dropped: the update runs on the host)."""
+    if getattr(args, "optimizer_on_cpu", False):
+        from int4lora_train.memory import HostAdamW
+
+        kwargs.pop("fused", None)
+        return HostAdamW(params, **kwargs)
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def apply_memory_options(args, model: torch.nn.Module) -> dict | None:

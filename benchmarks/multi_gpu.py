@@ -44,6 +44,7 @@ from common import (
     add_shape_arguments,
     apply_shape,
     device_name,
+    make_optimizer,
     memory_now,
     memory_peak,
     memory_reset,
@@ -80,7 +81,7 @@ def run(args) -> dict | None:
     memory_reset(device)
     started = time.perf_counter()
     model = prepare(args, args.mode, device)  # seeded: the same base and adapters in every process
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = strategy.prepare(model, optimizer)
     shards = distributed.sharding_report(model, accelerator.process_index) if sharded else None
     build_s = time.perf_counter() - started

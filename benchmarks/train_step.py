@@ -51,6 +51,7 @@ from common import (
     add_shape_arguments,
     apply_shape,
     device_name,
+    make_optimizer,
     memory_now,
     memory_peak,
     memory_reset,
@@ -72,7 +73,7 @@ def run_mode(args, mode: str, device: torch.device) -> dict:
     build_s = time.perf_counter() - build_start
     weights = memory_now(device) - before
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=1e-4, fused=device.type == "cuda")
+    optimizer = make_optimizer(args, params, lr=1e-4, fused=device.type == "cuda")
     gen = torch.Generator(device=device).manual_seed(1)
     tokens = torch.randint(0, args.vocab, (args.bs, args.seq), device=device, generator=gen)
 
