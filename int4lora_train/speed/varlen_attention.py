@@ -130,8 +130,13 @@ _last: _Cached | None = None
 
 
 def _cached(key: torch.Tensor, batch: int, compute) -> Segments:
-    """``compute()``, or what it gave for this very tensor (identity and version) and batch size last time."""
+    """``compute()``, or what it gave for this very tensor (identity and version) and batch size last time.
+
+    An inference tensor (made under ``torch.inference_mode``) has no version counter, so an in-place change could not
+    be seen: computed every time, never kept."""
     global _last
+    if key.is_inference():
+        return compute()
     cached = _last
     if cached is not None and cached.key is key and cached.version == key._version and cached.batch == batch:
         return cached.segments

@@ -132,6 +132,30 @@ def test_segments_are_computed_once_per_forward(monkeypatch):
     assert len(calls) == 2
 
 
+def test_inference_mode_forward():
+    """Under ``torch.inference_mode`` position_ids are inference tensors (the model's own, or the caller's made there),
+    which have no version counter: the segments are computed without the cache, as on the mask path."""
+    batch = _packed_batch()
+    model = tiny_int4_lora_model("llama").eval()
+
+    def logits():
+        with torch.inference_mode():
+            positions = batch["position_ids"].clone()  # an inference tensor
+            return [
+                model(input_ids=batch["input_ids"], position_ids=p, use_cache=False).logits for p in (positions, None)
+            ]
+
+    expected = logits()
+    va.set_packed_attention(model, "varlen")
+    for got, want in zip(logits(), expected):
+        assert (got - want).abs().max().item() <= 1e-5
+    with torch.inference_mode():
+        positions = batch["position_ids"].clone()
+        first = va.segments_for(positions, 2)
+        positions[:, 1:] = torch.arange(1, positions.shape[1])  # in place, no version counter to move: not cached
+        assert va.segments_for(positions, 2).lengths == (16, 16) != first.lengths
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model: logits and LoRA gradients as on transformers' mask path
 
