@@ -8,12 +8,12 @@ with its ``AttentionMaskInterface`` that builds no mask where this implementatio
 reads the segments from the ``position_ids`` the decoder layers pass through (Llama, Qwen2/Qwen3, Qwen3-MoE,
 Mistral) and runs causal attention inside each segment:
 
-- CUDA, bf16/fp16 (also under autocast), head dim a multiple of 8 up to 256, no attention dropout: the flash varlen
-  kernel over the batch flattened to ``B*T`` tokens (:func:`flash_varlen`): ``torch.nn.attention.varlen.varlen_attn``
-  where the running torch has it and can take the heads as they are (equal query and key/value head counts, or an
-  ``enable_gqa`` argument), else :class:`FlashVarlenFunction` over ``torch.ops.aten._flash_attention_forward`` /
-  ``_flash_attention_backward`` (the flash kernel takes fewer key/value heads as they are: grouped-query attention
-  without ``repeat_kv``).
+- CUDA with compute capability 8.0+, bf16/fp16 (also under autocast), head dim a multiple of 8 up to 256, no
+  attention dropout: the flash varlen kernel over the batch flattened to ``B*T`` tokens (:func:`flash_varlen`):
+  ``torch.nn.attention.varlen.varlen_attn`` where the running torch has it and can take the heads as they are (equal
+  query and key/value head counts, or an ``enable_gqa`` argument), else :class:`FlashVarlenFunction` over
+  ``torch.ops.aten._flash_attention_forward`` / ``_flash_attention_backward`` (the flash kernel takes fewer
+  key/value heads as they are: grouped-query attention without ``repeat_kv``).
 - anything else (the CPU, fp32, dropout): transformers' own ``sdpa`` function with the block-causal mask built from
   the same segments (once per forward), so the result equals the ``sdpa`` path on packed rows exactly.
 - what it cannot read segments from (a padding ``attention_mask`` with zeros, a KV cache holding earlier tokens, a
@@ -292,13 +292,23 @@ def flash_supported(device: torch.device | str, dtype: torch.dtype | None) -> bo
     if torch.version.hip:  # ROCm's flash kernels return other RNG state; not tried here
         return False
     available = getattr(torch.backends.cuda, "is_flash_attention_available", None)
-    return bool(available()) if available is not None else True
+    if available is not None and not available():
+        return False
+    return _flash_capable(device)
+
+
+def _flash_capable(device: torch.device) -> bool:
+    """Compute capability 8.0+ (Ampere or newer), the flash kernels' minimum: on an older GPU (T4, V100) they raise
+    "FlashAttention only supports Ampere GPUs or newer", while the build reports flash attention available."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _flash_eligible(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     head_dim = query.shape[-1]
     return (
         query.is_cuda
+        and _flash_capable(query.device)
         and query.dtype in FLASH_DTYPES
         and query.dtype == key.dtype == value.dtype
         and head_dim % 8 == 0

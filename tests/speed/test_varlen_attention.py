@@ -306,6 +306,31 @@ def test_flash_eligibility():
     assert not va.flash_supported("cuda", torch.float32)
 
 
+@pytest.mark.parametrize(("capability", "flash"), [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_flash_needs_ampere(monkeypatch, capability, flash):
+    """The flash kernels raise "FlashAttention only supports Ampere GPUs or newer" on a T4 / V100 although the build
+    has them: auto keeps the mask there, and a forced varlen takes the SDPA fallback (a CUDA device faked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert va.flash_supported("cuda", torch.float16) is flash
+    assert va.flash_supported(torch.device("cuda", 0), torch.bfloat16) is flash
+    assert va.set_packed_attention(tiny_int4_lora_model("llama"), "auto", device="cuda", dtype=torch.float16) == (
+        "varlen" if flash else "mask"
+    )
+
+    class CudaTensor:  # what _flash_eligible reads of a CUDA query / key / value
+        is_cuda, device, dtype = True, torch.device("cuda", 0), torch.float16
+
+        def __init__(self, *shape):
+            self.shape = shape
+
+    q, kv = CudaTensor(1, 8, 16, 64), CudaTensor(1, 2, 16, 64)
+    assert va._flash_eligible(q, kv, kv, 0.0) is flash
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation and the switch
 
