@@ -353,6 +353,11 @@ def varlen_attention_forward(
     if attention_mask is not None or query.shape[2] != key.shape[2] or not causal:
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                     **kwargs)  # fmt: skip
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedFormatError(
+            "varlen attention cannot apply attention logit softcapping (attn_logit_softcapping: Gemma-2); use "
+            "train.speed.packed_attention: mask"
+        )
     batch, length = query.shape[0], query.shape[2]
     window = kwargs.get("sliding_window")
     window = int(window) if window is not None and window > 0 and window < length else None
@@ -480,13 +485,14 @@ def set_packed_attention(
     ``choice``: ``"varlen"`` (this module's implementation), ``"mask"`` (the implementation the model had before,
     transformers' mask path) or ``"auto"``: varlen when ``packed`` (the batches hold several segments per row:
     packing, or padding in batches of more than one row), the model uses ``sdpa`` (auto leaves eager or other
-    implementations alone), and the flash varlen kernel supports ``device`` and ``dtype`` (CUDA, bf16/fp16; the
-    defaults: the device of the model's first parameter and the model's dtype).
+    implementations alone), does not cap its attention logits (Gemma-2's ``attn_logit_softcapping``, which neither
+    kernel applies) and the flash varlen kernel supports ``device`` and ``dtype`` (CUDA, bf16/fp16; the defaults: the
+    device of the model's first parameter and the model's dtype).
 
     Raises:
         ConfigError: an unknown choice.
-        UnsupportedFormatError: ``"varlen"`` for a model that is no transformers model or cannot switch its
-            attention implementation.
+        UnsupportedFormatError: ``"varlen"`` for a model that is no transformers model, cannot switch its
+            attention implementation or caps its attention logits (Gemma-2; ``"auto"`` keeps the mask there).
     """
     if choice not in PACKED_ATTENTION_CHOICES:
         raise ConfigError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION_CHOICES)}; got {choice!r}")
@@ -496,13 +502,19 @@ def set_packed_attention(
             raise UnsupportedFormatError("packed_attention varlen needs a transformers model")
         return "mask"
     current = base.config._attn_implementation
+    softcap = _logit_softcap(base)
     if choice == "auto":
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if dtype is None:
             dtype = getattr(base, "dtype", None)
-        usable = current in ("sdpa", IMPLEMENTATION) and flash_supported(device, dtype)
+        usable = current in ("sdpa", IMPLEMENTATION) and softcap is None and flash_supported(device, dtype)
         choice = "varlen" if packed and usable else "mask"
+    if choice == "varlen" and softcap is not None:
+        raise UnsupportedFormatError(
+            f"packed_attention varlen: {type(base).__name__} caps its attention logits (attn_logit_softcapping "
+            f"{softcap}), which the flash varlen kernels cannot; use train.speed.packed_attention: mask"
+        )
     if choice == "mask":
         if current == IMPLEMENTATION:
             _set_implementation(base, getattr(base, "_int4lora_attn_before", "sdpa"))
@@ -517,6 +529,13 @@ def set_packed_attention(
                 "AttentionInterface); use train.speed.packed_attention: mask"
             )
     return "varlen"
+
+
+def _logit_softcap(base: nn.Module) -> float | None:
+    """The attention logit softcapping of ``base``'s (text) config (Gemma-2), or None."""
+    config = base.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None)
 
 
 def _set_implementation(base: nn.Module, name: str) -> None:

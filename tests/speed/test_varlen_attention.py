@@ -379,6 +379,27 @@ def test_set_packed_attention_switches_and_restores(monkeypatch):
     assert va.attention_implementation(model) == "eager"
 
 
+def test_softcapped_attention_is_refused(monkeypatch):
+    """Gemma-2 caps its attention logits (``attn_logit_softcapping``), which neither flash varlen kernel applies: a
+    forced varlen is refused, auto keeps the mask, and the attention function raises rather than drop the cap."""
+    model = tiny_int4_lora_model("gemma2")
+    before = va.attention_implementation(model)
+    with pytest.raises(UnsupportedFormatError, match="attn_logit_softcapping"):
+        va.set_packed_attention(model, "varlen")
+    assert va.attention_implementation(model) == before
+
+    monkeypatch.setattr(va, "flash_supported", lambda device, dtype: True)  # as on CUDA with bf16
+    llama = tiny_int4_lora_model("llama")  # sdpa, so auto would switch it
+    va.transformers_model(llama).config.attn_logit_softcapping = 50.0
+    assert va.set_packed_attention(llama, "auto") == "mask"
+    assert va.attention_implementation(llama) == "sdpa"
+
+    monkeypatch.setattr(va, "_flash_eligible", lambda *a: True)
+    q, k, v = _qkv()
+    with pytest.raises(UnsupportedFormatError, match="softcapping"):
+        va.varlen_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=POSITIONS, softcap=50.0)
+
+
 def test_speed_apply_reports_packed_attention(monkeypatch):
     model = tiny_int4_lora_model("llama")
     assert speed.apply(model, packed_attention="varlen")["packed_attention"] == "varlen"
