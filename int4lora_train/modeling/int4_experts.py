@@ -44,7 +44,10 @@ through the segment matmuls). The PEFT layer that owns those parameters is
 **Host syncs.** One per layer forward: the per-expert row counts are read to the host once (``counts``), because
 the chunking by ``max_dense_experts`` and the loop path need them as Python ints. The expert ids, the row offsets
 and the number of routed slots are derived on the device or from those counts; backward reuses them from the
-saved spec (no sync). Gradient checkpointing's recompute is a forward and reads them once more.
+saved spec (no sync). Gradient checkpointing's recompute is a forward and reads them once more. That holds for
+torch's grouped GEMM only where it is a real grouped kernel: on CUDA, bf16 on sm90/sm100 (the CUTLASS path); torch's
+fallback (fp16/fp32, or other compute capabilities such as sm80) copies ``offs`` to the host and loops over the
+groups, one more sync per grouped GEMM, forward and backward.
 """
 
 from __future__ import annotations

@@ -8,12 +8,12 @@ with its ``AttentionMaskInterface`` that builds no mask where this implementatio
 reads the segments from the ``position_ids`` the decoder layers pass through (Llama, Qwen2/Qwen3, Qwen3-MoE,
 Mistral) and runs causal attention inside each segment:
 
-- CUDA, bf16/fp16 (also under autocast), head dim a multiple of 8 up to 256, no attention dropout: the flash varlen
-  kernel over the batch flattened to ``B*T`` tokens (:func:`flash_varlen`): ``torch.nn.attention.varlen.varlen_attn``
-  where the running torch has it and can take the heads as they are (equal query and key/value head counts, or an
-  ``enable_gqa`` argument), else :class:`FlashVarlenFunction` over ``torch.ops.aten._flash_attention_forward`` /
-  ``_flash_attention_backward`` (the flash kernel takes fewer key/value heads as they are: grouped-query attention
-  without ``repeat_kv``).
+- CUDA with compute capability 8.0+, bf16/fp16 (also under autocast), head dim a multiple of 8 up to 256, no
+  attention dropout: the flash varlen kernel over the batch flattened to ``B*T`` tokens (:func:`flash_varlen`):
+  ``torch.nn.attention.varlen.varlen_attn`` where the running torch has it and can take the heads as they are (equal
+  query and key/value head counts, or an ``enable_gqa`` argument), else :class:`FlashVarlenFunction` over
+  ``torch.ops.aten._flash_attention_forward`` / ``_flash_attention_backward`` (the flash kernel takes fewer
+  key/value heads as they are: grouped-query attention without ``repeat_kv``).
 - anything else (the CPU, fp32, dropout): transformers' own ``sdpa`` function with the block-causal mask built from
   the same segments (once per forward), so the result equals the ``sdpa`` path on packed rows exactly.
 - what it cannot read segments from (a padding ``attention_mask`` with zeros, a KV cache holding earlier tokens, a
@@ -130,8 +130,13 @@ _last: _Cached | None = None
 
 
 def _cached(key: torch.Tensor, batch: int, compute) -> Segments:
-    """``compute()``, or what it gave for this very tensor (identity and version) and batch size last time."""
+    """``compute()``, or what it gave for this very tensor (identity and version) and batch size last time.
+
+    An inference tensor (made under ``torch.inference_mode``) has no version counter, so an in-place change could not
+    be seen: computed every time, never kept."""
     global _last
+    if key.is_inference():
+        return compute()
     cached = _last
     if cached is not None and cached.key is key and cached.version == key._version and cached.batch == batch:
         return cached.segments
@@ -287,13 +292,23 @@ def flash_supported(device: torch.device | str, dtype: torch.dtype | None) -> bo
     if torch.version.hip:  # ROCm's flash kernels return other RNG state; not tried here
         return False
     available = getattr(torch.backends.cuda, "is_flash_attention_available", None)
-    return bool(available()) if available is not None else True
+    if available is not None and not available():
+        return False
+    return _flash_capable(device)
+
+
+def _flash_capable(device: torch.device) -> bool:
+    """Compute capability 8.0+ (Ampere or newer), the flash kernels' minimum: on an older GPU (T4, V100) they raise
+    "FlashAttention only supports Ampere GPUs or newer", while the build reports flash attention available."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (8, 0)
 
 
 def _flash_eligible(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
     head_dim = query.shape[-1]
     return (
         query.is_cuda
+        and _flash_capable(query.device)
         and query.dtype in FLASH_DTYPES
         and query.dtype == key.dtype == value.dtype
         and head_dim % 8 == 0
@@ -338,6 +353,11 @@ def varlen_attention_forward(
     if attention_mask is not None or query.shape[2] != key.shape[2] or not causal:
         return sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal,
                     **kwargs)  # fmt: skip
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedFormatError(
+            "varlen attention cannot apply attention logit softcapping (attn_logit_softcapping: Gemma-2); use "
+            "train.speed.packed_attention: mask"
+        )
     batch, length = query.shape[0], query.shape[2]
     window = kwargs.get("sliding_window")
     window = int(window) if window is not None and window > 0 and window < length else None
@@ -465,13 +485,14 @@ def set_packed_attention(
     ``choice``: ``"varlen"`` (this module's implementation), ``"mask"`` (the implementation the model had before,
     transformers' mask path) or ``"auto"``: varlen when ``packed`` (the batches hold several segments per row:
     packing, or padding in batches of more than one row), the model uses ``sdpa`` (auto leaves eager or other
-    implementations alone), and the flash varlen kernel supports ``device`` and ``dtype`` (CUDA, bf16/fp16; the
-    defaults: the device of the model's first parameter and the model's dtype).
+    implementations alone), does not cap its attention logits (Gemma-2's ``attn_logit_softcapping``, which neither
+    kernel applies) and the flash varlen kernel supports ``device`` and ``dtype`` (CUDA, bf16/fp16; the defaults: the
+    device of the model's first parameter and the model's dtype).
 
     Raises:
         ConfigError: an unknown choice.
-        UnsupportedFormatError: ``"varlen"`` for a model that is no transformers model or cannot switch its
-            attention implementation.
+        UnsupportedFormatError: ``"varlen"`` for a model that is no transformers model, cannot switch its
+            attention implementation or caps its attention logits (Gemma-2; ``"auto"`` keeps the mask there).
     """
     if choice not in PACKED_ATTENTION_CHOICES:
         raise ConfigError(f"packed_attention must be one of {', '.join(PACKED_ATTENTION_CHOICES)}; got {choice!r}")
@@ -481,13 +502,19 @@ def set_packed_attention(
             raise UnsupportedFormatError("packed_attention varlen needs a transformers model")
         return "mask"
     current = base.config._attn_implementation
+    softcap = _logit_softcap(base)
     if choice == "auto":
         if device is None:
             device = next((p.device for p in model.parameters()), torch.device("cpu"))
         if dtype is None:
             dtype = getattr(base, "dtype", None)
-        usable = current in ("sdpa", IMPLEMENTATION) and flash_supported(device, dtype)
+        usable = current in ("sdpa", IMPLEMENTATION) and softcap is None and flash_supported(device, dtype)
         choice = "varlen" if packed and usable else "mask"
+    if choice == "varlen" and softcap is not None:
+        raise UnsupportedFormatError(
+            f"packed_attention varlen: {type(base).__name__} caps its attention logits (attn_logit_softcapping "
+            f"{softcap}), which the flash varlen kernels cannot; use train.speed.packed_attention: mask"
+        )
     if choice == "mask":
         if current == IMPLEMENTATION:
             _set_implementation(base, getattr(base, "_int4lora_attn_before", "sdpa"))
@@ -502,6 +529,13 @@ def set_packed_attention(
                 "AttentionInterface); use train.speed.packed_attention: mask"
             )
     return "varlen"
+
+
+def _logit_softcap(base: nn.Module) -> float | None:
+    """The attention logit softcapping of ``base``'s (text) config (Gemma-2), or None."""
+    config = base.config
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text, "attn_logit_softcapping", None)
 
 
 def _set_implementation(base: nn.Module, name: str) -> None:

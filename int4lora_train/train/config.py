@@ -198,7 +198,8 @@ class SpeedConfig:
         "Attention over rows of several segments (`data.packing`, or padding with `micro_batch_size` > 1): `varlen` "
         "runs the flash varlen kernel over the segments, without a mask (CUDA, bf16/fp16; elsewhere the same "
         "block-causal attention through SDPA); `mask` is transformers' 4-D block-causal mask; `auto` = varlen when "
-        "the rows hold several segments and the kernel runs (CUDA, bf16/fp16 compute), else mask.",
+        "the rows hold several segments and the kernel runs (CUDA sm80+, bf16/fp16 compute, no attention logit "
+        "softcapping as in Gemma-2), else mask.",
     )
 
 

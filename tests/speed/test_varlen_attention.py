@@ -132,6 +132,30 @@ def test_segments_are_computed_once_per_forward(monkeypatch):
     assert len(calls) == 2
 
 
+def test_inference_mode_forward():
+    """Under ``torch.inference_mode`` position_ids are inference tensors (the model's own, or the caller's made there),
+    which have no version counter: the segments are computed without the cache, as on the mask path."""
+    batch = _packed_batch()
+    model = tiny_int4_lora_model("llama").eval()
+
+    def logits():
+        with torch.inference_mode():
+            positions = batch["position_ids"].clone()  # an inference tensor
+            return [
+                model(input_ids=batch["input_ids"], position_ids=p, use_cache=False).logits for p in (positions, None)
+            ]
+
+    expected = logits()
+    va.set_packed_attention(model, "varlen")
+    for got, want in zip(logits(), expected):
+        assert (got - want).abs().max().item() <= 1e-5
+    with torch.inference_mode():
+        positions = batch["position_ids"].clone()
+        first = va.segments_for(positions, 2)
+        positions[:, 1:] = torch.arange(1, positions.shape[1])  # in place, no version counter to move: not cached
+        assert va.segments_for(positions, 2).lengths == (16, 16) != first.lengths
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # The model: logits and LoRA gradients as on transformers' mask path
 
@@ -282,6 +306,31 @@ def test_flash_eligibility():
     assert not va.flash_supported("cuda", torch.float32)
 
 
+@pytest.mark.parametrize(("capability", "flash"), [((7, 5), False), ((7, 0), False), ((8, 0), True), ((9, 0), True)])
+def test_flash_needs_ampere(monkeypatch, capability, flash):
+    """The flash kernels raise "FlashAttention only supports Ampere GPUs or newer" on a T4 / V100 although the build
+    has them: auto keeps the mask there, and a forced varlen takes the SDPA fallback (a CUDA device faked)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.backends.cuda, "is_flash_attention_available", lambda: True)
+    monkeypatch.setattr(torch.version, "hip", None)
+    assert va.flash_supported("cuda", torch.float16) is flash
+    assert va.flash_supported(torch.device("cuda", 0), torch.bfloat16) is flash
+    assert va.set_packed_attention(tiny_int4_lora_model("llama"), "auto", device="cuda", dtype=torch.float16) == (
+        "varlen" if flash else "mask"
+    )
+
+    class CudaTensor:  # what _flash_eligible reads of a CUDA query / key / value
+        is_cuda, device, dtype = True, torch.device("cuda", 0), torch.float16
+
+        def __init__(self, *shape):
+            self.shape = shape
+
+    q, kv = CudaTensor(1, 8, 16, 64), CudaTensor(1, 2, 16, 64)
+    assert va._flash_eligible(q, kv, kv, 0.0) is flash
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Generation and the switch
 
@@ -328,6 +377,27 @@ def test_set_packed_attention_switches_and_restores(monkeypatch):
     va.transformers_model(model).set_attn_implementation("eager")
     assert va.set_packed_attention(model, "auto") == "mask"  # auto leaves a model's own eager alone
     assert va.attention_implementation(model) == "eager"
+
+
+def test_softcapped_attention_is_refused(monkeypatch):
+    """Gemma-2 caps its attention logits (``attn_logit_softcapping``), which neither flash varlen kernel applies: a
+    forced varlen is refused, auto keeps the mask, and the attention function raises rather than drop the cap."""
+    model = tiny_int4_lora_model("gemma2")
+    before = va.attention_implementation(model)
+    with pytest.raises(UnsupportedFormatError, match="attn_logit_softcapping"):
+        va.set_packed_attention(model, "varlen")
+    assert va.attention_implementation(model) == before
+
+    monkeypatch.setattr(va, "flash_supported", lambda device, dtype: True)  # as on CUDA with bf16
+    llama = tiny_int4_lora_model("llama")  # sdpa, so auto would switch it
+    va.transformers_model(llama).config.attn_logit_softcapping = 50.0
+    assert va.set_packed_attention(llama, "auto") == "mask"
+    assert va.attention_implementation(llama) == "sdpa"
+
+    monkeypatch.setattr(va, "_flash_eligible", lambda *a: True)
+    q, k, v = _qkv()
+    with pytest.raises(UnsupportedFormatError, match="softcapping"):
+        va.varlen_attention_forward(torch.nn.Module(), q, k, v, None, position_ids=POSITIONS, softcap=50.0)
 
 
 def test_speed_apply_reports_packed_attention(monkeypatch):
