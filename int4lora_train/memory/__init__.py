@@ -162,6 +162,17 @@ def _bytes_on(model: nn.Module, device: torch.device) -> tuple[int, int]:
     return on, total
 
 
+def _host_table_bytes(model: nn.Module) -> int:
+    """The bytes of the input embedding table an earlier :func:`apply` keeps in host memory (else 0). The plan
+    counts them as weights on the device, and the device memory they freed as taken: it estimates the run without
+    the features it decides, so that planning again after :func:`apply` decides the same (else the table, off the
+    device, would make a memory-bound run look roomy and the next :func:`apply` would move it back)."""
+    if not host_embeddings_enabled(model):
+        return 0
+    weight = input_embedding(model).weight
+    return weight.numel() * weight.element_size()
+
+
 def _layer_dense_bytes(model: nn.Module, dtype_bytes: int, layers: int) -> int:
     """The dense bf16 weights of one decoder layer's INT4 projections (what keep_dense_for_backward holds)."""
     total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
@@ -182,7 +193,8 @@ def plan(
     """Choose every feature of ``config`` (default ``MemoryConfig()``: all ``auto``) for ``model`` training on
     ``micro_batch_size`` rows of ``seq_len`` tokens on ``device`` (default: where the model is).
 
-    The estimate: the weights on the device (``model`` loaded there, or its share of ``world_size`` under FSDP), the
+    The estimate: the weights on the device (``model`` loaded there, or its share of ``world_size`` under FSDP; an
+    input embedding an earlier :func:`apply` keeps on the host counts as there), the
     checkpointed layer inputs (``checkpointed layers x tokens x hidden x bytes``), one layer's working set in its
     recompute and backward (``tokens x hidden x 16 + MLP tokens x intermediate x 6`` elements, plus one layer's
     dense weights with ``keep_dense_for_backward``), and the device's free and total memory
@@ -216,15 +228,17 @@ def plan(
     ckpt_inputs = ckpt_layers * tokens * dims["hidden"] * dtype_bytes
 
     on_device, all_bytes = _bytes_on(model, device)
+    host_table = _host_table_bytes(model)
     if device.type == "cuda" and on_device == 0:  # not placed yet (FSDP loads on the CPU): its share
-        on_device = all_bytes // max(1, world_size) if strategy == "fsdp" else all_bytes
+        on_device = (all_bytes + host_table) // max(1, world_size) if strategy == "fsdp" else all_bytes + host_table
         placed = False
     else:
+        on_device += host_table
         placed = True
     free = total = None
     if device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
-    left = None if free is None else (free if placed else free - on_device)
+    left = None if free is None else (free - host_table if placed else free - on_device)
 
     result = MemoryPlan()
     reasons = result.reasons

@@ -158,3 +158,21 @@ def test_the_trainer_plans_once_logs_one_line_and_records_it(tmp_path, caplog):
     assert result.memory["embeddings_on_cpu"] and result.memory["estimate"]["tokens_per_micro_batch"] > 0
     for name in plain_lora:  # the same training, up to the chunked MLP's summation order
         torch.testing.assert_close(lora[name], plain_lora[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_planning_again_after_apply_decides_the_same(fake_gpu):
+    """The table an apply moved to the host still counts as a weight on the device: a run that was memory-bound
+    because of it stays so, and the next apply does not move it back (nor the one after that out again)."""
+    model = int4_lora_model(layers=4)
+    first = _plan(model, 4096)
+    table = model.get_input_embeddings().weight
+    table_bytes = table.numel() * table.element_size()
+    needed = first.estimate["weights_on_device_bytes"] + first.estimate["working_set_bytes"]
+    needed += 2 * first.estimate["checkpointed_inputs_bytes"] // 4  # offloaded: two layers' inputs on the device
+    # Memory-bound by half the table's bytes.
+    fake_gpu["free"] = fake_gpu["total"] = int((needed - table_bytes // 2) / memory.PRESSURE_SHARE)
+    chosen = [_plan(model, 4096)]
+    memory.apply(model, chosen[0])
+    chosen.append(_plan(model, 4096))
+    assert [c.embeddings_on_cpu for c in chosen] == [True, True] and memory.host_embeddings_enabled(model)
+    assert chosen[1].estimate == chosen[0].estimate and chosen[1].summary() == chosen[0].summary()
