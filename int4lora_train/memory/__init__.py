@@ -379,22 +379,24 @@ def apply(
             keep_dense_for_backward=keep_dense,
         )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "summary": chosen.summary()}
+    # A feature that cannot be switched on raises before anything changes: a failed call leaves the model as it was.
+    if chosen.offload_activations and not checkpointed_layers(model):
+        raise ConfigError(
+            "memory.offload_activations: activation offloading needs gradient checkpointing: no checkpointed decoder "
+            "layer found; set train.gradient_checkpointing: true"
+        )
+    refusal = host_embedding_refusal(model) if chosen.embeddings_on_cpu else None
+    if refusal is not None:
+        raise ConfigError(f"memory.embeddings_on_cpu: {refusal}; set embeddings_on_cpu: auto/off")
 
     disable_activation_offload(model)
     report["offloaded_layers"] = 0
     if chosen.offload_activations:
-        try:
-            enable_activation_offload(model, min_bytes=offload_min_bytes)
-        except ValueError as exc:
-            raise ConfigError(f"memory.offload_activations: {exc}; set train.gradient_checkpointing: true") from exc
+        enable_activation_offload(model, min_bytes=offload_min_bytes)
         report["offloaded_layers"] = len(checkpointed_layers(model))
 
     if chosen.embeddings_on_cpu:
-        device = _compute_device(model)
-        try:
-            enable_host_embeddings(model, device=device)
-        except ValueError as exc:
-            raise ConfigError(f"memory.embeddings_on_cpu: {exc}; set embeddings_on_cpu: auto/off") from exc
+        enable_host_embeddings(model, device=_compute_device(model))
     else:
         disable_host_embeddings(model)
     report["embeddings_on_cpu"] = host_embeddings_enabled(model)

@@ -176,3 +176,22 @@ def test_planning_again_after_apply_decides_the_same(fake_gpu):
     chosen.append(_plan(model, 4096))
     assert [c.embeddings_on_cpu for c in chosen] == [True, True] and memory.host_embeddings_enabled(model)
     assert chosen[1].estimate == chosen[0].estimate and chosen[1].summary() == chosen[0].summary()
+
+
+def test_a_plan_that_cannot_be_applied_changes_nothing():
+    """apply raises before it switches anything: the features of the earlier call stay as they were."""
+    from int4lora_train.memory.chunked_mlp import chunked_mlp_tokens
+    from int4lora_train.memory.offload import checkpointed_layers
+
+    model = int4_lora_model(layers=2)
+    memory.apply(model, MemoryConfig(offload_activations="on", embeddings_on_cpu="off", mlp_chunk_tokens=7))
+    offloader, layers = memory.activation_offloader(model), checkpointed_layers(model)
+    wrapped = [layer._gradient_checkpointing_func for layer in layers]
+    model.config.tie_word_embeddings = True  # the plan below was made before: it no longer fits the model
+    chosen = memory.MemoryPlan(offload_activations=False, embeddings_on_cpu=True, keep_dense_for_backward=False)
+    with pytest.raises(ConfigError, match="embeddings_on_cpu: the input embedding is tied"):
+        memory.apply(model, chosen)
+    assert memory.activation_offloader(model) is offloader and chunked_mlp_tokens(model) == 7
+    assert [layer._gradient_checkpointing_func for layer in layers] == wrapped
+    assert all(m.keep_dense_for_backward for m in model.modules() if isinstance(m, Int4Linear))
+    assert not memory.host_embeddings_enabled(model)
