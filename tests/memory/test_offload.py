@@ -255,3 +255,34 @@ def test_no_grad_forwards_and_several_forwards_before_one_backward():
     offloader, got_plain, got = grads(True)
     assert offloader.stats["offloaded"] == 3 and torch.equal(got_plain, plain)
     assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+class WithTower(nn.Module):
+    """A checkpointed block first in module order that the forward does not run (a vision tower on text-only
+    batches), then the toy stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = Stack(layers=1)
+        self.text = Stack(layers=3)
+
+    def forward(self, x, table):
+        return self.text(x, table)
+
+
+def test_a_forward_starts_anew_when_the_first_checkpointed_layer_does_not_run():
+    """A layer run again starts a new forward too: the stats (and the dedupe table, the prefetch order) are the
+    current forward's, not those of every forward since the offloader was made."""
+    model = WithTower()
+    assert checkpointed_layers(model)[0] is model.tower.blocks[0]
+    offloader = enable_activation_offload(model, min_bytes=0, include_cpu=True)
+    x, table = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
+    for _ in range(3):
+        model(x, table).sum().backward()
+        assert offloader.stats == {
+            "offloaded": 4,
+            "bytes": 4 * 5 * 8 * 4,
+            "deduplicated": 2,
+            "prefetched": 2,
+            "fetched": 2,
+        }
