@@ -164,9 +164,10 @@ def _bytes_on(model: nn.Module, device: torch.device) -> tuple[int, int]:
 
 def _host_table_bytes(model: nn.Module) -> int:
     """The bytes of the input embedding table an earlier :func:`apply` keeps in host memory (else 0). The plan
-    counts them as weights on the device, and the device memory they freed as taken: it estimates the run without
-    the features it decides, so that planning again after :func:`apply` decides the same (else the table, off the
-    device, would make a memory-bound run look roomy and the next :func:`apply` would move it back)."""
+    counts them as weights on the device: it estimates the run without the features it decides, so that planning
+    again after :func:`apply` decides the same (else the table, off the device, would make a memory-bound run look
+    roomy and the next :func:`apply` would move it back). The free memory is left as it is: the table's device
+    block stays in torch's caching allocator, which ``mem_get_info`` counts as used."""
     if not host_embeddings_enabled(model):
         return 0
     weight = input_embedding(model).weight
@@ -238,7 +239,7 @@ def plan(
     free = total = None
     if device.type == "cuda" and torch.cuda.is_available():
         free, total = torch.cuda.mem_get_info(device)
-    left = None if free is None else (free - host_table if placed else free - on_device)
+    left = None if free is None else (free if placed else free - on_device)
 
     result = MemoryPlan()
     reasons = result.reasons
