@@ -168,6 +168,18 @@ def _bytes_on(model: nn.Module, device: torch.device) -> tuple[int, int]:
     return on, total
 
 
+def _host_table_bytes(model: nn.Module) -> int:
+    """The bytes of the input embedding table an earlier :func:`apply` keeps in host memory (else 0). The plan
+    counts them as weights on the device: it estimates the run without the features it decides, so that planning
+    again after :func:`apply` decides the same (else the table, off the device, would make a memory-bound run look
+    roomy and the next :func:`apply` would move it back). The free memory is left as it is: the table's device
+    block stays in torch's caching allocator, which ``mem_get_info`` counts as used."""
+    if not host_embeddings_enabled(model):
+        return 0
+    weight = input_embedding(model).weight
+    return weight.numel() * weight.element_size()
+
+
 def _layer_dense_bytes(model: nn.Module, dtype_bytes: int, layers: int) -> int:
     """The dense bf16 weights of one decoder layer's INT4 projections (what keep_dense_for_backward holds)."""
     total = sum(m.in_features * m.out_features for m in model.modules() if isinstance(m, Int4Linear))
@@ -188,7 +200,8 @@ def plan(
     """Choose every feature of ``config`` (default ``MemoryConfig()``: all ``auto``) for ``model`` training on
     ``micro_batch_size`` rows of ``seq_len`` tokens on ``device`` (default: where the model is).
 
-    The estimate: the weights on the device (``model`` loaded there, or its share of ``world_size`` under FSDP), the
+    The estimate: the weights on the device (``model`` loaded there, or its share of ``world_size`` under FSDP; an
+    input embedding an earlier :func:`apply` keeps on the host counts as there), the
     checkpointed layer inputs (``checkpointed layers x tokens x hidden x bytes``), one layer's working set in its
     recompute and backward (``tokens x hidden x 16 + MLP tokens x intermediate x 6`` elements, plus one layer's
     dense weights with ``keep_dense_for_backward``), and the device's free and total memory
@@ -222,10 +235,12 @@ def plan(
     ckpt_inputs = ckpt_layers * tokens * dims["hidden"] * dtype_bytes
 
     on_device, all_bytes = _bytes_on(model, device)
+    host_table = _host_table_bytes(model)
     if device.type == "cuda" and on_device == 0:  # not placed yet (FSDP loads on the CPU): its share
-        on_device = all_bytes // max(1, world_size) if strategy == "fsdp" else all_bytes
+        on_device = (all_bytes + host_table) // max(1, world_size) if strategy == "fsdp" else all_bytes + host_table
         placed = False
     else:
+        on_device += host_table
         placed = True
     free = total = None
     if device.type == "cuda" and torch.cuda.is_available():
@@ -393,22 +408,24 @@ def apply(
             keep_dense_for_backward=keep_dense,
         )
     report: dict[str, Any] = {"plan": chosen.to_dict(), "summary": chosen.summary()}
+    # A feature that cannot be switched on raises before anything changes: a failed call leaves the model as it was.
+    if chosen.offload_activations and not checkpointed_layers(model):
+        raise ConfigError(
+            "memory.offload_activations: activation offloading needs gradient checkpointing: no checkpointed decoder "
+            "layer found; set train.gradient_checkpointing: true"
+        )
+    refusal = host_embedding_refusal(model) if chosen.embeddings_on_cpu else None
+    if refusal is not None:
+        raise ConfigError(f"memory.embeddings_on_cpu: {refusal}; set embeddings_on_cpu: auto/off")
 
     disable_activation_offload(model)
     report["offloaded_layers"] = 0
     if chosen.offload_activations:
-        try:
-            enable_activation_offload(model, min_bytes=offload_min_bytes)
-        except ValueError as exc:
-            raise ConfigError(f"memory.offload_activations: {exc}; set train.gradient_checkpointing: true") from exc
+        enable_activation_offload(model, min_bytes=offload_min_bytes)
         report["offloaded_layers"] = len(checkpointed_layers(model))
 
     if chosen.embeddings_on_cpu:
-        device = _compute_device(model)
-        try:
-            enable_host_embeddings(model, device=device)
-        except ValueError as exc:
-            raise ConfigError(f"memory.embeddings_on_cpu: {exc}; set embeddings_on_cpu: auto/off") from exc
+        enable_host_embeddings(model, device=_compute_device(model))
     else:
         disable_host_embeddings(model)
     report["embeddings_on_cpu"] = host_embeddings_enabled(model)

@@ -14,7 +14,8 @@ output) keep working.
 The table leaves the module's parameters: ``module.weight`` still reads it (a frozen ``nn.Parameter`` on the host,
 held as a plain attribute), but ``model.parameters()``, ``state_dict()`` and ``model.to(device)`` no longer see it,
 so accelerate's device placement and DDP (which wants every parameter on one device type) leave it alone.
-:func:`disable_host_embeddings` puts it back on the compute device as a parameter.
+:func:`disable_host_embeddings` puts it back on the compute device as a parameter; do that before writing the whole
+model from memory (``save_pretrained``, :mod:`int4lora_train.export.merge`), which would leave the table out.
 
 Refused (:class:`HostEmbeddingError`, with the reason) for an embedding that trains (LoRA on it,
 ``modules_to_save``, ``requires_grad``), that is tied to the output head (``tie_word_embeddings``: the head needs

@@ -99,13 +99,14 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         self._streams: dict[torch.device, tuple[Any, Any]] = {}
         self._active: list[nn.Module] = []
         self.layers: list[nn.Module] = []
+        self.entered: set[int] = set()  # id() of the layers entered in this forward
         self.new_forward()
 
-    # -- scope: the module hooks -------------------------------------------------------------------------------
+    # -- scope: around the layers' checkpoint calls --------------------------------------------------------------
 
     def new_forward(self) -> None:
         """Start a forward pass: a new prefetch order and dedupe table; refresh the parameter storages."""
-        self._group, self._seen = [], {}
+        self._group, self._seen, self.entered = [], {}, set()
         self.stats = {"offloaded": 0, "bytes": 0, "deduplicated": 0, "prefetched": 0, "fetched": 0}
         model = self.model_ref()
         self._protected = set()
@@ -249,8 +250,11 @@ def _offloading_checkpoint(layer: nn.Module, offloader: ActivationOffloader, fir
     original = layer._gradient_checkpointing_func
 
     def checkpointed(function, *args, **kwargs):
-        if layer is first:
+        # A forward starts at the first checkpointed layer, or at a layer run again: the first need not run in every
+        # forward (a vision tower on text-only batches).
+        if layer is first or id(layer) in offloader.entered:
             offloader.new_forward()
+        offloader.entered.add(id(layer))
         offloader.enter(layer)
         try:
             return original(function, *args, **kwargs)

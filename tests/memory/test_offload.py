@@ -160,7 +160,7 @@ class CallCheckpointedBlock(GradientCheckpointingLayer):
         self.linear = nn.Linear(width, width)
 
     def __call__(self, *args, **kwargs):
-        if self.gradient_checkpointing and self.training and torch.is_grad_enabled():
+        if self.gradient_checkpointing and self.training:  # also without grad: 5.17 checks only these two
             return self._gradient_checkpointing_func(functools.partial(nn.Module.__call__, self, **kwargs), *args)
         return nn.Module.__call__(self, *args, **kwargs)
 
@@ -227,3 +227,62 @@ def test_a_tensor_at_a_freed_inputs_address_gets_its_own_copy():
     assert torch.equal(offloader._unpack(first_copy), torch.full((4, 4), 1.0))
     assert torch.equal(offloader._unpack(second_copy), torch.full((4, 4), 2.0))
     assert offloader._pack(second) is second_copy  # the same live tensor saved again still shares its copy
+
+
+def test_no_grad_forwards_and_several_forwards_before_one_backward():
+    """A forward without grad in training mode (5.17 checkpoints it all the same) offloads nothing and leaves no
+    hook; two forwards before one backward (each forward keeps its handles and its prefetch order) give the
+    gradients of plain checkpointing."""
+    torch.manual_seed(0)
+    blocks = nn.Sequential(*(CallCheckpointedBlock(8) for _ in range(3)))
+    for block in blocks:
+        block.gradient_checkpointing = True
+        block._gradient_checkpointing_func = functools.partial(checkpoint, use_reentrant=False)
+    x, y = torch.randn(4, 8, requires_grad=True), torch.randn(4, 8, requires_grad=True)
+
+    def grads(offload: bool):
+        offloader = enable_activation_offload(blocks, min_bytes=0, include_cpu=True) if offload else None
+        blocks.zero_grad()
+        x.grad = y.grad = None
+        first = blocks(x).square().sum()
+        with torch.no_grad():
+            plain = blocks(x)
+        assert _top_hooks() is None and (offloader is None or offloader.stats["offloaded"] == 0)
+        (first + blocks(y).square().sum()).backward()
+        return offloader, plain, [x.grad.clone(), y.grad.clone(), *(b.linear.weight.grad.clone() for b in blocks)]
+
+    _, plain, reference = grads(False)
+    offloader, got_plain, got = grads(True)
+    assert offloader.stats["offloaded"] == 3 and torch.equal(got_plain, plain)
+    assert all(torch.equal(a, b) for a, b in zip(got, reference))
+
+
+class WithTower(nn.Module):
+    """A checkpointed block first in module order that the forward does not run (a vision tower on text-only
+    batches), then the toy stack."""
+
+    def __init__(self):
+        super().__init__()
+        self.tower = Stack(layers=1)
+        self.text = Stack(layers=3)
+
+    def forward(self, x, table):
+        return self.text(x, table)
+
+
+def test_a_forward_starts_anew_when_the_first_checkpointed_layer_does_not_run():
+    """A layer run again starts a new forward too: the stats (and the dedupe table, the prefetch order) are the
+    current forward's, not those of every forward since the offloader was made."""
+    model = WithTower()
+    assert checkpointed_layers(model)[0] is model.tower.blocks[0]
+    offloader = enable_activation_offload(model, min_bytes=0, include_cpu=True)
+    x, table = torch.randn(5, 8, requires_grad=True), torch.randn(5, 8)
+    for _ in range(3):
+        model(x, table).sum().backward()
+        assert offloader.stats == {
+            "offloaded": 4,
+            "bytes": 4 * 5 * 8 * 4,
+            "deduplicated": 2,
+            "prefetched": 2,
+            "fetched": 2,
+        }

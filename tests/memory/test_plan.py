@@ -171,3 +171,40 @@ def test_the_trainer_plans_once_logs_one_line_and_records_it(tmp_path, caplog):
     assert result.memory["optimizer_on_cpu"] and "optimizer_on_cpu=on (set; no effect on cpu)" in lines[0]
     for name in plain_lora:  # the same training, up to the chunked MLP's summation order
         torch.testing.assert_close(lora[name], plain_lora[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_planning_again_after_apply_decides_the_same(fake_gpu):
+    """The table an apply moved to the host still counts as a weight on the device: a run that was memory-bound
+    because of it stays so, and the next apply does not move it back (nor the one after that out again)."""
+    model = int4_lora_model(layers=4)
+    first = _plan(model, 4096)
+    table = model.get_input_embeddings().weight
+    table_bytes = table.numel() * table.element_size()
+    needed = first.estimate["weights_on_device_bytes"] + first.estimate["working_set_bytes"]
+    needed += 2 * first.estimate["checkpointed_inputs_bytes"] // 4  # offloaded: two layers' inputs on the device
+    # Memory-bound by half the table's bytes.
+    fake_gpu["free"] = fake_gpu["total"] = int((needed - table_bytes // 2) / memory.PRESSURE_SHARE)
+    chosen = [_plan(model, 4096)]
+    memory.apply(model, chosen[0])
+    chosen.append(_plan(model, 4096))
+    assert [c.embeddings_on_cpu for c in chosen] == [True, True] and memory.host_embeddings_enabled(model)
+    assert chosen[1].estimate == chosen[0].estimate and chosen[1].summary() == chosen[0].summary()
+
+
+def test_a_plan_that_cannot_be_applied_changes_nothing():
+    """apply raises before it switches anything: the features of the earlier call stay as they were."""
+    from int4lora_train.memory.chunked_mlp import chunked_mlp_tokens
+    from int4lora_train.memory.offload import checkpointed_layers
+
+    model = int4_lora_model(layers=2)
+    memory.apply(model, MemoryConfig(offload_activations="on", embeddings_on_cpu="off", mlp_chunk_tokens=7))
+    offloader, layers = memory.activation_offloader(model), checkpointed_layers(model)
+    wrapped = [layer._gradient_checkpointing_func for layer in layers]
+    model.config.tie_word_embeddings = True  # the plan below was made before: it no longer fits the model
+    chosen = memory.MemoryPlan(offload_activations=False, embeddings_on_cpu=True, keep_dense_for_backward=False)
+    with pytest.raises(ConfigError, match="embeddings_on_cpu: the input embedding is tied"):
+        memory.apply(model, chosen)
+    assert memory.activation_offloader(model) is offloader and chunked_mlp_tokens(model) == 7
+    assert [layer._gradient_checkpointing_func for layer in layers] == wrapped
+    assert all(m.keep_dense_for_backward for m in model.modules() if isinstance(m, Int4Linear))
+    assert not memory.host_embeddings_enabled(model)
