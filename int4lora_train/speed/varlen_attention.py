@@ -31,6 +31,7 @@ Switch it on with ``speed.apply(model, packed_attention="varlen")`` (:func:`set_
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass, field
@@ -228,8 +229,10 @@ def _flash_options(scale: float | None, window: int | None) -> dict[str, Any]:
     return options
 
 
+@functools.cache
 def _varlen_attn():
-    """``torch.nn.attention.varlen.varlen_attn`` and whether it takes ``enable_gqa``, or ``(None, False)``."""
+    """``torch.nn.attention.varlen.varlen_attn`` and whether it takes ``enable_gqa``, or ``(None, False)`` (looked
+    up once: every layer's attention asks)."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
@@ -305,18 +308,16 @@ def _flash_capable(device: torch.device) -> bool:
 
 
 def _flash_eligible(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float) -> bool:
+    """:func:`flash_supported` for the query's device and dtype, and operands the kernel takes as they are."""
     head_dim = query.shape[-1]
     return (
-        query.is_cuda
-        and _flash_capable(query.device)
-        and query.dtype in FLASH_DTYPES
+        flash_supported(query.device, query.dtype)
         and query.dtype == key.dtype == value.dtype
         and head_dim % 8 == 0
         and head_dim <= 256
         and value.shape[-1] == head_dim
         and dropout == 0.0
         and query.shape[1] % key.shape[1] == 0
-        and not torch.version.hip
     )
 
 
