@@ -82,14 +82,6 @@ def _grouped_mm_op():
     return getattr(torch.nn.functional, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _torch_at_least(major: int, minor: int) -> bool:
-    version = torch.__version__.split("+")[0].split(".")
-    try:
-        return (int(version[0]), int(version[1])) >= (major, minor)
-    except (ValueError, IndexError):
-        return True
-
-
 @functools.cache
 def _grouped_mm_probe(device: torch.device, dtype: torch.dtype) -> bool:
     """Run the grouped GEMM once on tiny operands of ``device`` / ``dtype`` (one of them an empty group) and compare
@@ -127,11 +119,11 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
             return False
         index = device.index if device.index is not None else torch.cuda.current_device()
         major, minor = torch.cuda.get_device_capability(index)
-        if not ((major, minor) >= (8, 0) if _torch_at_least(2, 9) else major == 9):
+        if not ((major, minor) >= (8, 0) if torch.__version__ >= "2.9" else major == 9):
             return False
         device = torch.device("cuda", index)
     elif device.type == "cpu":
-        if not _torch_at_least(2, 9):
+        if torch.__version__ < "2.9":
             return False
     else:
         return False
@@ -185,26 +177,25 @@ def _grouped_matmul(x, stack, ids, offsets, spec: _GroupedSpec, transpose: bool)
     """``x @ W_e.T`` (or ``x @ W_e`` with ``transpose=False``) for each used expert's contiguous rows of ``x``:
     one grouped GEMM per chunk when ``spec.grouped`` (``offsets``: the int32 cumulative row counts of all used
     experts), else one matmul per expert."""
-    out_features = stack.out_features if transpose else stack.in_features
-    out = None
-    for start, stop, row, rows in spec.chunks():
+    chunks = list(spec.chunks())
+    if spec.grouped and len(chunks) == 1:  # one chunk: the grouped GEMM's result is the output
+        out = None
+    else:
+        out = x.new_empty(x.shape[0], stack.out_features if transpose else stack.in_features)
+    for start, stop, row, rows in chunks:
         dense = dequantize_experts(stack, ids[start:stop], spec.dtype, backend=spec.backend)
+        weights = dense.transpose(-2, -1) if transpose else dense
         if spec.grouped:
             offs = offsets[start:stop] - row if row else offsets[start:stop]
-            result = _grouped_mm(x[row : row + rows], dense.transpose(-2, -1) if transpose else dense, offs)
-            if start == 0 and stop == len(spec.counts):
-                return result
+            result = _grouped_mm(x[row : row + rows], weights, offs)
             if out is None:
-                out = x.new_empty(x.shape[0], out_features)
+                return result
             out[row : row + rows].copy_(result)
             continue
-        if out is None:
-            out = x.new_empty(x.shape[0], out_features)
         first = row
         for slot, count in enumerate(spec.counts[start:stop]):
             if count:
-                weight = dense[slot].T if transpose else dense[slot]
-                torch.matmul(x[first : first + count], weight, out=out[first : first + count])
+                torch.matmul(x[first : first + count], weights[slot], out=out[first : first + count])
             first += count
     return out
 
