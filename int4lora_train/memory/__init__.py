@@ -311,19 +311,20 @@ def plan(
     refusal = host_embedding_refusal(model)
     if refusal is None and strategy == "fsdp":
         refusal = "train.strategy: fsdp shards the embedding with the other parameters"
-    if refusal is None and device.type != "cuda" and not host_embeddings_enabled(model):
-        refusal = f"the model computes on {device.type}, already host memory"
+    no_gain = None  # allowed, but nothing to save
+    if device.type != "cuda" and not host_embeddings_enabled(model):
+        no_gain = f"the model computes on {device.type}, already host memory"
     if embed_choice == "on":
-        if refusal is not None and not refusal.startswith("the model computes on"):
+        if refusal is not None:
             raise ConfigError(
                 f"memory.embeddings_on_cpu: on cannot be used: {refusal}; set embeddings_on_cpu: auto/off"
             )
         result.embeddings_on_cpu = True
-        reasons["embeddings_on_cpu"] = "set" + (f"; {refusal}" if refusal else "")
+        reasons["embeddings_on_cpu"] = "set" + (f"; {no_gain}" if no_gain else "")
     elif embed_choice == "off":
         reasons["embeddings_on_cpu"] = "set"
-    elif refusal is not None:
-        reasons["embeddings_on_cpu"] = f"auto: {refusal}"
+    elif refusal is not None or no_gain is not None:
+        reasons["embeddings_on_cpu"] = f"auto: {refusal or no_gain}"
     else:
         result.embeddings_on_cpu = pressure
         reasons["embeddings_on_cpu"] = f"auto: {pressure_text}"

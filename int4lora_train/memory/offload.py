@@ -240,7 +240,7 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
         handle.dev, handle.h2d_event = dev, event
 
 
-def _offloading_checkpoint(layer: nn.Module, offloader: ActivationOffloader, first: nn.Module):
+def _offloading_checkpoint(layer: nn.Module, offloader: ActivationOffloader):
     """``layer``'s checkpoint function with the offloader's hooks active around it.
 
     transformers calls ``layer._gradient_checkpointing_func(function, *args)`` once per forward; the checkpoint saves
@@ -250,9 +250,9 @@ def _offloading_checkpoint(layer: nn.Module, offloader: ActivationOffloader, fir
     original = layer._gradient_checkpointing_func
 
     def checkpointed(function, *args, **kwargs):
-        # A forward starts at the first checkpointed layer, or at a layer run again: the first need not run in every
-        # forward (a vision tower on text-only batches).
-        if layer is first or id(layer) in offloader.entered:
+        # A forward starts at a layer already run in this one: not necessarily the first checkpointed layer, which
+        # need not run in every forward (a vision tower on text-only batches).
+        if id(layer) in offloader.entered:
             offloader.new_forward()
         offloader.entered.add(id(layer))
         offloader.enter(layer)
@@ -279,9 +279,8 @@ def enable_activation_offload(
     if not layers:
         raise ValueError("activation offloading needs gradient checkpointing: no checkpointed decoder layer found")
     offloader = ActivationOffloader(model, min_bytes=min_bytes, prefetch=prefetch, include_cpu=include_cpu)
-    first = layers[0]
     for layer in layers:
-        layer._gradient_checkpointing_func = _offloading_checkpoint(layer, offloader, first)
+        layer._gradient_checkpointing_func = _offloading_checkpoint(layer, offloader)
     offloader.layers = layers
     model.__dict__[_STATE_ATTR] = offloader
     logger.info(
