@@ -32,6 +32,7 @@ from accelerate.utils import set_seed
 from torch.profiler import record_function
 
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
+from ..memory import optimizer_class
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
@@ -232,8 +233,6 @@ class Trainer:
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
         self._apply_speed_options(module, train_data)
         self.memory_plan = self._apply_memory_options(module, train_data)
-        from ..memory import optimizer_class
-
         optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
         self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
@@ -644,13 +643,7 @@ class Trainer:
 
         cfg = self.config
         model = module.unwrapped_model
-        memory = cfg.memory
-        config = device_memory.MemoryConfig(
-            offload_activations=memory.offload_activations,
-            embeddings_on_cpu=memory.embeddings_on_cpu,
-            mlp_chunk_tokens=memory.mlp_chunk_tokens,
-            optimizer_on_cpu=memory.optimizer_on_cpu,
-        )
+        config = device_memory.MemoryConfig(**asdict(cfg.memory))  # train.memory's fields are the library's
         keep_dense = cfg.speed.keep_dense_for_backward
         plan = device_memory.plan(
             model,
