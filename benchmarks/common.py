@@ -81,10 +81,10 @@ def random_int4_weight(
 # ------------------------------------------------------------------------------------------------ training modes
 
 BASES = ("bf16", "nf4", "int4", "int4-cache")
-OPTIONS = ("fused", "keep", "group", "chunked", "kernels", "autokernels", "reentrant")
+OPTIONS = ("fused", "keep", "lean", "group", "chunked", "kernels", "autokernels", "reentrant")
 ALIASES = {
-    "int4-opt": "int4+fused+keep+group+chunked+kernels",
-    "int4-default": "int4+fused+keep+group+chunked+autokernels",
+    "int4-opt": "int4+fused+keep+lean+group+chunked+kernels",
+    "int4-default": "int4+fused+keep+lean+group+chunked+autokernels",
 }
 
 
@@ -202,6 +202,7 @@ def prepare(args, mode: str, device: torch.device, dtype=torch.bfloat16, dropout
         features.update(
             fused_lora="fused" in options,
             keep_dense_for_backward="keep" in options,
+            lean_recompute="lean" in options,
             group_projections="group" in options,
         )
     speed.apply(model, **features)
@@ -245,14 +246,20 @@ def apply_memory_options(args, model: torch.nn.Module) -> dict | None:
     offload = getattr(args, "offload_activations", "off")
     embeddings = getattr(args, "embeddings_on_cpu", "off")
     chunk = getattr(args, "mlp_chunk_tokens", 0)
-    if offload == "off" and embeddings == "off" and chunk == 0:
+    host_optimizer = "on" if getattr(args, "optimizer_on_cpu", False) else "off"  # make_optimizer builds it
+    if offload == "off" and embeddings == "off" and chunk == 0 and host_optimizer == "off":
         return None
     from int4lora_train import memory
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     report = memory.apply(
         model,
-        memory.MemoryConfig(offload_activations=offload, embeddings_on_cpu=embeddings, mlp_chunk_tokens=chunk),
+        memory.MemoryConfig(
+            offload_activations=offload,
+            embeddings_on_cpu=embeddings,
+            mlp_chunk_tokens=chunk,
+            optimizer_on_cpu=host_optimizer,
+        ),
         micro_batch_size=args.bs,
         seq_len=args.seq,
         strategy=getattr(args, "strategy", "single") if world > 1 else "single",

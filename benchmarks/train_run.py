@@ -193,10 +193,14 @@ def child(args) -> None:
     wall = time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
-        table = profiler.key_averages().table(
-            sort_by="self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total", row_limit=40
-        )
-        (work / f"profile-{args.child}.txt").write_text(table)
+        averages = profiler.key_averages()
+        tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
+        if device.type == "cuda":  # where the GPU's time goes, then (above) where the host's goes
+            kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+            busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / 3
+            tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=40))
+            tables.insert(0, f"GPU busy (sum of self device time) per profiled step: {busy_ms:.1f} ms\n")
+        (work / f"profile-{args.child}.txt").write_text("\n".join(tables))
     run_dir = Path(yaml.safe_load(config_path.read_text())["output"]["dir"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "train/tokens_per_s" in m]

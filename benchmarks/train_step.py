@@ -14,11 +14,12 @@ Modes are ``BASE[+OPTION...]``:
   layer), ``int4`` (INT4 dequantized on the fly by the fused Triton kernel), ``int4-cache`` (dense copies from the
   unpacker's cache, ``--cache-gb`` budget);
 - options: ``fused`` (one fused autograd node per INT4 LoRA projection), ``keep`` (keep the dense weight from the
-  checkpoint recompute for backward), ``group`` (q/k/v and gate/up as one node each), ``chunked`` (chunked
+  checkpoint recompute for backward), ``lean`` (the recompute skips the down projection's unread output),
+  ``group`` (q/k/v and gate/up as one node each), ``chunked`` (chunked
   cross-entropy without full logits; any base), ``kernels`` (fused RMSNorm and SwiGLU kernels, always; any
   base), ``autokernels`` (the same where the input has >= ``AUTO_MIN_ELEMENTS`` elements, as the toolkit's default
   ``fused_kernels: auto``), ``reentrant`` (reentrant gradient checkpointing instead of non-reentrant; any base);
-- ``int4-opt`` = ``int4+fused+keep+group+chunked+kernels``; ``int4-default`` = the same with ``autokernels`` (what
+- ``int4-opt`` = ``int4+fused+keep+lean+group+chunked+kernels``; ``int4-default`` = the same with ``autokernels`` (what
   ``speed.apply`` sets up by default); a bare ``int4`` runs with all of them off.
 
 ::

@@ -29,6 +29,11 @@ saved for backward instead of the packed buffers (``keep_dense_for_backward``, d
 instead of three, for the memory of one checkpointed block's dense weights while its backward runs. See
 :func:`dense_save_is_transient` for how that moment is recognised; everywhere else only the packed buffers are saved.
 
+A layer whose output is read by nothing its checkpoint saves (``output_unread_in_recompute``, set by
+:func:`int4lora_train.speed.apply` on the MLP's down projection of Llama-like decoder layers, where that output only
+reaches the layer's output through the residual add) skips its matmul in the recompute: what the recompute keeps are
+the tensors saved for backward, and this output is none of them (:func:`in_recompute`).
+
 The compute dtype is the autocast dtype under ``torch.autocast``, else ``compute_dtype`` when given, else the input's
 dtype; without autocast the output has the input's dtype, like ``nn.Linear``.
 
@@ -88,6 +93,12 @@ def dense_save_is_transient() -> bool:
     return getattr(hooks[0], "__qualname__", "").startswith("_checkpoint_hook.")
 
 
+def in_recompute() -> bool:
+    """Whether a forward running *now* is a checkpoint's recompute: it runs inside a backward pass (the autograd
+    engine's graph task is running), where only the tensors it saves for backward are kept."""
+    return torch._C._current_graph_task_id() != -1
+
+
 class DenseWeightUnavailableError(UnsupportedFormatError, AttributeError):
     """``Int4Linear.weight`` was asked for: the layer keeps no dense weight.
 
@@ -104,10 +115,28 @@ class _WeightSpec:
     dtype: torch.dtype
     dequantizer: Dequantizer | None
     keep_dense: bool = False
+    output_unread_in_recompute: bool = False
 
     def dense(self, packed, scales, zero_points, g_idx, out: torch.Tensor | None = None) -> torch.Tensor:
         """The ``[out, in]`` weight in ``self.dtype``: a fresh temporary (or ``out``), or the cache's shared copy."""
         return self.dequantizer((packed, scales, zero_points, g_idx), self.dtype, out)
+
+    def keeps_dense(self, needed: bool) -> bool:
+        """Whether a forward running now saves the dense weight for backward (rather than the packed buffers)."""
+        return bool(needed and self.keep_dense and dense_save_is_transient())
+
+    def skips_output(self) -> bool:
+        """Whether a forward running now may leave its output uncomputed: a recompute whose output nothing reads."""
+        return self.output_unread_in_recompute and in_recompute()
+
+
+def lean_forward_weight(spec: _WeightSpec, buffers: tuple, needed: bool) -> tuple[torch.Tensor | None, bool]:
+    """``(weight, skip)`` for a forward: ``skip`` when its output may stay uncomputed (:meth:`_WeightSpec.skips_output`),
+    and the dense weight unless nothing needs it (skipped output, and backward dequantizes again)."""
+    skip = spec.skips_output()
+    if skip and not spec.keeps_dense(needed):
+        return None, True
+    return spec.dense(*buffers), skip
 
 
 class Int4LinearFunction(torch.autograd.Function):
@@ -119,9 +148,12 @@ class Int4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, bias, packed, scales, zero_points, g_idx, spec: _WeightSpec):
-        weight = spec.dense(packed, scales, zero_points, g_idx)
-        save_weight_tensors(ctx, weight, (packed, scales, zero_points, g_idx), spec, ctx.needs_input_grad[0])
+        buffers = (packed, scales, zero_points, g_idx)
+        weight, skip = lean_forward_weight(spec, buffers, ctx.needs_input_grad[0])
+        save_weight_tensors(ctx, weight, buffers, spec, ctx.needs_input_grad[0])
         ctx.out_features = packed.shape[0]
+        if skip:  # a recompute's output that nothing reads
+            return x.new_empty(*x.shape[:-1], packed.shape[0])
         return F.linear(x, weight, bias)
 
     @staticmethod
@@ -139,7 +171,7 @@ def save_weight_tensors(ctx, weight: torch.Tensor, buffers: tuple, spec: _Weight
     """``ctx.save_for_backward(*extra, W)`` when the dense ``W`` may be kept (see :func:`dense_save_is_transient`),
     else ``(*extra, packed, scales, zero_points, g_idx)``; :func:`saved_dense_weight` undoes it."""
     ctx.spec = spec
-    ctx.dense_saved = bool(needed and spec.keep_dense and dense_save_is_transient())
+    ctx.dense_saved = spec.keeps_dense(needed)
     ctx.num_extra = len(extra)
     ctx.save_for_backward(*extra, *((weight,) if ctx.dense_saved else buffers))
 
@@ -165,6 +197,7 @@ class Int4Linear(nn.Linear):
     """
 
     keep_dense_for_backward: bool = True
+    output_unread_in_recompute: bool = False
 
     def __init__(
         self,
@@ -276,7 +309,9 @@ class Int4Linear(nn.Linear):
 
     def weight_spec(self, dtype: torch.dtype) -> _WeightSpec:
         """How autograd functions get this layer's dense weight in ``dtype`` (the non-tensor half of the weight)."""
-        return _WeightSpec(dtype, self.dequantizer, bool(self.keep_dense_for_backward))
+        return _WeightSpec(
+            dtype, self.dequantizer, bool(self.keep_dense_for_backward), bool(self.output_unread_in_recompute)
+        )
 
     def compute_dtype_for(self, x: torch.Tensor) -> tuple[torch.dtype, bool]:
         """``(dtype, autocast)``: the dtype the matmul runs in for input ``x`` (see the module doc)."""

@@ -59,7 +59,13 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
-from int4lora_train.modeling.int4_linear import Int4Linear, _WeightSpec, save_weight_tensors, saved_dense_weight
+from int4lora_train.modeling.int4_linear import (
+    Int4Linear,
+    _WeightSpec,
+    lean_forward_weight,
+    save_weight_tensors,
+    saved_dense_weight,
+)
 
 SUPPORTED_INITS = (True, False, "gaussian")
 """``init_lora_weights`` values that do not need the dense base weight."""
@@ -234,17 +240,17 @@ class Int4LoraFunction(torch.autograd.Function):
         dtype = spec.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
         x2 = x.reshape(-1, in_features)  # [T, in], a view for contiguous inputs
-        weight = spec.dense(packed, scales, zero_points, g_idx)  # [out, in]
+        needs, buffers = ctx.needs_input_grad, (packed, scales, zero_points, g_idx)
+        weight, skip = lean_forward_weight(spec, buffers, needs[0])  # [out, in] (None: not needed)
         a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
-        y = F.linear(x2, weight, bias)  # [T, out]
+        # A recompute's output that nothing reads stays uncomputed; what backward needs (x2, xa, mask) is not.
+        y = x2.new_empty(x2.shape[0], out_features) if skip else F.linear(x2, weight, bias)  # [T, out]
         xd, mask = dropout_with_mask(x2, p)
         xa = xd @ a_c.t()  # [T, r]
         del xd  # recomputed from x2 and the mask in backward
-        y.addmm_(xa, b_c.t(), alpha=scaling)
-        needs = ctx.needs_input_grad
-        save_weight_tensors(
-            ctx, weight, (packed, scales, zero_points, g_idx), spec, needs[0], x2, xa, mask, lora_a, lora_b
-        )
+        if not skip:
+            y.addmm_(xa, b_c.t(), alpha=scaling)
+        save_weight_tensors(ctx, weight, buffers, spec, needs[0], x2, xa, mask, lora_a, lora_b)
         ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
         return y.reshape(*x.shape[:-1], out_features)
 

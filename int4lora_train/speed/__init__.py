@@ -17,6 +17,8 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
   :class:`~int4lora_train.modeling.lora_layer.Int4LoraFunction`); on by default even without this call.
 - ``keep_dense_for_backward``: the dense weight dequantized in a checkpoint recompute serves its backward
   (``Int4Linear.keep_dense_for_backward``); on by default even without this call.
+- ``lean_recompute``: a checkpoint recompute skips the MLP down projection's output, which nothing it keeps reads
+  (Llama-like layers; :mod:`.lean_recompute`).
 - ``group_projections``: q/k/v and gate/up as one node each (:mod:`.projection_groups`); needs ``fused_lora``.
 - ``chunked_loss`` / ``loss_chunk_size``: the loss without full fp32 logits (:mod:`.chunked_loss`); models it does
   not support keep their own loss (logged).
@@ -44,6 +46,7 @@ from int4lora_train.modeling.int4_linear import Int4Linear
 from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
+from int4lora_train.speed.lean_recompute import set_lean_recompute
 from int4lora_train.speed.projection_groups import find_projection_groups
 from int4lora_train.speed.varlen_attention import PACKED_ATTENTION_CHOICES, set_packed_attention
 
@@ -58,6 +61,7 @@ class SpeedConfig:
 
     fused_lora: bool = True
     keep_dense_for_backward: bool = True
+    lean_recompute: bool = True
     group_projections: bool = True
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
@@ -80,7 +84,7 @@ def apply(
     """Switch the features of ``config`` (default ``SpeedConfig()`` when no keyword is given) on ``model``, with
     ``features`` (keywords named like :class:`SpeedConfig`'s fields) overriding them; without ``config`` only the
     features named change. Returns what was done, for logging: the LoRA and INT4 layer counts, plus ``groups``,
-    ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``packed_attention`` (``"varlen"`` or ``"mask"``) for the features
+    ``lean_recompute`` (down projections marked), ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``packed_attention`` (``"varlen"`` or ``"mask"``) for the features
     that were set.
 
     ``packed``, ``device``, ``dtype`` inform ``packed_attention="auto"``: whether the batches hold several segments
@@ -106,6 +110,8 @@ def apply(
             if "keep_dense_for_backward" in features:
                 module.keep_dense_for_backward = features["keep_dense_for_backward"]
             report["int4_layers"] += 1
+    if "lean_recompute" in features:
+        report["lean_recompute"] = set_lean_recompute(model, features["lean_recompute"])
     if "chunked_loss" in features:
         report["chunked_loss"] = _set_chunked_loss(model, features["chunked_loss"], features.get("loss_chunk_size"))
     if "fused_kernels" in features:
@@ -124,7 +130,7 @@ def apply(
 
 def _check(features: dict[str, Any]) -> None:
     """ConfigError for a value a feature cannot take (the message names the feature and what it accepts)."""
-    for name in ("fused_lora", "keep_dense_for_backward", "group_projections", "chunked_loss"):
+    for name in ("fused_lora", "keep_dense_for_backward", "lean_recompute", "group_projections", "chunked_loss"):
         if name in features and not isinstance(features[name], bool):
             raise ConfigError(f"{name} must be true or false, got {features[name]!r}")
     chunk = features.get("loss_chunk_size")

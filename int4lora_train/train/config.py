@@ -187,6 +187,11 @@ class SpeedConfig:
         "With gradient checkpointing, the weight dequantized in the recompute serves the backward (2 instead "
         "of 3 dequantizations per step; one layer's dense weights live at a time).",
     )
+    lean_recompute: bool = _opt(
+        True,
+        "The checkpoint recompute skips the MLP down projection, whose output it never keeps (Llama-like layers; "
+        "gradients unchanged).",
+    )
     group_projections: bool = _opt(True, "q/k/v and gate/up as one node each (needs `fused_lora`).")
     chunked_loss: bool = _opt(True, "Cross-entropy in chunks of tokens: the full fp32 logits are never held.")
     loss_chunk_size: int | None = _opt(None, "Tokens per loss chunk; null = chosen from the vocabulary size.", min=1)

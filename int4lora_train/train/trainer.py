@@ -620,6 +620,7 @@ class Trainer:
             training_speed.SpeedConfig(
                 fused_lora=speed.fused_lora,
                 keep_dense_for_backward=speed.keep_dense_for_backward,
+                lean_recompute=speed.lean_recompute,
                 group_projections=speed.group_projections and speed.fused_lora,
                 chunked_loss=speed.chunked_loss,
                 loss_chunk_size=speed.loss_chunk_size,
