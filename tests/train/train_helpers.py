@@ -46,7 +46,22 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
     adapter, expected = run_adapter(run), run_adapter(reference)
     assert adapter.keys() == expected.keys()
     for key, tensor in expected.items():
-        torch.testing.assert_close(adapter[key], tensor, rtol=1e-4, atol=1e-5, msg=key)
+        torch.testing.assert_close(
+            adapter[key],
+            tensor,
+            rtol=1e-4,
+            atol=1e-5,
+            msg=lambda default, key=key: (
+                f"{run.name} vs {reference.name}: {key}: {default}\nloss curves (step, train loss, grad norm):\n"
+                f"  {run.name}: {loss_curve(run)}\n  {reference.name}: {loss_curve(reference)}"
+            ),
+        )
+
+
+def loss_curve(run: Path) -> list[tuple[int, float, float]]:
+    """``(step, train loss, gradient norm)`` of each logged step of a run directory (its metrics.jsonl)."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    return [(r["step"], round(r["train/loss"], 6), round(r["train/grad_norm"], 5)) for r in rows if "train/loss" in r]
 
 
 def free_port() -> int:
