@@ -422,8 +422,7 @@ def apply(
     disable_activation_offload(model)
     report["offloaded_layers"] = 0
     if chosen.offload_activations:
-        enable_activation_offload(model, min_bytes=offload_min_bytes)
-        report["offloaded_layers"] = len(checkpointed_layers(model))
+        report["offloaded_layers"] = len(enable_activation_offload(model, min_bytes=offload_min_bytes).layers)
 
     if chosen.embeddings_on_cpu:
         enable_host_embeddings(model, device=_compute_device(model))

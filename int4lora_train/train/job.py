@@ -69,9 +69,7 @@ RUN_ARTIFACTS = (
     CHECKPOINTS_DIR,
     ADAPTER_DIR,
     METRICS_FILE,
-    "tb",
-    "wandb",
-    "mlruns",
+    *TRACKER_DIRS.values(),
     PLOT_FILE,
     SUMMARY_FILE,
     SHARDING_FILE,
@@ -300,7 +298,7 @@ def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
     claim(run_dir, [name + "/" if name in _RUN_SUBDIRS else name for name in RUN_ARTIFACTS])
     report_to = config.train.report_to
     tensorboard = config.output.tensorboard if report_to is None else "tensorboard" in report_to
-    for name in (CHECKPOINTS_DIR, "tb") if tensorboard else (CHECKPOINTS_DIR,):
+    for name in (CHECKPOINTS_DIR, TRACKER_DIRS["tensorboard"]) if tensorboard else (CHECKPOINTS_DIR,):
         (run_dir / name).mkdir(exist_ok=True)
         if read_marker(run_dir / name) is None:
             write_marker(run_dir / name, name, entries=[])
@@ -308,7 +306,7 @@ def prepare_run_dir(config: RunConfig, resuming: bool) -> Path:
     return run_dir
 
 
-_RUN_SUBDIRS = (CHECKPOINTS_DIR, ADAPTER_DIR, "tb", "wandb", "mlruns", GATHERED_DIR)
+_RUN_SUBDIRS = (CHECKPOINTS_DIR, ADAPTER_DIR, *TRACKER_DIRS.values(), GATHERED_DIR)
 
 
 def _write_failed(exc: OSError, target: Path, last_checkpoint: str | None, config: RunConfig) -> CheckpointError:
