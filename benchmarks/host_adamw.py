@@ -12,14 +12,14 @@ import argparse
 import time
 
 import torch
+from common import SHAPES
 
 from int4lora_train.memory import HostAdamW
 
-SHAPES = {"70b": (80, 8192, 1024, 28672), "8b": (32, 4096, 1024, 14336)}  # layers, hidden, kv width, intermediate
-
 
 def lora_parameters(shape: str, rank: int, device: str) -> list[torch.nn.Parameter]:
-    layers, hidden, kv, inter = SHAPES[shape]
+    s = SHAPES[shape]
+    layers, hidden, kv, inter = s["layers"], s["hidden"], s["kv_heads"] * s["hidden"] // s["heads"], s["intermediate"]
     projections = [(hidden, hidden), (hidden, kv), (hidden, kv), (hidden, hidden), (hidden, inter), (hidden, inter)]
     projections.append((inter, hidden))
     params = []

@@ -47,7 +47,9 @@ from types import SimpleNamespace
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # common.py / loader_memory.py: the model builders and the checkpoint writer
 
-SHAPE_8B = dict(layers=32, hidden=4096, intermediate=14336, heads=32, kv_heads=8, vocab=128256)
+from common import SHAPES  # noqa: E402
+
+SHAPE_8B = SHAPES["8b"]
 BASES = ("int4", "bf16", "nf4")
 WORDS = "the of and to in is was for on are with as by at from this that which model weight train adapter".split()
 

@@ -173,11 +173,6 @@ def foreign_entries(directory: Path) -> list[str]:
     return [name for name in _listing(directory) if name not in listed]
 
 
-def is_owned(directory: Path) -> bool:
-    """``directory`` was written by the toolkit and holds nothing else."""
-    return read_marker(directory) is not None and not foreign_entries(directory)
-
-
 def remove_owned(path: Path) -> list[str]:
     """Remove what the toolkit wrote at ``path`` (a marked directory: its manifest's files, recursively; its
     marker and the directory when nothing else is left). Returns what was left because it is not the toolkit's."""

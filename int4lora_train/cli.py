@@ -290,7 +290,8 @@ def _cmd_export(args: argparse.Namespace) -> int:
         if not (run_dir / CONFIG_FILE).is_file():
             raise ExportError(f"--checkpoint needs a run directory (with {CONFIG_FILE}); {run_dir} is not one")
         checkpoint = run_checkpoint(run_dir, args.checkpoint)
-        base = args.base or load_config(run_dir / CONFIG_FILE).model.path
+        run_config = load_config(run_dir / CONFIG_FILE)
+        base = args.base or run_config.model.path
         out = Path(args.out) if args.out else run_dir / f"adapter-{checkpoint.name}-vllm"
         source = None
     else:
@@ -304,7 +305,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         raise ExportError(f"{out} already exists; pass --overwrite to replace it, or choose another --out")
     if source is None:
         _say(f"exporting {checkpoint} (loads the run's INT4 base on the CPU)")
-        source = checkpoint_peft_model(run_dir, checkpoint)
+        source = checkpoint_peft_model(run_config, checkpoint)
     else:
         source = str(source)
     report = export_adapter(source, out, base_model_dir=base, fold_scaling=args.fold_scaling, overwrite=args.overwrite)
@@ -331,8 +332,6 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
 
 def _print_groups_of_refused(path: str) -> None:
     """Show every config group (and which one is refused) of a checkpoint the toolkit does not load."""
-    from pathlib import Path
-
     from .quant.checkpoint_dir import read_json
     from .quant.inspect import group_lines
 

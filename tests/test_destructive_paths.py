@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from modeling_helpers import tiny_int4_checkpoint
 from safetensors.torch import save_file
 
 from int4lora_train import atomic, cli
@@ -68,12 +69,8 @@ def run_config(tmp_path: Path, model_dir: Path, out_dir: str | Path, **sections)
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
-    from int4lora_train.quant.packer import save_int4_checkpoint
-
-    model = build_tiny_model("llama", seed=0, dtype=torch.bfloat16, **TINY)
-    return save_int4_checkpoint(
-        model, tmp_path_factory.mktemp("int4") / "model", group_size=32, tokenizer=build_tokenizer()
+    return tiny_int4_checkpoint(
+        tmp_path_factory.mktemp("int4") / "model", dtype=torch.bfloat16, group_size=32, sizes=TINY
     )
 
 

@@ -409,8 +409,6 @@ def _write_atomically(
     """Write into a temporary sibling of ``out_dir``, then rename; an old ``out_dir`` goes only after that."""
     from safetensors.torch import save_file
 
-    if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
-        raise ExportError(f"{out_dir} already exists; pass overwrite=True (--overwrite) to replace it.")
     try:
         with atomic_directory(out_dir, overwrite, kind="adapter", force=force, what="adapter directory") as tmp:
             (tmp / ADAPTER_CONFIG).write_text(adapter_config_json(config))

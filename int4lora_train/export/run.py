@@ -124,14 +124,13 @@ def run_checkpoint(run_dir: str | Path, which: str) -> Path:
     return path
 
 
-def checkpoint_peft_model(run_dir: str | Path, checkpoint: Path) -> nn.Module:
-    """The run's INT4 base (``config.yaml``, on the CPU) with its LoRA adapter holding ``checkpoint``'s weights."""
+def checkpoint_peft_model(config: Any, checkpoint: Path) -> nn.Module:
+    """The run's INT4 base (``config``: its ``RunConfig``, read from ``config.yaml``; on the CPU) with its LoRA adapter
+    holding ``checkpoint``'s weights."""
     from int4lora_train.train.checkpoint import load_checkpoint
-    from int4lora_train.train.config import load_config
-    from int4lora_train.train.job import CONFIG_FILE, apply_lora, load_model
+    from int4lora_train.train.job import apply_lora, load_model
     from int4lora_train.train.module import LoraModule
 
-    config = load_config(Path(run_dir) / CONFIG_FILE)
     model = apply_lora(load_model(config, torch.device("cpu")), config)
     LoraModule(model, config.train).on_load_checkpoint(load_checkpoint(checkpoint))
     return model.eval()
