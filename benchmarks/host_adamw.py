@@ -53,9 +53,13 @@ def main() -> None:
     args = parser.parse_args()
     params = lora_parameters(args.shape, args.rank, args.device)
     count = sum(p.numel() for p in params)
-    print(f"{args.shape}: {count / 1e6:.1f}M LoRA parameters in {len(params)} tensors; {torch.get_num_threads()} threads")
+    print(
+        f"{args.shape}: {count / 1e6:.1f}M LoRA parameters in {len(params)} tensors; {torch.get_num_threads()} threads"
+    )
     for cls in (torch.optim.AdamW, HostAdamW):
-        print(f"{cls.__name__}: {seconds_per_step(cls(params, lr=1e-4), args.device, args.steps):.3f} s/step", flush=True)
+        print(
+            f"{cls.__name__}: {seconds_per_step(cls(params, lr=1e-4), args.device, args.steps):.3f} s/step", flush=True
+        )
 
 
 if __name__ == "__main__":

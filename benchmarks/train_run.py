@@ -5,6 +5,9 @@ bitsandbytes NF4 QLoRA on the same data, batch and trainer loop, in one call.
 
     python benchmarks/train_run.py --work /tmp/train-run --bs 4 --steps 24 --json run_bs4.json
     python benchmarks/train_run.py --work /tmp/train-run --bs 1 --steps 40 --bases int4,bf16 --json run_bs1.json
+    python benchmarks/train_run.py --work /tmp/t70 --layers 80 --hidden 8192 --intermediate 28672 --heads 64 \\
+        --kv-heads 8 --bs 1 --steps 4 --warmup 2 --bases int4 --set train.memory.offload_activations=on \\
+        --set train.memory.embeddings_on_cpu=on --set train.memory.optimizer_on_cpu=on   # issue 16: 70B in 41 GB
     python benchmarks/train_run.py --work /tmp/tiny --layers 2 --hidden 256 --intermediate 512 --heads 4 \\
         --kv-heads 2 --vocab 1024 --seq 128 --steps 4 --device cpu --bases int4     # a CPU smoke test
 
@@ -27,7 +30,9 @@ What it does:
 
 3. reports per base the steady-state tokens/s (real tokens, padding excluded: the trainer's ``train/tokens_per_s``
    windows after ``--warmup`` steps, median), the step time, CUDA peak allocated memory, and the loss curve; and the
-   ratios against bf16 and nf4. ``--profile`` adds, for the int4 run, a torch profiler table of three steady-state
+   ratios against bf16 and nf4. ``--set KEY=VALUE`` passes config overrides to the int4 run's ``train`` command
+   (e.g. the memory features for the 70B shape or long rows; the baselines keep the config as users run it).
+   ``--profile`` adds, for the int4 run, a torch profiler table of three steady-state
    steps (``<work>/profile-<base>.txt``) whose rows include the trainer's ``int4lora/*`` phases.
 """
 
@@ -71,7 +76,7 @@ def write_checkpoint(args, model_dir: Path) -> None:
     started = time.perf_counter()
     shape = SimpleNamespace(**{k: getattr(args, k) for k in SHAPE_8B}, group_size=args.group_size)
     write_int4_checkpoint(
-        llama_config(shape, max_position_embeddings=131072),
+        llama_config(shape, max_position_embeddings=max(131072, args.seq)),
         _stream(shape),
         model_dir,
         format="compressed-tensors",
@@ -191,7 +196,8 @@ def child(args) -> None:
     started = time.perf_counter()
     from int4lora_train import cli
 
-    status = cli.main(["train", "--config", str(config_path), "-q"])
+    overrides = args.set if args.child == "int4" else []  # the baselines run as users get them
+    status = cli.main(["train", "--config", str(config_path), "-q", *overrides])
     wall = time.perf_counter() - started
     if profiler is not None:
         profiler.stop()
@@ -268,6 +274,14 @@ def main(argv: list[str] | None = None) -> dict | None:
         default="dequantized",
         help="bf16 / nf4 bases: the INT4 checkpoint dequantized (the same function: loss curves comparable), or "
         "random bf16 weights of the same shape (no INT4 load)",
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="a config override for the int4 run, as `int4lora-train train` takes it (repeatable), e.g. "
+        "train.memory.offload_activations=on",
     )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
