@@ -82,7 +82,7 @@ def dense_save_is_transient() -> bool:
 
     Everywhere else (no checkpointing, or other saved-tensor hooks such as CPU offloading) it is False.
     """
-    if torch._C._current_graph_task_id() != -1:
+    if in_recompute():
         return True
     try:
         hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
@@ -131,8 +131,10 @@ class _WeightSpec:
 
 
 def lean_forward_weight(spec: _WeightSpec, buffers: tuple, needed: bool) -> tuple[torch.Tensor | None, bool]:
-    """``(weight, skip)`` for a forward: ``skip`` when its output may stay uncomputed (:meth:`_WeightSpec.skips_output`),
-    and the dense weight unless nothing needs it (skipped output, and backward dequantizes again)."""
+    """``(weight, skip)`` for a forward that saves its weight with :func:`save_weight_tensors` (same ``needed``).
+
+    ``skip``: the forward may leave its output uncomputed (:meth:`_WeightSpec.skips_output`). ``weight``: the dense
+    ``[out, in]`` weight; None only when ``skip`` and the packed buffers are saved (nothing reads it then)."""
     skip = spec.skips_output()
     if skip and not spec.keeps_dense(needed):
         return None, True

@@ -182,14 +182,11 @@ def _build_skeleton(hf_config, dtype: torch.dtype, trust_remote_code: bool) -> t
 # ------------------------------------------------------------------------------------------------------ tensors
 
 
-def _load_tensors(
-    model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path, expert_plans=None
-):
+def _load_tensors(model, checkpoint, plans, dense_keys, device, dtype, compute_dtype, cache, config_path, expert_plans):
     """Read the checkpoint tensor by tensor (shard by shard, in file order) into ``model``; yield a report entry per
     INT4 module, converted as soon as its last tensor is read. Each dense tensor is its own request; an experts
     module (all its experts' INT4 tensors) is one."""
     keep_fp32 = set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    expert_plans = expert_plans or {}
     requests = {name: plan.keys for name, plan in plans.items()}
     requests.update({name: plan.keys for name, plan in expert_plans.items()})
     requests.update({key: {module_and_local(key)[1]: key} for key in dense_keys if key in checkpoint.catalog})
@@ -217,7 +214,7 @@ def _plan(
     checkpoint: CheckpointDir,
     config_path: Path,
     strict: bool,
-    expert_plans: Mapping | None = None,
+    expert_plans: Mapping,
 ) -> tuple[dict[str, _Int4Plan], set[str]]:
     """Match the checkpoint's tensors to the skeleton: INT4 modules (with their tensors) and dense keys.
 
@@ -263,7 +260,6 @@ def _plan(
                 )
         plans[name] = plan
 
-    expert_plans = expert_plans or {}
     int4_keys = {key for plan in [*plans.values(), *expert_plans.values()] for key in plan.keys.values()}
     dense_expected = {}
     for key, tensor in model.state_dict(keep_vars=True).items():

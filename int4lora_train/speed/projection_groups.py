@@ -35,8 +35,12 @@ class _GroupSpec:
     outs: tuple[int, ...]
     ranks: tuple[int, ...]
     scalings: tuple[float, ...]
-    keep_dense: bool
     p: float  # LoRA dropout, the same for every member (each draws its own mask)
+
+    @property
+    def keep_dense(self) -> bool:
+        """Whether the stacked dense weight may be saved for backward: when every member's may."""
+        return all(spec.keep_dense for spec in self.specs)
 
     def dense(self, buffers: tuple, device: torch.device) -> torch.Tensor:
         """The members' dense weights stacked along the output axis, ``[sum(outs), in]``, one row slice each."""
@@ -203,7 +207,6 @@ class ProjectionGroup:
             tuple(c.base.out_features for c in calls),
             tuple(c.lora_a.shape[0] for c in calls),
             tuple(c.scaling for c in calls),
-            all(spec.keep_dense for spec in specs),
             first.p,
         )
 
