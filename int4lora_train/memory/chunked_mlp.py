@@ -24,20 +24,12 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from int4lora_train.modeling.architectures import is_decoder_mlp
+
 logger = logging.getLogger(__name__)
 
 _INNER = "_int4lora_mlp_inner"
 _CHUNK = "_int4lora_mlp_chunk_tokens"
-
-
-def is_decoder_mlp(name: str, module: nn.Module) -> bool:
-    """Whether ``module`` (named ``name`` in the model) is a decoder layer's token-wise MLP: an ``mlp`` attribute
-    whose class is named ``...MLP`` and which has a ``down_proj`` (Llama, Mistral, Qwen2/3, Gemma, Phi-3)."""
-    return (
-        name.rsplit(".", 1)[-1] == "mlp"
-        and type(module).__name__.endswith("MLP")
-        and isinstance(getattr(module, "down_proj", None), nn.Module)
-    )
 
 
 def _chunked_mlp_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -158,3 +158,13 @@ def check_loadable_architecture(model: nn.Module, source: str) -> None:
             model_type_of(model),
             ", ".join(sorted(ARCHITECTURES)),
         )
+
+
+def is_decoder_mlp(name: str, module: nn.Module) -> bool:
+    """Whether ``module`` (named ``name`` in the model) is a decoder layer's token-wise MLP: an ``mlp`` attribute
+    whose class is named ``...MLP`` and which has a ``down_proj`` (Llama, Mistral, Qwen2/3, Gemma, Phi-3)."""
+    return (
+        name.rsplit(".", 1)[-1] == "mlp"
+        and type(module).__name__.endswith("MLP")
+        and isinstance(getattr(module, "down_proj", None), nn.Module)
+    )

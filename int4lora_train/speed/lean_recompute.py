@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from torch import nn
 
+from int4lora_train.modeling.architectures import is_decoder_mlp
 from int4lora_train.modeling.int4_linear import Int4Linear
 
 LEAN_RECOMPUTE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -47,12 +48,9 @@ def set_lean_recompute(model: nn.Module, enabled: bool) -> int:
     if getattr(config, "model_type", None) not in LEAN_RECOMPUTE_MODEL_TYPES:
         return 0
     marked = 0
-    for module in model.modules():
-        if not type(module).__name__.endswith("DecoderLayer"):
-            continue
-        mlp = getattr(module, "mlp", None)
-        base = _int4_base(getattr(mlp, "down_proj", None))
-        if base is not None and type(mlp).__name__.endswith("MLP"):
+    for name, module in model.named_modules():
+        base = _int4_base(module.down_proj) if is_decoder_mlp(name, module) else None
+        if base is not None:
             base.output_unread_in_recompute = True
             marked += 1
     return marked
