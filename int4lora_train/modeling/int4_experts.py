@@ -478,11 +478,3 @@ def is_fused_experts_module(module: nn.Module) -> bool:
         and down.dim() == 3
         and hasattr(module, "act_fn")
     )
-
-
-def dense_experts_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gate_up [E, 2I, H], down [E, H, I])`` of a dense transformers experts module or an :class:`Int4Experts`
-    (dequantized in the scales' dtype)."""
-    if isinstance(module, Int4Experts):
-        return module.dequantize("gate_up"), module.dequantize("down")
-    return module.gate_up_proj.detach(), module.down_proj.detach()
