@@ -133,7 +133,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def grouped_mm_aligned(dtype: torch.dtype, *features: int) -> bool:
     """Whether rows of each width in ``features`` (elements of ``dtype``) are multiples of 16 bytes: then the sorted
     activations, every chunk's row slice of them and the dense expert buffers meet the grouped GEMM's alignment."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return all((f * size) % _GROUPED_MM_ALIGNMENT == 0 for f in features)
 
 
