@@ -8,6 +8,8 @@
     dequantizer.py    an Int4Linear's dequantizer: TorchDequantizer / TritonDequantizer (prepared launch) /
                       CachedDequantizer, chosen by select_dequantizer
     dequant.py        Triton: INT4 dequantization (the torch reference is int4lora_train.quant.dequant)
+    grouped_dequant.py  Triton: the used MoE experts' INT4 dequantization in one launch (the torch reference is
+                      int4lora_train.quant.experts.dequantize_experts_torch)
     norm_mlp.py       Triton: RMSNorm and SwiGLU, forward and backward (used by int4lora_train.speed.fused_ops)
     cross_entropy.py  Triton: row-wise cross-entropy and its gradient (used by int4lora_train.speed.chunked_loss)
 

@@ -18,8 +18,8 @@ which is exactly vLLM's per-expert ("2-D") MoE adapter format (``vllm/lora/lora_
 ``check_unexpected_modules`` accepts ``experts.{e}.gate_proj`` because ``process_packed_modules_mapping`` expands
 ``experts`` into every expert's ``gate_proj`` / ``up_proj`` / ``down_proj`` for models with ``is_3d_moe_weight =
 False``, which Qwen2-MoE, Qwen3-MoE and Mixtral are). Mixtral's names are ``w1`` / ``w3`` / ``w2``, in vLLM's module
-``block_sparse_moe`` (see :func:`int4lora_train.export.moe_rules.vllm_expert_key`). ``PeftModel.from_pretrained``
-reads the same files back. One adapter is active at a time on an experts module.
+``block_sparse_moe`` (see :data:`int4lora_train.export.vllm_rules.MOE_EXPERT_PROJECTIONS`).
+``PeftModel.from_pretrained`` reads the same files back. One adapter is active at a time on an experts module.
 """
 
 from __future__ import annotations

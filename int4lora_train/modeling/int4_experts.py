@@ -133,7 +133,7 @@ def grouped_mm_supported(device: torch.device, dtype: torch.dtype) -> bool:
 def grouped_mm_aligned(dtype: torch.dtype, *features: int) -> bool:
     """Whether rows of each width in ``features`` (elements of ``dtype``) are multiples of 16 bytes: then the sorted
     activations, every chunk's row slice of them and the dense expert buffers meet the grouped GEMM's alignment."""
-    size = torch.empty((), dtype=dtype).element_size()
+    size = dtype.itemsize
     return all((f * size) % _GROUPED_MM_ALIGNMENT == 0 for f in features)
 
 
@@ -478,11 +478,3 @@ def is_fused_experts_module(module: nn.Module) -> bool:
         and down.dim() == 3
         and hasattr(module, "act_fn")
     )
-
-
-def dense_experts_weights(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(gate_up [E, 2I, H], down [E, H, I])`` of a dense transformers experts module or an :class:`Int4Experts`
-    (dequantized in the scales' dtype)."""
-    if isinstance(module, Int4Experts):
-        return module.dequantize("gate_up"), module.dequantize("down")
-    return module.gate_up_proj.detach(), module.down_proj.detach()

@@ -87,6 +87,16 @@ def moe_spec_for(model_or_config) -> MoESpec | None:
     return MOE_SPECS.get(getattr(config, "model_type", None))
 
 
+def _supported_spec(model) -> MoESpec:
+    """:func:`moe_spec_for` ``model``, which must be one of :data:`MOE_SPECS`."""
+    spec = moe_spec_for(model)
+    if spec is None:
+        raise UnsupportedFormatError(
+            f"model_type {getattr(model.config, 'model_type', None)!r} is not a supported MoE."
+        )
+    return spec
+
+
 def experts_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     """Every fused experts module (transformers' dense / meta ones, and :class:`Int4Experts`), by name."""
     return [
@@ -214,7 +224,9 @@ def experts_from_weights(
             torch.cat([g.scales.contiguous(), u.scales.contiguous()]),
             g.in_features,
             g.group_size,
-            None if g.zero_points is None else torch.cat([g.zero_points, u.zero_points_or_zeros()]),
+            None
+            if g.zero_points is None and u.zero_points is None
+            else torch.cat([g.zero_points_or_zeros(), u.zero_points_or_zeros()]),
             name=f"{name}.{e}.gate_up",
         )
         if g.group_size == u.group_size and g.packed.shape[1] == u.packed.shape[1]
@@ -337,11 +349,7 @@ def moe_checkpoint_stream(
     from int4lora_train.quant.packer import quantize_rtn
     from int4lora_train.quant.scheme import _matches
 
-    spec = moe_spec_for(model)
-    if spec is None:
-        raise UnsupportedFormatError(
-            f"model_type {getattr(model.config, 'model_type', None)!r} is not a supported MoE."
-        )
+    spec = _supported_spec(model)
 
     def q(dense, name):
         return quantize_rtn(dense, group_size=group_size, symmetric=symmetric, strategy=strategy, name=name)
@@ -395,11 +403,7 @@ def save_int4_moe_checkpoint(
     ``quantize_linears``, every other linear stay dense and are listed in the config's ignore."""
     from int4lora_train.quant.packer import model_checkpoint_config, write_int4_checkpoint
 
-    spec = moe_spec_for(model)
-    if spec is None:
-        raise UnsupportedFormatError(
-            f"model_type {getattr(model.config, 'model_type', None)!r} is not a supported MoE."
-        )
+    spec = _supported_spec(model)
     dense_linears = [
         spec.to_checkpoint_key(n)
         for n, m in model.named_modules()

@@ -313,18 +313,23 @@ class CheckpointDir:
         for name, tensors in self.iter_module_tensors(requests):
             yield name, read_int4_weight(tensors, name, quant_config.scheme_for(name, "Linear")), tensors
 
-    def iter_dequantized_modules(
-        self, quant_config: Int4CheckpointConfig
-    ) -> Iterator[tuple[str, TargetGroup, dict[str, torch.Tensor]]]:
-        """``(module, its config group, its quantized tensors as stored)`` for every module of an 8-bit group that
-        the loader dequantizes at load (mixed-precision checkpoints; quant/dequant_at_load.py), one at a time."""
+    def dequantized_modules(self, quant_config: Int4CheckpointConfig) -> dict[str, tuple[TargetGroup, dict[str, str]]]:
+        """``{module: (its config group, {local name: checkpoint key})}`` for every module of an 8-bit group that the
+        loader dequantizes at load (mixed-precision checkpoints; quant/dequant_at_load.py); from the headers only."""
         from int4lora_train.quant.dequant_at_load import TENSOR_NAMES
 
-        requests, groups = {}, {}
+        modules = {}
         for name, tensors in self.modules().items():
             group = quant_config.group_for(name, "Linear") if "weight_scale" in tensors else None
             if group is not None and group.scheme.dequantize:
-                requests[name] = {local: key for local, key in tensors.items() if local in TENSOR_NAMES}
-                groups[name] = group
-        for name, tensors in self.iter_module_tensors(requests):
-            yield name, groups[name], tensors
+                modules[name] = (group, {local: key for local, key in tensors.items() if local in TENSOR_NAMES})
+        return modules
+
+    def iter_dequantized_modules(
+        self, quant_config: Int4CheckpointConfig
+    ) -> Iterator[tuple[str, TargetGroup, dict[str, torch.Tensor]]]:
+        """``(module, its config group, its quantized tensors as stored)`` for every module of
+        :meth:`dequantized_modules`, one at a time."""
+        modules = self.dequantized_modules(quant_config)
+        for name, tensors in self.iter_module_tensors({name: keys for name, (_, keys) in modules.items()}):
+            yield name, modules[name][0], tensors

@@ -88,11 +88,6 @@ class Int4ExpertStack:
     def device(self) -> torch.device:
         return self.packed.device
 
-    @property
-    def nbytes(self) -> int:
-        tensors = (self.packed, self.scales, self.zero_points)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
-
     def expert(self, e: int) -> Int4Weight:
         """Expert ``e``'s canonical weight (views, no copy)."""
         zero_points = None if self.zero_points is None else self.zero_points[e]

@@ -133,9 +133,9 @@ def inspect_checkpoint(path: str | os.PathLike) -> CheckpointLayout:
         )
     int4_keys = {key for tensors in checkpoint.int4_modules().values() for key in tensors.values()}
     dequantized: dict[str, tuple[int, int]] = {}
-    for _name, group, tensors in checkpoint.iter_dequantized_modules(quant):
+    for group, keys in checkpoint.dequantized_modules(quant).values():
         count, nbytes = dequantized.get(group.name, (0, 0))
-        dequantized[group.name] = (count + 1, nbytes + sum(t.numel() * t.element_size() for t in tensors.values()))
+        dequantized[group.name] = (count + 1, nbytes + sum(checkpoint.catalog[key].nbytes for key in keys.values()))
     other_bytes = sum(info.nbytes for key, info in checkpoint.catalog.items() if key not in int4_keys)
     return CheckpointLayout(str(path), quant, modules, other_bytes, dequantized)
 

@@ -154,11 +154,7 @@ def check_block_types(block: Mapping, source: str) -> None:
                 "Fix config.json (or re-export the checkpoint)."
             )
         targets = group.get("targets")
-        if (
-            targets is not None
-            and not isinstance(targets, str)
-            and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets))
-        ):
+        if not _is_names(targets):
             raise CheckpointError(f"{gwhere}.targets is {_shown(targets)}; it must be a list of strings.")
         _check_fields(group, gwhere)
         for key in _OBJECT_FIELDS:
@@ -166,12 +162,15 @@ def check_block_types(block: Mapping, source: str) -> None:
                 _check_fields(group[key], f"{gwhere}.{key}")
     for key in ("ignore", "modules_to_not_convert"):
         value = block.get(key)
-        if (
-            value is not None
-            and not isinstance(value, str)
-            and not (isinstance(value, list) and all(isinstance(v, str) for v in value))
-        ):
+        if not _is_names(value):
             raise CheckpointError(f"{where}.{key} is {_shown(value)}; it must be a list of module names.")
+
+
+def _is_names(value: object) -> bool:
+    """None, a string, or a list of strings (``targets``, ``ignore``)."""
+    return (
+        value is None or isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value))
+    )
 
 
 def _check_fields(obj: object, where: str) -> None:

@@ -50,12 +50,7 @@ class INT4Unpacker:
     (unbounded when None). Thread-safe: the cache is guarded by a lock; dequantization runs outside it."""
 
     def __init__(self, max_cache_bytes: int | None = None):
-        if max_cache_bytes is not None and max_cache_bytes < 0:
-            raise ConfigError(
-                f"INT4Unpacker: max_cache_bytes must be >= 0 or None (unbounded), got {max_cache_bytes} "
-                "(model.cache_budget_mb in a config)"
-            )
-        self._max_bytes = max_cache_bytes
+        self._max_bytes = _checked_budget(max_cache_bytes)
         self._cache: OrderedDict[tuple, tuple[torch.Tensor, tuple]] = OrderedDict()
         self._bytes = 0
         self._hits = 0
@@ -173,11 +168,7 @@ class INT4Unpacker:
 
     def set_max_cache_bytes(self, max_cache_bytes: int | None) -> None:
         """Change the budget, evicting least recently used entries until the cache fits."""
-        if max_cache_bytes is not None and max_cache_bytes < 0:
-            raise ConfigError(
-                f"INT4Unpacker: max_cache_bytes must be >= 0 or None (unbounded), got {max_cache_bytes} "
-                "(model.cache_budget_mb in a config)"
-            )
+        max_cache_bytes = _checked_budget(max_cache_bytes)
         with self._lock:
             self._max_bytes = max_cache_bytes
             self._evict_until(0)
@@ -237,6 +228,15 @@ def _weight_from_arrays(packed_weights, scales, zero_points, group_size) -> Int4
             tensors["weight_zero_point"] = zero_points if is_packed else zero_points.to(torch.int8)
         return from_compressed_tensors(tensors, "packed_weights", group_size)
     return from_uint8(packed_weights, scales, zero_points, group_size, name="packed_weights")
+
+
+def _checked_budget(max_cache_bytes: int | None) -> int | None:
+    if max_cache_bytes is not None and max_cache_bytes < 0:
+        raise ConfigError(
+            f"INT4Unpacker: max_cache_bytes must be >= 0 or None (unbounded), got {max_cache_bytes} "
+            "(model.cache_budget_mb in a config)"
+        )
+    return max_cache_bytes
 
 
 def _token(tensors: dict[str, torch.Tensor]) -> tuple:

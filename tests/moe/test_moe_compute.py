@@ -174,3 +174,21 @@ def test_experts_module_on_the_triton_backend_matches_torch(grouped_dequant):
     y_torch.backward(grad)
     y_triton.backward(grad)
     assert torch.equal(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("gate_symmetric", [True, False])
+def test_gate_and_up_of_different_symmetry_keep_both_zero_points(gate_symmetric):
+    """A symmetric gate beside an asymmetric up (or the reverse) stacks into gate_up with the symmetric one's zero
+    points as zeros: every expert's gate_up dequantizes to its gate then its up."""
+    from int4lora_train.modeling.moe import experts_from_weights
+    from int4lora_train.quant.dequant import dequantize_torch
+
+    module = tiny_moe("qwen3_moe").model.layers[0].mlp.experts
+    gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+    inter = gate_up.shape[1] // 2
+    gates = [quantize_rtn(w[:inter] + 0.05, GROUP_SIZE, symmetric=gate_symmetric) for w in gate_up]
+    ups = [quantize_rtn(w[inter:] + 0.05, GROUP_SIZE, symmetric=not gate_symmetric) for w in gate_up]
+    downs = [quantize_rtn(w, GROUP_SIZE) for w in down]
+    int4 = experts_from_weights(module, gates, ups, downs, "experts")
+    want = torch.stack([torch.cat([dequantize_torch(g), dequantize_torch(u)]) for g, u in zip(gates, ups)])
+    assert torch.equal(int4.dequantize("gate_up"), want)
