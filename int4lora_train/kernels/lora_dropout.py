@@ -28,6 +28,7 @@ import torch
 import triton
 import triton.language as tl
 
+from int4lora_train.errors import UnsupportedFormatError
 from int4lora_train.kernels.backend import built_for_interpreter
 from int4lora_train.kernels.launch import DirectLauncher
 from int4lora_train.modeling import lora_dropout
@@ -48,8 +49,10 @@ _TARGET_PROGRAMS = 4  # per streaming multiprocessor: enough resident programs t
 def _philox(c0, c1, k0, k1, ROUNDS: tl.constexpr):
     """Philox4x32 of the counter ``(c0, c1, 0, 0)`` (uint32 tensors) under the key ``(k0, k1)`` (uint32 scalars):
     four uint32 words per element."""
-    c2 = tl.zeros_like(c0)
-    c3 = tl.zeros_like(c0)
+    # tl.full, not tl.zeros: tl.zeros is a jit function of triton.language, compiled when triton was imported
+    # before TRITON_INTERPRET was set (a test session), and then not callable from an interpreted kernel
+    c2 = tl.full(c0.shape, 0, tl.uint32)
+    c3 = c2
     for _ in tl.static_range(ROUNDS):
         prev0, prev2 = c0, c2
         c0 = tl.umulhi(prev2, _ROUND_B) ^ c1 ^ k0
@@ -122,7 +125,7 @@ def _fwd_kernel(
     quads = pid_t * (BT // 4) + tl.arange(0, BT // 4)
     ranks = tl.arange(0, RP)
     row_ok = rows < T
-    acc = tl.zeros((BT, RP), dtype=tl.float32)
+    acc = tl.full((BT, RP), 0.0, tl.float32)
     for kk in range(0, K_PER, BK):
         cols = k_start + kk + tl.arange(0, BK)
         col_ok = cols < K
@@ -172,7 +175,7 @@ def _bwd_kernel(
     ranks = tl.arange(0, RP)
     rank_ok = ranks < R
     a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :])
-    ga = tl.zeros((RP, BK), dtype=tl.float32)
+    ga = tl.full((RP, BK), 0.0, tl.float32)
     for b in range(T_BLOCKS):
         block = tl.program_id(1) * T_BLOCKS + b
         rows = block * BT + tl.arange(0, BT)
@@ -183,7 +186,7 @@ def _bwd_kernel(
         gs = tl.load(gs_ptr + rows.to(tl.int64)[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :])
         if GRAD_A:
             x = tl.load(x_ptr + tile, mask=tile_ok)
-        gx = tl.zeros((BT, BK), dtype=tl.float32)
+        gx = tl.full((BT, BK), 0.0, tl.float32)
         for i in tl.static_range(MEMBERS):
             seed, lo, hi = _member(i, seed0, seed1, seed2, end0, end1, end2)
             keep = _keep_tile(seed, threshold, quads, cols, K, BT, BK, ROUNDS)
@@ -223,6 +226,9 @@ def _scalars(ranks: tuple[int, ...], seeds: tuple[int, ...], p: float) -> list:
 
 
 def _options(dtype: torch.dtype, total_rank: int) -> dict:
+    if INTERPRETED and dtype == torch.bfloat16:
+        # Triton 3.6's interpreter keeps bf16 as uint16 and multiplies those bit patterns in tl.dot
+        raise UnsupportedFormatError("the fused-dropout kernels cannot run bf16 in Triton's CPU interpreter")
     return {
         "RP": max(16, triton.next_power_of_2(total_rank)),
         "BT": BLOCK_T,
