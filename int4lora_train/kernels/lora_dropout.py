@@ -40,8 +40,12 @@ _ROUND_A = tl.constexpr(lora_dropout.PHILOX_ROUND_A)
 _ROUND_B = tl.constexpr(lora_dropout.PHILOX_ROUND_B)
 _KEY_A = tl.constexpr(lora_dropout.PHILOX_KEY_A)
 _KEY_B = tl.constexpr(lora_dropout.PHILOX_KEY_B)
-BLOCK_T = 64  # rows per tile: 16 quads of rows, one Philox draw per quad and column
-BLOCK_K = 64
+# Tiles of 64 x 32 with 8 warps compile for sm_90 to 124 (forward) and 140 (backward) registers a thread and no
+# spills; 64 x 64 tiles spill at 4 warps and take 240 registers at 8 (ptxas -v, Triton 3.6; not yet timed on a GPU:
+# benchmarks/lora_dropout.py --sweep compares). The masks do not depend on the tiles (BLOCK_T: a multiple of 4).
+BLOCK_T = 64
+BLOCK_K = 32
+NUM_WARPS = 8
 _TARGET_PROGRAMS = 4  # per streaming multiprocessor: enough resident programs to hide the loads' latency
 
 
@@ -69,7 +73,7 @@ def _keep_tile(seed, threshold, quads, cols, K: tl.constexpr, BT: tl.constexpr, 
     """The keep mask ``[BT, BK]`` of the rows ``4 * quads + j`` (``quads`` ``[BT // 4]``, consecutive) and the
     columns ``cols`` ``[BK]``: word j of the draw at counter ``quad * K + col``, kept when ``>= threshold``."""
     counter = quads.to(tl.int64)[:, None] * K + cols[None, :]
-    key = seed.to(tl.int64)
+    key = tl.cast(seed, tl.int64)
     w0, w1, w2, w3 = _philox(
         (counter & 0xFFFFFFFF).to(tl.uint32),
         (counter >> 32).to(tl.uint32),
@@ -77,24 +81,26 @@ def _keep_tile(seed, threshold, quads, cols, K: tl.constexpr, BT: tl.constexpr, 
         (key >> 32).to(tl.uint32),
         ROUNDS,
     )
-    t = threshold.to(tl.uint32, bitcast=True)
+    t = tl.cast(threshold, tl.uint32, bitcast=True)
     # [quad, col, j0, j1] with j = j0 + 2 * j1, reordered to row 4 * quad + j
     keep = tl.join(tl.join(w0 >= t, w1 >= t), tl.join(w2 >= t, w3 >= t))
     return tl.reshape(tl.permute(keep, (0, 3, 2, 1)), (BT, BK))
 
 
 @triton.jit
-def _member(i: tl.constexpr, seed0, seed1, seed2, end0, end1, end2):
+def _member(i, seed0, seed1, seed2, end0, end1, end2):
     """Member ``i``'s seed and first and last-plus-one row of ``a_cat``."""
-    if i == 0:
-        return seed0, 0, end0
-    elif i == 1:
-        return seed1, end0, end1
-    else:
-        return seed2, end1, end2
+    seed = tl.where(i == 0, seed0, tl.where(i == 1, seed1, seed2))
+    lo = tl.where(i == 0, 0, tl.where(i == 1, end0, end1))
+    hi = tl.where(i == 0, end0, tl.where(i == 1, end1, end2))
+    return seed, lo, hi
 
 
-@triton.jit
+# Per-call scalars are not specialized (Triton would compile a variant for a seed of 1 or a multiple of 16).
+_VARYING = ["T", "seed0", "seed1", "seed2", "end0", "end1", "end2", "threshold"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _fwd_kernel(
     x_ptr,
     a_ptr,
@@ -131,7 +137,7 @@ def _fwd_kernel(
         col_ok = cols < K
         x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
         a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_ok[None, :])
-        for i in tl.static_range(MEMBERS):
+        for i in range(MEMBERS):  # a loop, not unrolled: one member's draws live at a time
             seed, lo, hi = _member(i, seed0, seed1, seed2, end0, end1, end2)
             keep = _keep_tile(seed, threshold, quads, cols, K, BT, BK, ROUNDS)
             a_i = tl.where(((ranks >= lo) & (ranks < hi))[:, None], a, 0.0)
@@ -140,7 +146,7 @@ def _fwd_kernel(
     tl.store(out, (acc * scale).to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & (ranks[None, :] < R))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_VARYING)
 def _bwd_kernel(
     x_ptr,
     gs_ptr,
@@ -187,7 +193,7 @@ def _bwd_kernel(
         if GRAD_A:
             x = tl.load(x_ptr + tile, mask=tile_ok)
         gx = tl.full((BT, BK), 0.0, tl.float32)
-        for i in tl.static_range(MEMBERS):
+        for i in range(MEMBERS):  # a loop, not unrolled: one member's draws live at a time
             seed, lo, hi = _member(i, seed0, seed1, seed2, end0, end1, end2)
             keep = _keep_tile(seed, threshold, quads, cols, K, BT, BK, ROUNDS)
             gs_i = tl.where(((ranks >= lo) & (ranks < hi))[None, :], gs, 0.0)
@@ -235,7 +241,7 @@ def _options(dtype: torch.dtype, total_rank: int) -> dict:
         "BK": BLOCK_K,
         "ROUNDS": lora_dropout.PHILOX_ROUNDS,
         "PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-        "num_warps": 4,
+        "num_warps": NUM_WARPS,
     }
 
 
