@@ -64,7 +64,6 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
-from int4lora_train.modeling.lora_dropout import draw_seeds, fused_dropout_runs
 from int4lora_train.modeling.int4_linear import (
     Int4Linear,
     _WeightSpec,
@@ -72,6 +71,7 @@ from int4lora_train.modeling.int4_linear import (
     save_weight_tensors,
     saved_dense_weight,
 )
+from int4lora_train.modeling.lora_dropout import draw_seeds, fused_dropout_runs
 
 SUPPORTED_INITS = (True, False, "gaussian")
 """``init_lora_weights`` values that do not need the dense base weight."""
@@ -290,7 +290,9 @@ class Int4LoraFunction(torch.autograd.Function):
             a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
             gs = (g @ b_c).mul_(s)  # [T, r]
             grad_x = g @ saved_dense_weight(ctx, saved) if need_x else None  # [T, in]
-            grad_a = dropout_kernels().dropout_lora_a_backward(x2, gs, a_c, (a_c.shape[0],), ctx.seeds, p, grad_x, need_a)
+            grad_a = dropout_kernels().dropout_lora_a_backward(
+                x2, gs, a_c, (a_c.shape[0],), ctx.seeds, p, grad_x, need_a
+            )
             grad_x = None if grad_x is None else grad_x.reshape(ctx.x_shape)
             grad_a = None if grad_a is None else grad_a.to(lora_a.dtype)
         elif need_x or need_a:

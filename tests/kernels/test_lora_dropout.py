@@ -47,7 +47,14 @@ def test_kernel_masks_are_the_reference_masks(kernels, p):
     grad_x = torch.zeros(rows, width, device=DEVICE)
     # gs = 1, A = 1: the grad_x increment is keep / (1 - p) itself
     kernels.dropout_lora_a_backward(
-        ones, torch.ones(rows, 1, device=DEVICE), torch.ones(1, width, device=DEVICE), (1,), (SEEDS[1],), p, grad_x, False
+        ones,
+        torch.ones(rows, 1, device=DEVICE),
+        torch.ones(1, width, device=DEVICE),
+        (1,),
+        (SEEDS[1],),
+        p,
+        grad_x,
+        False,
     )
     keep = dropout_keep_mask(SEEDS[1], rows, width, p, device=DEVICE)
     assert 0 < keep.float().mean().item() < 1
