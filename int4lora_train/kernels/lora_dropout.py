@@ -10,10 +10,11 @@ its rank ``r_i``, its rows ``A_i`` of ``a_cat`` ``[R, K]`` and its own seed::
 
 ``keep_i`` is member i's mask as :mod:`int4lora_train.modeling.lora_dropout` defines it (Philox4x32, four words
 per draw, one word per row of a quad of rows; its torch form, ``dropout_keep_mask``, and the torch references of
-both functions live there); the kernels compute the same bits tile by tile. The forward reads ``x`` once for every member (each program holds
-an ``x`` tile and runs the members' masks and products over it); the backward reads ``x``, ``gs`` and ``grad_x``
-once and writes ``grad_x`` once, producing both gradients from one mask per member and tile. Products are
-``tl.dot`` with fp32 accumulation (IEEE fp32 for fp32 inputs, so that the CPU interpreter's tests can be tight).
+both functions live there); the kernels compute the same bits tile by tile. The forward reads ``x`` once for every
+member (each program holds an ``x`` tile and runs the members' masks and products over it); the backward reads
+``x``, ``gs`` and ``grad_x`` once and writes ``grad_x`` once, producing both gradients from one mask per member and
+tile. Products are ``tl.dot`` with fp32 accumulation (IEEE fp32 for fp32 inputs, so that the CPU interpreter's
+tests can be tight).
 
 Parallelism: the forward splits K across programs when there are few row blocks (fp32 partial sums added by
 torch); the backward splits T (``grad_A`` partial sums ``[S, R, K]`` fp32, added by torch), so the sums are
@@ -135,8 +136,10 @@ def _fwd_kernel(
     for kk in range(0, K_PER, BK):
         cols = k_start + kk + tl.arange(0, BK)
         col_ok = cols < K
-        x = tl.load(x_ptr + rows.to(tl.int64)[:, None] * K + cols[None, :], mask=row_ok[:, None] & col_ok[None, :])
-        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_ok[None, :])
+        # zeros outside the tensors: the products sum over the columns (and, backward, the rows)
+        x_tile = rows.to(tl.int64)[:, None] * K + cols[None, :]
+        x = tl.load(x_ptr + x_tile, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+        a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=(ranks[:, None] < R) & col_ok[None, :], other=0.0)
         for i in range(MEMBERS):  # a loop, not unrolled: one member's draws live at a time
             seed, lo, hi = _member(i, seed0, seed1, seed2, end0, end1, end2)
             keep = _keep_tile(seed, threshold, quads, cols, K, BT, BK, ROUNDS)
@@ -180,7 +183,7 @@ def _bwd_kernel(
     col_ok = cols < K
     ranks = tl.arange(0, RP)
     rank_ok = ranks < R
-    a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :])
+    a = tl.load(a_ptr + ranks[:, None] * K + cols[None, :], mask=rank_ok[:, None] & col_ok[None, :], other=0.0)
     ga = tl.full((RP, BK), 0.0, tl.float32)
     for b in range(T_BLOCKS):
         block = tl.program_id(1) * T_BLOCKS + b
@@ -189,9 +192,10 @@ def _bwd_kernel(
         row_ok = rows < T
         tile = rows.to(tl.int64)[:, None] * K + cols[None, :]
         tile_ok = row_ok[:, None] & col_ok[None, :]
-        gs = tl.load(gs_ptr + rows.to(tl.int64)[:, None] * R + ranks[None, :], mask=row_ok[:, None] & rank_ok[None, :])
+        gs_tile = rows.to(tl.int64)[:, None] * R + ranks[None, :]
+        gs = tl.load(gs_ptr + gs_tile, mask=row_ok[:, None] & rank_ok[None, :], other=0.0)
         if GRAD_A:
-            x = tl.load(x_ptr + tile, mask=tile_ok)
+            x = tl.load(x_ptr + tile, mask=tile_ok, other=0.0)
         gx = tl.full((BT, BK), 0.0, tl.float32)
         for i in range(MEMBERS):  # a loop, not unrolled: one member's draws live at a time
             seed, lo, hi = _member(i, seed0, seed1, seed2, end0, end1, end2)
