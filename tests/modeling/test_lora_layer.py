@@ -158,6 +158,37 @@ def test_fused_kernel_dropout_equals_reference_with_the_seeded_mask(triton_kerne
     assert torch.bool in _saved_dtypes(lambda: layer(x))
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto fuses dropout on CUDA only")
+def test_auto_fuses_dropout_on_cuda_under_bf16_autocast(monkeypatch):
+    from int4lora_train.kernels import lora_dropout as kernels
+
+    p = 0.25
+    layer = _lora_layer(dropout=p).cuda()
+    calls = []
+    original = kernels.dropout_lora_a
+    monkeypatch.setattr(kernels, "dropout_lora_a", lambda *a, **k: calls.append(1) or original(*a, **k))
+    x = _x().detach().cuda().requires_grad_(True)
+    torch.manual_seed(7)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out = layer(x)
+    weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
+    (out.float() * weights).sum().backward()
+    assert calls == [1]
+    torch.manual_seed(7)
+    (seed,) = draw_seeds(1)
+    mask = dropout_keep_mask(seed, x.shape[0] * x.shape[1], IN, p, device="cuda").reshape(x.shape)
+    xr = x.detach().requires_grad_(True)
+    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
+    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
+    dense = layer.get_base_layer().dequantize(torch.float32)
+    ref = F.linear(xr, dense) + F.linear(F.linear(xr * mask / (1 - p), a), b) * layer.scaling["default"]
+    (ref * weights).sum().backward()
+    assert rel_diff(out, ref) <= 3e-2  # bf16 products
+    for got, want in ((x.grad, xr.grad), (layer.lora_A["default"].weight.grad, a.grad)):
+        assert rel_diff(got, want) <= 3e-2
+    assert rel_diff(layer.lora_B["default"].weight.grad, b.grad) <= 3e-2
+
+
 def test_fused_dropout_choices(triton_kernels, monkeypatch):
     cpu = torch.device("cpu")
     assert not fused_dropout_runs("auto", cpu) and not fused_dropout_runs("off", cpu)
