@@ -214,7 +214,8 @@ def child(args) -> None:
     steps = [m for m in metrics if "train/tokens_per_s" in m]
     steady = [m for m in steps if m.get("step", 0) > args.warmup] or steps
     rates = [m["train/tokens_per_s"] for m in steady]
-    per_step = [b["train/tokens"] - a["train/tokens"] for a, b in zip(steady, steady[1:])]
+    # tokens of each steady step: its running total minus the previous logged step's (one steady step is enough)
+    per_step = [b["train/tokens"] - a["train/tokens"] for a, b in zip(steps, steps[1:]) if b in steady]
     tokens_per_step = statistics.median(per_step) if per_step else None
     result = {
         "base": args.child,
@@ -321,7 +322,8 @@ def main(argv: list[str] | None = None) -> dict | None:
     for base, r in results.items():
         if r.get("tokens_per_s"):
             peak = (r.get("peak_memory_bytes") or 0) / 2**30
-            print(f"{base:<6} {r['tokens_per_s']:>10.0f} {r['step_s']:>8.3f} {peak:>9.2f}")
+            step = f"{r['step_s']:>8.3f}" if r.get("step_s") else f"{'-':>8}"
+            print(f"{base:<6} {r['tokens_per_s']:>10.0f} {step} {peak:>9.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return report
