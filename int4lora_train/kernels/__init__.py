@@ -12,9 +12,6 @@
                       int4lora_train.quant.experts.dequantize_experts_torch)
     norm_mlp.py       Triton: RMSNorm and SwiGLU, forward and backward (used by int4lora_train.speed.fused_ops)
     cross_entropy.py  Triton: row-wise cross-entropy and its gradient (used by int4lora_train.speed.chunked_loss)
-    lora_dropout.py   Triton: LoRA dropout fused into the LoRA A projection, forward and backward, masks from seeds
-                      (used by the fused LoRA nodes; the mask's definition and the torch references are
-                      int4lora_train.modeling.lora_dropout)
 
 The Triton modules import ``triton`` (an optional dependency) and are imported only where :func:`use_triton` chose
 them; everything else here imports without it.

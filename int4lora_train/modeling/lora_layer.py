@@ -29,11 +29,6 @@ and dropout fused, fewer passes over memory)::
               grad_A = gs.T @ xd                             [r, in]   in A's dtype (fp32 adapters stay fp32)
               grad_B = s * g.T @ xa                          [out, r]  in B's dtype
 
-With fused dropout (:mod:`int4lora_train.modeling.lora_dropout`: CUDA by default, ``fused_dropout`` on the layer)
-the mask is a seed's: ``xd`` and ``xd @ A_c.T`` are one Triton kernel that never writes ``xd``, the saved mask is
-that seed (a Python int), and backward makes the mask again inside the kernel that adds the dropout term to
-``grad_x`` in place and computes ``grad_A``.
-
 PEFT's generic path (``result + lora_B(lora_A(dropout(x))) * scaling`` around the base layer) writes three
 ``[T, out]`` temporaries (``lora_B``'s output, the scaled copy, the sum), and under autocast with fp32 adapters it
 first casts ``x`` to fp32 and back (two ``[T, in]`` copies, the bf16 one saved for backward); its backward adds
@@ -71,7 +66,6 @@ from int4lora_train.modeling.int4_linear import (
     save_weight_tensors,
     saved_dense_weight,
 )
-from int4lora_train.modeling.lora_dropout import draw_seeds, fused_dropout_runs
 
 SUPPORTED_INITS = (True, False, "gaussian")
 """``init_lora_weights`` values that do not need the dense base weight."""
@@ -82,13 +76,11 @@ class Int4LoraLinear(nn.Module, LoraLayer):
 
     With one active adapter the forward is one fused autograd node (:class:`Int4LoraFunction`; ``fused_lora = False``
     on the layer, or ``int4lora_train.speed.apply(model, fused_lora=False)``, switches it off); otherwise PEFT's
-    generic path. ``fused_dropout`` (``"auto"``, ``"on"``, ``"off"``) picks the dropout of the fused node
-    (:mod:`int4lora_train.modeling.lora_dropout`). ``lora_group``: an object whose ``forward_member(layer, x, call)`` computes this layer's output
+    generic path. ``lora_group``: an object whose ``forward_member(layer, x, call)`` computes this layer's output
     together with its siblings' (or returns None); :mod:`int4lora_train.speed.projection_groups` sets it.
     """
 
     fused_lora: bool = True
-    fused_dropout: str = "auto"  # see int4lora_train.modeling.lora_dropout
     lora_group = None
 
     def __init__(
@@ -215,14 +207,6 @@ def _variant_message(variants: list[str]) -> str:
 # ------------------------------------------------------------------------------------------------ the fused node
 
 
-def dropout_kernels():
-    """The fused-dropout kernel module (:mod:`int4lora_train.kernels.lora_dropout`), imported on first use: it needs
-    Triton, which only a fused-dropout node has been checked to have."""
-    from int4lora_train.kernels import lora_dropout
-
-    return lora_dropout
-
-
 def dropout_with_mask(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``(dropout(x2), keep_mask)`` in one fused kernel (``torch.native_dropout``: each element kept with probability
     ``1 - p`` and scaled by ``1 / (1 - p)``, one rounding), or ``(x2, None)`` without dropout.
@@ -249,13 +233,10 @@ class Int4LoraFunction(torch.autograd.Function):
 
     ``x`` and ``bias`` arrive in the compute dtype; ``lora_a`` ``[r, in]`` and ``lora_b`` ``[out, r]`` in their own
     dtype (fp32 with PEFT's default), cast to the compute dtype here so their gradients return in their own dtype.
-    ``fused_dropout``: the dropout (``p > 0``) is the fused kernels' (seeded masks), not ``torch.native_dropout``.
     """
 
     @staticmethod
-    def forward(
-        ctx, x, lora_a, lora_b, bias, packed, scales, zero_points, g_idx, spec: _WeightSpec, scaling, p, fused_dropout
-    ):
+    def forward(ctx, x, lora_a, lora_b, bias, packed, scales, zero_points, g_idx, spec: _WeightSpec, scaling, p):
         dtype = spec.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
         x2 = x.reshape(-1, in_features)  # [T, in], a view for contiguous inputs
@@ -264,14 +245,9 @@ class Int4LoraFunction(torch.autograd.Function):
         a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
         # A recompute's output that nothing reads stays uncomputed; what backward needs (x2, xa, mask) is not.
         y = x2.new_empty(x2.shape[0], out_features) if skip else F.linear(x2, weight, bias)  # [T, out]
-        ctx.seeds = draw_seeds(1) if fused_dropout else None
-        if ctx.seeds is not None:
-            mask = None
-            xa = dropout_kernels().dropout_lora_a(x2, a_c, (a_c.shape[0],), ctx.seeds, p)  # [T, r]
-        else:
-            xd, mask = dropout_with_mask(x2, p)
-            xa = xd @ a_c.t()  # [T, r]
-            del xd  # recomputed from x2 and the mask in backward
+        xd, mask = dropout_with_mask(x2, p)
+        xa = xd @ a_c.t()  # [T, r]
+        del xd  # recomputed from x2 and the mask in backward
         if not skip:
             y.addmm_(xa, b_c.t(), alpha=scaling)
         save_weight_tensors(ctx, weight, buffers, spec, needs[0], x2, xa, mask, lora_a, lora_b)
@@ -286,16 +262,7 @@ class Int4LoraFunction(torch.autograd.Function):
         dtype, s, p = ctx.spec.dtype, ctx.scaling, ctx.p
         g = grad_output.reshape(-1, lora_b.shape[0]).to(dtype)  # [T, out]
         grad_x = grad_a = grad_b = grad_bias = None
-        if ctx.seeds is not None and (need_x or need_a):
-            a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
-            gs = (g @ b_c).mul_(s)  # [T, r]
-            grad_x = g @ saved_dense_weight(ctx, saved) if need_x else None  # [T, in]
-            grad_a = dropout_kernels().dropout_lora_a_backward(
-                x2, gs, a_c, (a_c.shape[0],), ctx.seeds, p, grad_x, need_a
-            )
-            grad_x = None if grad_x is None else grad_x.reshape(ctx.x_shape)
-            grad_a = None if grad_a is None else grad_a.to(lora_a.dtype)
-        elif need_x or need_a:
+        if need_x or need_a:
             a_c, b_c = lora_a.to(dtype), lora_b.to(dtype)
             gs = (g @ b_c).mul_(s)  # [T, r]
             if need_x:
@@ -311,14 +278,13 @@ class Int4LoraFunction(torch.autograd.Function):
             grad_b = (g.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None
 
 
 @dataclass(frozen=True)
 class FusedCall:
     """What one fused forward of an ``Int4LoraLinear`` needs, looked up once per call (see
-    :func:`fused_lora_applies`): the adapter, the INT4 base, the adapter weights, dropout probability and whether
-    it is fused, dtypes."""
+    :func:`fused_lora_applies`): the adapter, the INT4 base, the adapter weights, dropout probability, dtypes."""
 
     adapter: str
     base: Int4Linear
@@ -328,7 +294,6 @@ class FusedCall:
     dtype: torch.dtype
     autocast: bool
     scaling: float
-    fused_dropout: bool
 
 
 def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> FusedCall | None:
@@ -367,8 +332,7 @@ def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
     # Outside autocast PEFT runs the adapter in its own dtype and the base in the layer's: fuse only when they agree.
     if not autocast and (dtype != a.dtype or x.dtype != dtype):
         return None
-    fused_dropout = p > 0 and fused_dropout_runs(layer.fused_dropout, x.device)
-    return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]), fused_dropout)
+    return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]))
 
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor:
@@ -384,6 +348,5 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Te
         base.weight_spec(dtype),
         call.scaling,
         call.p,
-        call.fused_dropout,
     )
     return out if call.autocast else out.to(x.dtype)

@@ -11,14 +11,10 @@
     speed.apply(model, fused_lora=False, chunked_loss=False)           # only those named; the rest stays as it is
 
 What each feature does and what it was measured to give (Llama-3.1-8B shape, seq 2048, H100; BENCHMARKS.md,
-"Training step"); each is exact up to summation order (``fused_dropout``: see its entry):
+"Training step"); each is exact up to summation order:
 
 - ``fused_lora``: one autograd node per LoRA'd INT4 projection (``Int4LoraLinear.fused_lora``, the node is
   :class:`~int4lora_train.modeling.lora_layer.Int4LoraFunction`); on by default even without this call.
-- ``fused_dropout``: LoRA dropout inside the fused nodes' A-projection kernels, with seeded masks made again in
-  backward instead of saved (``Int4LoraLinear.fused_dropout``; :mod:`~int4lora_train.modeling.lora_dropout`):
-  ``"auto"`` on CUDA with Triton, ``"on"``, ``"off"`` (``torch.native_dropout``). Not exact: other masks than
-  torch's RNG draws, with the same distribution.
 - ``keep_dense_for_backward``: the dense weight dequantized in a checkpoint recompute serves its backward
   (``Int4Linear.keep_dense_for_backward``); on by default even without this call.
 - ``lean_recompute``: a checkpoint recompute skips the MLP down projection's output, which nothing it keeps reads
@@ -47,7 +43,6 @@ from torch import nn
 
 from int4lora_train.errors import ConfigError, UnsupportedFormatError
 from int4lora_train.modeling.int4_linear import Int4Linear
-from int4lora_train.modeling.lora_dropout import FUSED_DROPOUT_CHOICES
 from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
@@ -65,7 +60,6 @@ class SpeedConfig:
     """The training-step optimisations (see the module docstring); the defaults are the recommended setup."""
 
     fused_lora: bool = True
-    fused_dropout: str = "auto"  # "auto", "on", "off"
     keep_dense_for_backward: bool = True
     lean_recompute: bool = True
     group_projections: bool = True
@@ -111,8 +105,6 @@ def apply(
         if isinstance(module, Int4LoraLinear):
             if "fused_lora" in features:
                 module.fused_lora = features["fused_lora"]
-            if "fused_dropout" in features:
-                module.fused_dropout = features["fused_dropout"]
             report["lora_layers"] += 1
         elif isinstance(module, Int4Linear):
             if "keep_dense_for_backward" in features:
@@ -150,10 +142,6 @@ def _check(features: dict[str, Any]) -> None:
         value = features["fused_kernels"]
         if not isinstance(value, bool | str) or value not in FUSED_KERNEL_CHOICES:
             raise ConfigError(f"fused_kernels must be one of 'auto', 'on', 'off', true, false; got {value!r}")
-    if "fused_dropout" in features and features["fused_dropout"] not in FUSED_DROPOUT_CHOICES:
-        raise ConfigError(
-            f"fused_dropout must be one of {', '.join(FUSED_DROPOUT_CHOICES)}; got {features['fused_dropout']!r}"
-        )
     if "packed_attention" in features and features["packed_attention"] not in PACKED_ATTENTION_CHOICES:
         raise ConfigError(
             f"packed_attention must be one of {', '.join(PACKED_ATTENTION_CHOICES)}; got {features['packed_attention']!r}"

@@ -18,15 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
-from int4lora_train.modeling.lora_dropout import draw_seeds
-from int4lora_train.modeling.lora_layer import (
-    FusedCall,
-    Int4LoraLinear,
-    dropout_kernels,
-    dropout_with_mask,
-    dropped,
-    fused_lora_applies,
-)
+from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, dropout_with_mask, dropped, fused_lora_applies
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input in Llama-style decoder layers (attention, MLP)."""
@@ -44,7 +36,6 @@ class _GroupSpec:
     ranks: tuple[int, ...]
     scalings: tuple[float, ...]
     p: float  # LoRA dropout, the same for every member (each draws its own mask)
-    fused_dropout: bool  # the dropout is the fused kernels' (one seed per member), not torch.native_dropout
 
     @property
     def keep_dense(self) -> bool:
@@ -71,10 +62,8 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         outputs: y's column slices, one per member
 
     One base matmul instead of n (and fewer host launches); the values and gradients are those of the n separate
-    projections, dropout masks included: each member draws its mask (or, with fused dropout, its seed) from the
-    global RNG in member order, as the separate projections, called in that order, would. With fused dropout
-    ``xa`` is one kernel that reads ``x`` once for every member's mask, and one backward kernel adds every
-    member's dropout term to ``grad_x`` in one pass (:mod:`int4lora_train.kernels.lora_dropout`).
+    projections, dropout masks included: each member draws its mask from the global RNG in member order, as the
+    separate projections, called in that order, would.
     """
 
     @staticmethod
@@ -86,12 +75,8 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         a_cat = torch.cat([a.to(dtype) for a in lora_a])  # [R, in]
         bs = torch.block_diag(*[b.to(dtype) * s for b, s in zip(lora_b, group.scalings)])  # [O, R]
         y = F.linear(x2, weight)  # [T, O]
-        ctx.seeds = draw_seeds(n) if group.fused_dropout else None
-        masks = []
-        if ctx.seeds is not None:
-            xa = dropout_kernels().dropout_lora_a(x2, a_cat, group.ranks, ctx.seeds, group.p)  # [T, R]
-        elif group.p > 0:
-            parts = []
+        if group.p > 0:
+            masks, parts = [], []
             for a in a_cat.split(list(group.ranks)):
                 xd, mask = dropout_with_mask(x2, group.p)
                 masks.append(mask)
@@ -99,6 +84,7 @@ class Int4LoraGroupFunction(torch.autograd.Function):
             xa = torch.cat(parts, dim=1)  # [T, R]
             del xd
         else:
+            masks = []
             xa = x2 @ a_cat.t()  # [T, R]
         y.addmm_(xa, bs.t())
         spec = _WeightSpec(dtype, None, keep_dense=group.keep_dense)  # only keep_dense matters to the policy
@@ -133,22 +119,17 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             weight = tensors[0] if ctx.dense_saved else group.dense(tensors, x2.device)
             grad_x = g @ weight
-        ranks = list(group.ranks)
-        if ctx.seeds is not None:
-            kernels = dropout_kernels()
-            grad_a = kernels.dropout_lora_a_backward(x2, gs, a_cat, group.ranks, ctx.seeds, group.p, grad_x, True)
-            grad_a = grad_a.split(ranks)
-        elif masks:
-            if grad_x is not None:
-                for gs_i, a_i, mask in zip(gs.split(ranks, dim=1), a_cat.split(ranks), masks):
+            if masks:
+                parts = zip(gs.split(list(group.ranks), dim=1), a_cat.split(list(group.ranks)), masks)
+                for gs_i, a_i, mask in parts:
                     grad_x.add_(dropped(gs_i @ a_i, mask, group.p))
-            grad_a = [gs_i.t() @ dropped(x2, m, group.p) for gs_i, m in zip(gs.split(ranks, dim=1), masks)]
-        else:
-            if grad_x is not None:
+            else:
                 grad_x.addmm_(gs, a_cat)
-            grad_a = (gs.t() @ x2).split(ranks)  # [r_i, in] each
-        if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
+        if masks:
+            grad_a = [gs_i.t() @ dropped(x2, m, group.p) for gs_i, m in zip(gs.split(list(group.ranks), dim=1), masks)]
+        else:
+            grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
         gb = g.t() @ xa  # [O, R]: the diagonal blocks are the members' gradients
         grads_a, grads_b, row, col = [], [], 0, 0
         for i, (rows, rank, s) in enumerate(zip(group.outs, group.ranks, group.scalings)):
@@ -212,7 +193,6 @@ class ProjectionGroup:
                 c is None
                 or c.adapter != first.adapter
                 or c.p != first.p
-                or c.fused_dropout != first.fused_dropout
                 or c.dtype != first.dtype
                 or c.base.bias is not None
                 or c.base.cache is not None
@@ -228,8 +208,6 @@ class ProjectionGroup:
             tuple(c.lora_a.shape[0] for c in calls),
             tuple(c.scaling for c in calls),
             first.p,
-            # the kernels take up to MAX_MEMBERS seeds (every group of GROUPS fits)
-            first.fused_dropout and len(calls) <= dropout_kernels().MAX_MEMBERS,
         )
 
 

@@ -179,17 +179,9 @@ class DdpConfig:
 
 @dataclass
 class SpeedConfig:
-    """Training-step optimisations (int4lora_train.speed); each is exact up to summation order, but for
-    `fused_dropout`, whose masks are not torch's RNG draws."""
+    """Training-step optimisations (int4lora_train.speed); each is exact up to summation order."""
 
     fused_lora: bool = _opt(True, "One autograd node per LoRA'd INT4 projection (base + LoRA, one dequantization).")
-    fused_dropout: Literal["auto", "on", "off"] = _opt(
-        "auto",
-        "LoRA dropout inside the fused nodes' Triton kernels: masks from a seed per projection, made again in "
-        "backward instead of saved (not torch's RNG stream: same distribution, other masks). `auto` = on with CUDA "
-        "and Triton; `on` also in Triton's CPU interpreter (TRITON_INTERPRET=1), else an error; `off` = "
-        "torch's dropout.",
-    )
     keep_dense_for_backward: bool = _opt(
         True,
         "With gradient checkpointing, the weight dequantized in the recompute serves the backward (2 instead "

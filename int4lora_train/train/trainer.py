@@ -619,7 +619,6 @@ class Trainer:
             module.unwrapped_model,
             training_speed.SpeedConfig(
                 fused_lora=speed.fused_lora,
-                fused_dropout=speed.fused_dropout,
                 keep_dense_for_backward=speed.keep_dense_for_backward,
                 lean_recompute=speed.lean_recompute,
                 group_projections=speed.group_projections and speed.fused_lora,

@@ -12,11 +12,9 @@ from peft import LoraConfig, get_peft_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from int4lora_train.errors import ConfigError
 from int4lora_train.kernels.dequantizer import TorchDequantizer
 from int4lora_train.modeling import Int4Linear, Int4LoraLinear, lora_layer, prepare_for_training
 from int4lora_train.modeling.int4_linear import dense_save_is_transient
-from int4lora_train.modeling.lora_dropout import draw_seeds, dropout_keep_mask, fused_dropout_runs
 from int4lora_train.modeling.lora_layer import dropout_with_mask
 from int4lora_train.quant.packer import quantize_rtn
 
@@ -103,10 +101,16 @@ def test_fused_equals_peft_generic_path_fp32(bias, rslora, monkeypatch):
         assert rel_diff(fused_grads[name], ref_grads[name]) <= 1e-5, name
 
 
-def _assert_equals_reference_with_mask(layer, x, out, grads, mask, p):
-    """``out`` and ``grads`` (of :func:`_run`) equal the same function written with plain autograd ops on a dense
-    copy of the base, dropout's mask given."""
+def test_fused_dropout_equals_reference_with_the_same_mask():
+    p = 0.25
+    layer = _lora_layer(dropout=p)
+    x = _x()
+    out, grads = _run(layer, x, seed=7)
+    torch.manual_seed(7)
+    mask = dropout_with_mask(x.reshape(-1, IN), p)[1].reshape(x.shape)
     assert 0 < mask.float().mean().item() < 1
+
+    # The same function written with plain autograd ops on a dense copy of the base.
     xr = x.detach().requires_grad_(True)
     a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
     b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
@@ -117,87 +121,6 @@ def _assert_equals_reference_with_mask(layer, x, out, grads, mask, p):
     assert rel_diff(grads["x"], xr.grad) <= 1e-5
     assert rel_diff(grads["lora_A.default.weight"], a.grad) <= 1e-5
     assert rel_diff(grads["lora_B.default.weight"], b.grad) <= 1e-5
-
-
-def test_fused_dropout_equals_reference_with_the_same_mask():
-    p = 0.25
-    layer = _lora_layer(dropout=p)
-    layer.fused_dropout = "off"  # torch.native_dropout (also what "auto" picks on the CPU)
-    x = _x()
-    out, grads = _run(layer, x, seed=7)
-    torch.manual_seed(7)
-    mask = dropout_with_mask(x.reshape(-1, IN), p)[1].reshape(x.shape)
-    _assert_equals_reference_with_mask(layer, x, out, grads, mask, p)
-
-
-def _saved_dtypes(fn) -> list[torch.dtype]:
-    saved = []
-
-    def pack(t):
-        saved.append(t.dtype)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return saved
-
-
-def test_fused_kernel_dropout_equals_reference_with_the_seeded_mask(triton_kernels):
-    p = 0.25
-    layer = _lora_layer(dropout=p)
-    layer.fused_dropout = "on"  # the Triton kernels (here in Triton's CPU interpreter)
-    x = _x()
-    out, grads = _run(layer, x, seed=7)
-    torch.manual_seed(7)
-    (seed,) = draw_seeds(1)  # what the layer drew
-    mask = dropout_keep_mask(seed, x.shape[0] * x.shape[1], IN, p).reshape(x.shape)
-    _assert_equals_reference_with_mask(layer, x, out, grads, mask, p)
-    # The node saves a seed, not a bool mask (torch's dropout does save one).
-    assert torch.bool not in _saved_dtypes(lambda: layer(x))
-    layer.fused_dropout = "off"
-    assert torch.bool in _saved_dtypes(lambda: layer(x))
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="auto fuses dropout on CUDA only")
-def test_auto_fuses_dropout_on_cuda_under_bf16_autocast(monkeypatch):
-    from int4lora_train.kernels import lora_dropout as kernels
-
-    p = 0.25
-    layer = _lora_layer(dropout=p).cuda()
-    calls = []
-    original = kernels.dropout_lora_a
-    monkeypatch.setattr(kernels, "dropout_lora_a", lambda *a, **k: calls.append(1) or original(*a, **k))
-    x = _x().detach().cuda().requires_grad_(True)
-    torch.manual_seed(7)
-    with torch.autocast("cuda", dtype=torch.bfloat16):
-        out = layer(x)
-    weights = torch.randn(out.shape, device="cuda", generator=torch.Generator("cuda").manual_seed(3))
-    (out.float() * weights).sum().backward()
-    assert calls == [1]
-    torch.manual_seed(7)
-    (seed,) = draw_seeds(1)
-    mask = dropout_keep_mask(seed, x.shape[0] * x.shape[1], IN, p, device="cuda").reshape(x.shape)
-    xr = x.detach().requires_grad_(True)
-    a = layer.lora_A["default"].weight.detach().clone().requires_grad_(True)
-    b = layer.lora_B["default"].weight.detach().clone().requires_grad_(True)
-    dense = layer.get_base_layer().dequantize(torch.float32)
-    ref = F.linear(xr, dense) + F.linear(F.linear(xr * mask / (1 - p), a), b) * layer.scaling["default"]
-    (ref * weights).sum().backward()
-    assert rel_diff(out, ref) <= 3e-2  # bf16 products
-    for got, want in ((x.grad, xr.grad), (layer.lora_A["default"].weight.grad, a.grad)):
-        assert rel_diff(got, want) <= 3e-2
-    assert rel_diff(layer.lora_B["default"].weight.grad, b.grad) <= 3e-2
-
-
-def test_fused_dropout_choices(triton_kernels, monkeypatch):
-    cpu = torch.device("cpu")
-    assert not fused_dropout_runs("auto", cpu) and not fused_dropout_runs("off", cpu)
-    assert fused_dropout_runs("on", cpu)  # the kernel module is the interpreter's here
-    monkeypatch.setattr(triton_kernels.lora_dropout, "INTERPRETED", False)
-    with pytest.raises(ConfigError, match="fused_dropout: on runs the Triton kernels, on CUDA"):
-        fused_dropout_runs("on", cpu)
-    with pytest.raises(ConfigError, match="fused_dropout must be one of"):
-        fused_dropout_runs("yes", cpu)
 
 
 def test_dropout_is_off_in_eval_mode():
@@ -282,37 +205,6 @@ def test_checkpointing_with_dropout_gives_the_same_grads_and_dequantizes_twice(u
     for other in (kept, redone):
         assert set(other) == set(plain) and all(g is not None for g in other.values())
         assert max(rel_diff(plain[n], other[n]) for n in plain) <= 1e-6
-
-
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_checkpoint_recompute_makes_the_same_fused_dropout_masks(use_reentrant, triton_kernels, monkeypatch):
-    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    kernel_calls = []
-    original = triton_kernels.lora_dropout.dropout_lora_a
-    monkeypatch.setattr(
-        triton_kernels.lora_dropout, "dropout_lora_a", lambda *a, **k: kernel_calls.append(1) or original(*a, **k)
-    )
-
-    def grads(checkpointing: bool, seed: int = 11):
-        peft_model = tiny_int4_lora_model(lora_dropout=0.1)
-        for module in peft_model.modules():
-            if isinstance(module, Int4LoraLinear):
-                module.fused_dropout = "on"
-        prepare_for_training(peft_model, gradient_checkpointing=checkpointing, use_reentrant=use_reentrant)
-        peft_model.train()
-        torch.manual_seed(seed)  # the masks' seeds
-        peft_model(tokens, labels=tokens).loss.backward()
-        return {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-
-    plain = grads(False)
-    assert len(kernel_calls) == 2 * 7  # every projection's dropout was the fused kernel's
-    # The recompute restores the CPU RNG state, so it draws the forward's seeds: the same masks, the same gradients.
-    recomputed = grads(True)
-    assert len(kernel_calls) == 2 * 7 + 2 * 2 * 7  # forward + recompute
-    assert set(recomputed) == set(plain)
-    assert max(rel_diff(plain[n], recomputed[n]) for n in plain) <= 1e-6
-    other = grads(True, seed=12)  # and the masks matter: other seeds, other gradients
-    assert max(rel_diff(plain[n], other[n]) for n in plain) > 1e-3
 
 
 def test_dense_save_is_transient_only_under_checkpointing():

@@ -49,38 +49,6 @@ def test_projection_groups_equal_separate_projections(checkpointing, use_reentra
     assert max(rel_diff(grads[n], ref_grads[n]) for n in grads) <= 1e-5
 
 
-@pytest.mark.parametrize("use_reentrant", [True, False])
-def test_projection_groups_with_fused_dropout_equal_separate_projections(use_reentrant, triton_kernels, monkeypatch):
-    # One seed per member, drawn in member order, and masks that depend only on the seed and the position: the group
-    # node makes the separate projections' masks, in the forward and in the checkpoint recompute.
-    tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
-    members = []
-    original = triton_kernels.lora_dropout.dropout_lora_a
-    monkeypatch.setattr(
-        triton_kernels.lora_dropout,
-        "dropout_lora_a",
-        lambda x2, a, ranks, *rest, **k: members.append(len(ranks)) or original(x2, a, ranks, *rest, **k),
-    )
-
-    def run(grouped: bool):
-        members.clear()
-        peft_model = tiny_int4_lora_model(lora_dropout=0.1)
-        speed.apply(peft_model, group_projections=grouped, fused_dropout="on", lean_recompute=True)
-        prepare_for_training(peft_model, gradient_checkpointing=True, use_reentrant=use_reentrant)
-        peft_model.train()
-        torch.manual_seed(5)
-        out = peft_model(tokens, labels=tokens)
-        out.loss.backward()
-        return out.logits.detach(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}
-
-    ref_logits, ref_grads = run(False)
-    assert members == [1] * 7 * 2 * 2  # 7 projections x 2 layers, forward + recompute
-    logits, grads = run(True)
-    assert sorted(members) == sorted([3, 2, 1, 1] * 2 * 2)  # q/k/v, gate/up, o, down
-    assert rel_diff(logits, ref_logits) <= 1e-5
-    assert max(rel_diff(grads[n], ref_grads[n]) for n in grads) <= 1e-5
-
-
 def test_projection_groups_with_unequal_ranks_and_fallbacks(monkeypatch):
     tokens = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(0))
 
