@@ -144,6 +144,21 @@ def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog, monkeypatch):
     assert "one process: nothing to shard" in caplog.text
 
 
+@pytest.mark.parametrize("device, warned", [("cuda", True), ("cpu", False)])
+def test_fsdp_on_cuda_warns_of_the_known_defect(device, warned, caplog, monkeypatch):
+    import logging
+    from types import SimpleNamespace
+
+    from int4lora_train.train import strategy
+
+    monkeypatch.setattr(logging.getLogger("int4lora_train"), "propagate", True)  # the CLI turns it off
+    monkeypatch.setattr(strategy.distributed, "prepare_fsdp", lambda accelerator, model, optimizer: (model, optimizer))
+    fsdp = strategy.FSDPStrategy(SimpleNamespace(device=torch.device(device)))
+    model, optimizer = object(), object()
+    assert fsdp.prepare(model, optimizer) == (model, optimizer)
+    assert ("issue 12" in caplog.text) is warned
+
+
 def test_an_fsdp_launch_needs_the_fsdp_strategy(monkeypatch):
     monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
     assert (fsdp_requested("fsdp", 2), fsdp_requested("fsdp", 1), fsdp_requested("ddp", 2)) == (True, False, False)
