@@ -95,8 +95,8 @@ def test_per_projection_symmetry_loads_exactly_and_keeps_the_base_fingerprint(
     for name, experts in layers:
         gate_up, down = experts.dequantize("gate_up"), experts.dequantize("down")
         ids = torch.arange(experts.num_experts)
-        for prefix, dense in (("gate_up", gate_up), ("down", down)):  # the grouped kernel reads the same stacks
-            assert torch.equal(dequantize_experts(experts.stack(prefix), ids, backend="triton"), dense), prefix
+        for stack, dense in (("gate_up", gate_up), ("down", down)):  # the grouped kernel reads the same stacks
+            assert torch.equal(dequantize_experts(experts.stack(stack), ids, backend="triton"), dense), stack
         for e in range(experts.num_experts):
             prefix = spec.to_checkpoint_key(f"{name}.{e}")
             gate, up, down_ref = (
