@@ -7,6 +7,13 @@ transformers'). :class:`Int4Experts` takes its place with the same call and the 
 INT4 stacks (:class:`~int4lora_train.quant.experts.Int4ExpertStack`): packed uint8 ``[E, out, in/2]``, scales
 ``[E, out, G]``, optional int8 zero points. No dense copy of an expert is ever kept.
 
+**Symmetry per projection.** A checkpoint may quantize an expert's gate symmetrically and its up asymmetrically (or
+the reverse: compressed-tensors config groups give each target its own scheme). The fused ``gate_up`` stack then
+holds zeros as the symmetric half's zero points, which dequantize exactly as no zero points do and let one
+dequantization (one ``HAS_ZERO_POINTS`` grouped launch) cover both halves. Those zeros are not the checkpoint's:
+``gate_up_symmetric`` records which half has none, so :meth:`Int4Experts.expert_int4_weights` gives each projection
+back as stored and the base fingerprint of the model equals that of the checkpoint directory.
+
 ::
 
     (token, slot) pairs sorted by expert (stable)      x_s = hidden_states[token]               [T*K, H]
@@ -269,7 +276,9 @@ class Int4Experts(nn.Module):
     once (the temporary is ``max_dense_experts * out * in`` elements; default: all used experts at once).
     ``experts_impl`` picks the per-expert matmuls: ``"auto"`` (grouped GEMM where it runs, else the loop),
     ``"grouped"`` (refuses where it cannot run) or ``"loop"`` (see the module docstring); an attribute, so it can be
-    switched on a built model.
+    switched on a built model. ``gate_up_symmetric`` says, for the gate and the up half of ``gate_up``, whether the
+    checkpoint stores that projection without zero points (see "Symmetry per projection" in the module docstring);
+    by default both halves are as the stack (symmetric when it has no zero points).
     """
 
     def __init__(
@@ -283,6 +292,7 @@ class Int4Experts(nn.Module):
         name: str = "experts",
         projection_names: tuple[str, str, str] = ("gate_proj", "up_proj", "down_proj"),
         experts_impl: str = "auto",
+        gate_up_symmetric: tuple[bool, bool] | None = None,
     ) -> None:
         super().__init__()
         if gate_up.num_experts != down.num_experts:
@@ -297,6 +307,15 @@ class Int4Experts(nn.Module):
                 f"{name}: down's output ({down.out_features}) must equal gate_up's input "
                 f"({gate_up.in_features}), the hidden size."
             )
+        stack_symmetric = gate_up.zero_points is None
+        gate_up_symmetric = (stack_symmetric,) * 2 if gate_up_symmetric is None else tuple(gate_up_symmetric)
+        if stack_symmetric != all(gate_up_symmetric):
+            raise Int4FormatError(
+                f"{name}: gate_up is {'symmetric' if stack_symmetric else 'asymmetric'} but gate_up_symmetric is "
+                f"{gate_up_symmetric}; a stack has zero points exactly when its gate or its up projection has them."
+            )
+        self.gate_up_symmetric = gate_up_symmetric
+        """(gate, up): whether the checkpoint stores that projection symmetric (no zero points)."""
         self.num_experts = gate_up.num_experts
         self.hidden_dim = gate_up.in_features
         self.intermediate_dim = down.in_features
@@ -328,16 +347,27 @@ class Int4Experts(nn.Module):
             self._buffers[f"{prefix}_zero_points"],
         )
 
+    @property
+    def projection_symmetry(self) -> dict[str, bool]:
+        """``{projection name: symmetric}`` for the gate, up and down projections, as the checkpoint stores them."""
+        gate, up, down = self.projection_names
+        return {gate: self.gate_up_symmetric[0], up: self.gate_up_symmetric[1], down: self.down_zero_points is None}
+
     def expert_int4_weights(self):
         """``(expert, projection name, Int4Weight)`` for every expert's gate, up and down projection, as the
-        checkpoint stores them per expert (views of the stacks, no copy): what the base's fingerprint hashes."""
+        checkpoint stores them per expert (views of the stacks, no copy; a symmetric half without the zeros that
+        ``gate_up`` holds for it): what the base's fingerprint hashes."""
         gate, up, down = self.projection_names
         gate_up, down_stack = self.stack("gate_up"), self.stack("down")
         rows = self.intermediate_dim
+        halves = (
+            (gate, slice(0, rows), self.gate_up_symmetric[0]),
+            (up, slice(rows, 2 * rows), self.gate_up_symmetric[1]),
+        )
         for e in range(self.num_experts):
             both = gate_up.expert(e)
-            for proj, part in ((gate, slice(0, rows)), (up, slice(rows, 2 * rows))):
-                zero_points = None if both.zero_points is None else both.zero_points[part]
+            for proj, part, symmetric in halves:
+                zero_points = None if symmetric else both.zero_points[part]
                 yield e, proj, Int4Weight(both.packed[part], both.scales[part], both.in_features, both.group_size,
                                           zero_points)  # fmt: skip
             yield e, down, down_stack.expert(e)
@@ -458,7 +488,11 @@ class Int4Experts(nn.Module):
         return final.index_add(0, token, y.to(final.dtype))
 
     def extra_repr(self) -> str:
-        sym = "sym" if self.gate_up_zero_points is None else "asym"
+        symmetry = set(self.projection_symmetry.values())
+        if len(symmetry) == 1:
+            sym = "sym" if symmetry.pop() else "asym"
+        else:
+            sym = ", ".join(f"{p} {'sym' if s else 'asym'}" for p, s in self.projection_symmetry.items())
         return (
             f"num_experts={self.num_experts}, hidden_dim={self.hidden_dim}, intermediate_dim={self.intermediate_dim}, "
             f"group_size={self.group_sizes}, {sym}, scales={str(self.gate_up_scales.dtype).removeprefix('torch.')}, "

@@ -36,7 +36,7 @@ from torch import nn
 
 from int4lora_train.errors import CheckpointError, UnsupportedFormatError
 from int4lora_train.modeling.int4_experts import Int4Experts, is_fused_experts_module
-from int4lora_train.quant.experts import Int4ExpertStack
+from int4lora_train.quant.experts import Int4ExpertStack, shared_symmetry
 from int4lora_train.quant.formats import format_named, read_int4_weight
 from int4lora_train.quant.layout import Int4Weight
 
@@ -217,7 +217,16 @@ def experts_from_weights(
     projection_names=("gate_proj", "up_proj", "down_proj"),
 ) -> Int4Experts:
     """An :class:`Int4Experts` replacing the transformers experts ``module`` from per-expert canonical weights
-    (gate and up stacked along the output axis per expert, as transformers' ``gate_up_proj``)."""
+    (gate and up stacked along the output axis per expert, as transformers' ``gate_up_proj``).
+
+    Every expert's gate must share one symmetry and so must every up (:func:`shared_symmetry`), but gate and up may
+    differ: then the symmetric one's zero points are stacked as zeros and :class:`Int4Experts` is told which half is
+    symmetric (its fingerprint hashes no zeros the checkpoint lacks).
+    """
+    gate_up_symmetric = (
+        shared_symmetry(gates, f"{name}.{projection_names[0]}"),
+        shared_symmetry(ups, f"{name}.{projection_names[1]}"),
+    )
     gate_up = [
         Int4Weight.create(
             torch.cat([g.packed, u.packed]),
@@ -256,6 +265,7 @@ def experts_from_weights(
         backend=backend,
         name=name,
         projection_names=projection_names,
+        gate_up_symmetric=gate_up_symmetric,
     )
     new.source_class = type(module)
     return new

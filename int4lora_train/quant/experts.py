@@ -63,10 +63,7 @@ class Int4ExpertStack:
                     f"{where}: packed {tuple(weight.packed.shape)} / scales {weight.scales.dtype} differ from expert "
                     f"0's {tuple(first.packed.shape)} / {first.scales.dtype}."
                 )
-            if (weight.zero_points is None) != (first.zero_points is None):
-                raise Int4FormatError(
-                    f"{where}: some experts are symmetric and others asymmetric; expected one scheme."
-                )
+        shared_symmetry(weights, name)
         packed = torch.stack([w.packed for w in weights])
         scales = torch.stack([w.scales.contiguous() for w in weights])
         zero_points = None if first.zero_points is None else torch.stack([w.zero_points for w in weights])
@@ -113,6 +110,20 @@ class Int4ExpertStack:
         return Int4ExpertStack(
             self.packed.to(device), self.scales.to(device), self.in_features, self.group_size, zero_points
         )
+
+
+def shared_symmetry(weights: Sequence[Int4Weight], name: str = "experts") -> bool:
+    """Whether the experts' weights of one projection are symmetric (no zero points); an error naming the first
+    expert that differs from expert 0, since a stack holds zero points for all its experts or for none."""
+    symmetric = weights[0].zero_points is None
+    for e, weight in enumerate(weights):
+        if (weight.zero_points is None) != symmetric:
+            first, other = ("symmetric", "asymmetric") if symmetric else ("asymmetric", "symmetric")
+            raise Int4FormatError(
+                f"{name}: expert 0 is {first} but expert {e} is {other}; every expert of a projection must share "
+                "one scheme."
+            )
+    return symmetric
 
 
 def _is_arange(ids: torch.Tensor) -> bool:

@@ -192,3 +192,21 @@ def test_gate_and_up_of_different_symmetry_keep_both_zero_points(gate_symmetric)
     int4 = experts_from_weights(module, gates, ups, downs, "experts")
     want = torch.stack([torch.cat([dequantize_torch(g), dequantize_torch(u)]) for g, u in zip(gates, ups)])
     assert torch.equal(int4.dequantize("gate_up"), want)
+    stored = [w.zero_points is None for e, _, w in int4.expert_int4_weights() if e == 0]
+    assert stored == [gate_symmetric, not gate_symmetric, True]  # each projection as given, without implied zeros
+
+
+def test_experts_of_one_projection_with_different_symmetry_are_refused():
+    """gate_up holds zero points per projection half for every expert or for none, so a gate symmetric in one
+    expert and asymmetric in another is refused by name rather than fingerprinted with zeros it does not have."""
+    from int4lora_train.errors import Int4FormatError
+    from int4lora_train.modeling.moe import experts_from_weights
+
+    module = tiny_moe("qwen3_moe").model.layers[0].mlp.experts
+    gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
+    inter = gate_up.shape[1] // 2
+    gates = [quantize_rtn(w[:inter], GROUP_SIZE, symmetric=e != 2) for e, w in enumerate(gate_up)]
+    ups = [quantize_rtn(w[inter:], GROUP_SIZE) for w in gate_up]
+    downs = [quantize_rtn(w, GROUP_SIZE) for w in down]
+    with pytest.raises(Int4FormatError, match=r"experts\.gate_proj: expert 0 is symmetric but expert 2 is asymm"):
+        experts_from_weights(module, gates, ups, downs, "experts")
