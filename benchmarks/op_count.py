@@ -36,24 +36,27 @@ import argparse
 import collections
 import contextlib
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from int4lora_train.memory import optimizer_class
 from int4lora_train.modeling import int4_linear
 from int4lora_train.modeling.peft_integration import prepare_for_training
-from int4lora_train.modeling.tiny_models import build_tiny_model, build_tokenizer
+from int4lora_train.modeling.tiny_models import BYTE_VOCAB, build_tiny_model, build_tokenizer
 from int4lora_train.quant.packer import save_int4_checkpoint
 from int4lora_train.train.config import config_from_dict
-from int4lora_train.train.data import Sample, collate
+from int4lora_train.train.data import Sample
 from int4lora_train.train.job import apply_lora, load_model
-from int4lora_train.train.module import LOSS_NORMALIZER, LoraModule
+from int4lora_train.train.module import LoraModule
 from int4lora_train.train.trainer import Trainer
 
 PHASES = ("forward", "recompute", "backward")
 DEQUANTIZE = "int4lora::dequantize"
-METADATA_OPS = {"aten.detach.default", "aten.lift_fresh.default"}
+METADATA_OPS = {"aten.detach.default", "aten.lift_fresh.default", "aten._unsafe_view.default"}
 
 
 def current_phase() -> str:
@@ -138,9 +141,9 @@ class OpCounter(TorchDispatchMode):
         return rows
 
 
-def build_module(work: Path, arch: str, fp32: bool, **sizes) -> tuple[LoraModule, Trainer, Sample]:
-    """The trainer's model (see the module docstring) and one packed row of ``sizes["seq"]`` tokens."""
-    seq = sizes.pop("seq")
+def build_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tuple[OpCounter, Callable[[], Any], int]:
+    """``(counter, step, layers)``: the trainer's model (see the module docstring) set up as ``Trainer.fit`` sets it
+    up, and ``step()``, ``Trainer._train_step`` on one packed row of ``seq`` tokens, counted by ``counter``."""
     checkpoint = save_int4_checkpoint(
         build_tiny_model(arch, seed=0, dtype=torch.bfloat16, **sizes),
         work / "model",
@@ -156,44 +159,39 @@ def build_module(work: Path, arch: str, fp32: bool, **sizes) -> tuple[LoraModule
     )
     trainer = Trainer(config.train, work / "run", device="cpu", tensorboard=False, progress_bar=False)
     module = LoraModule(apply_lora(load_model(config, trainer.device), config), config.train)
-    prepare_for_training(
-        module.unwrapped_model,
-        gradient_checkpointing=True,
-        use_reentrant=config.train.gradient_checkpointing_reentrant,
-    )
-    row = packed_row(seq, segments=3, vocab=sizes.get("vocab_size", 320) - 64)
-    trainer._apply_speed_options(module, [row])
-    return module, trainer, row
+    rows = [packed_row(seq, segments=3, vocab=BYTE_VOCAB)]
+    # What Trainer.fit does before its first step.
+    trainer.pad_token_id = 0
+    reentrant = config.train.gradient_checkpointing_reentrant
+    prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
+    trainer._apply_speed_options(module, rows)
+    trainer.memory_plan = trainer._apply_memory_options(module, rows)
+    optimizer, scheduler = module.configure_optimizers(1, optimizer_class(trainer.memory_plan))
+    module.model, optimizer = trainer.strategy.prepare(module.model, optimizer)
+    plan = trainer.plan_for(len(rows))
+
+    counter = OpCounter()
+    layers = module.unwrapped_model.get_base_model().model.layers
+
+    def step():
+        handles = counter.track_layers(layers)
+        try:
+            with counter, counter.dequantize_as_one_op():
+                return trainer._train_step(module, optimizer, scheduler, plan, rows, 0, None)
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    return counter, step, len(layers)
 
 
 def packed_row(seq: int, segments: int, vocab: int) -> Sample:
     """One row of ``segments`` samples (positions restart at each), every token a target."""
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, vocab, (seq,), generator=generator, dtype=torch.int32)
-    length = seq // segments
+    length = -(-seq // segments)
     positions = torch.cat([torch.arange(min(length, seq - s)) for s in range(0, seq, length)]).int()
     return Sample(ids, ids.clone(), positions)
-
-
-def count_step(module: LoraModule, row: Sample, fp32: bool) -> OpCounter:
-    """Run one forward + backward of ``row`` under the counter."""
-    batch = collate([row], pad_token_id=0)
-    batch[LOSS_NORMALIZER] = torch.tensor(float(len(row)))
-    model = module.model
-    model.train()
-    counter = OpCounter()
-    layers = model.get_base_model().model.layers
-    handles = counter.track_layers(layers)
-    autocast = contextlib.nullcontext() if fp32 else torch.autocast("cpu", dtype=torch.bfloat16)
-    try:
-        with counter, counter.dequantize_as_one_op():
-            with autocast:
-                loss = module.training_step(batch)
-            loss.backward()
-    finally:
-        for handle in handles:
-            handle.remove()
-    return counter
 
 
 def per_layer_totals(counter: OpCounter, layer: int, views: bool) -> dict[str, int]:
@@ -210,9 +208,7 @@ def report(counter: OpCounter, num_layers: int, top: int) -> str:
     lines.append(f"{'op':48s} {'forward':>8s} {'recompute':>10s} {'backward':>9s} {'total':>6s}")
     rows = counter.table(layer, views=False)
     for name, c in sorted(rows.items(), key=lambda kv: (-sum(kv[1].values()), kv[0]))[:top]:
-        lines.append(
-            f"{name:48s} {c['forward']:8d} {c['recompute']:10d} {c['backward']:9d} {sum(c.values()):6d}"
-        )
+        lines.append(f"{name:48s} {c['forward']:8d} {c['recompute']:10d} {c['backward']:9d} {sum(c.values()):6d}")
     lines.append("")
     lines.append(f"{'per layer':16s} {'forward':>8s} {'recompute':>10s} {'backward':>9s} {'total':>6s}")
     for index in range(num_layers):
@@ -234,8 +230,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fp32", action="store_true", help="no autocast (fp32 compute)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        module, _, row = build_module(Path(tmp), args.arch, args.fp32, num_hidden_layers=args.layers, seq=args.seq)
-        counter = count_step(module, row, args.fp32)
+        counter, step, _ = build_step(Path(tmp), args.arch, args.fp32, args.seq, num_hidden_layers=args.layers)
+        step()
     print(report(counter, args.layers, args.top))
     return {index: per_layer_totals(counter, index, views=False) for index in range(args.layers)}
 
