@@ -240,7 +240,7 @@ def reuse_adapter_weights() -> Iterator[None]:
     (:func:`derived_adapter_weight`); on exit the copies are dropped. Nested blocks share the outermost one's.
 
     Why: with fp32 adapters under bf16 autocast every fused node casts ``A`` and ``B`` (a projection group also
-    concatenates its ``A``\ s and builds its block-diagonal ``B``) in the forward, again in the checkpoint recompute
+    stacks its ``A`` matrices and builds its block-diagonal ``B``) in the forward, again in the checkpoint recompute
     and again in backward: per layer 32 of the ~270 operations of a step (``benchmarks/op_count.py``), each a
     kernel launch in a host-bound step. Reusing them changes no value (the same tensors, computed once).
 
