@@ -8,26 +8,47 @@ The model is what the trainer trains, built by the trainer's own functions: a ti
 toolkit's packer (:func:`int4lora_train.modeling.tiny_models.build_tiny_model`, ``save_int4_checkpoint``), loaded
 with ``train.job.load_model``, LoRA from ``train.job.apply_lora`` (r 16, alpha 32, all linear projections, fp32
 adapters), ``prepare_for_training`` with non-reentrant gradient checkpointing as ``Trainer.fit`` calls it, and the
-``train.speed`` defaults through ``Trainer._apply_speed_options``. One packed row (several segments) runs
-``LoraModule.training_step`` under bf16 autocast (``--fp32``: without) and ``backward``.
+``train.speed`` defaults through ``Trainer._apply_speed_options``, the rest of ``Trainer.fit``'s set-up (memory
+options, optimizer, accelerate's ``prepare`` with ``train.mixed_precision: bf16``, ``--fp32``: ``no``). Counted:
+one ``Trainer._train_step`` on one packed row (three segments), forward, backward and optimizer step.
 
 A :class:`~torch.utils._python_dispatch.TorchDispatchMode` counts every aten operation, attributed to the decoder
 layer running it (forward pre-hooks; in backward, a layer's operations run from its recompute until the gradient of
-its input is complete) and to a phase: ``forward``, ``recompute`` (inside backward with grad mode on: a checkpoint
-re-running the layer) or ``backward``. An INT4 dequantization counts as one operation, ``int4lora::dequantize``:
+its input is complete) and to a phase: ``forward``, ``recompute`` (a checkpoint re-running the layer inside
+backward) or ``backward``. An INT4 dequantization counts as one operation, ``int4lora::dequantize``:
 on CUDA it is one Triton launch (the CPU reference takes a dozen). ``launches`` leaves out views and ``detach``
 (metadata only, no kernel, though still host work); ``all`` counts them too.
 
 ::
 
-    python benchmarks/op_count.py                 # tiny Llama, bf16 autocast
-    python benchmarks/op_count.py --arch qwen3 --top 40
+    PYTHONPATH=. python benchmarks/op_count.py              # tiny Llama (2 layers, seq 96 in 3 segments), bf16
+    PYTHONPATH=. python benchmarks/op_count.py --arch qwen3 --top 40
 
-Example (tiny Llama, 2 layers, seq 96 in 3 segments; the last decoder layer), before and after the op diet of
-branch wt-diet::
+(``PYTHONPATH=.``: the package of this checkout, not whichever one the environment installed.)
 
-    before: ...
-    after:  ...
+Example, ``--top 12``, before (main at a507534) and after reusing the adapters' bf16 copies within a step
+(``lora_layer.reuse_adapter_weights``); per decoder layer, forward / recompute / backward / total::
+
+    before                                  forward  recompute  backward  total
+    aten._to_copy.default                        18         18        22     58
+    aten.mul.Tensor                              14         14        16     44
+    aten.mm.default                               8          7        16     31
+    aten.add.Tensor                               6          5         8     19
+    int4lora::dequantize                          7          7         0     14
+    aten.addmm_.default                           4          3         4     11
+    aten.cat.default                              4          4         2     10
+    aten.mul_.Tensor                              0          0         9      9
+    aten.block_diag.default                       2          2         0      4
+    layer 1 launches                             80         78       102    260
+    layer 1 all (views too)                     134        153       189    476
+
+    after
+    aten._to_copy.default                        18          4        18     40
+    aten.mul.Tensor                              14          9        16     39
+    aten.cat.default                              4          2         2      8
+    aten.block_diag.default                       2          0         0      2
+    layer 1 launches                             80         55        98    233
+    layer 1 all (views too)                     134        130       185    449
 """
 
 from __future__ import annotations
@@ -203,7 +224,7 @@ def per_layer_totals(counter: OpCounter, layer: int, views: bool) -> dict[str, i
 
 
 def report(counter: OpCounter, num_layers: int, top: int) -> str:
-    layer = num_layers - 1  # the last layer: every layer's path, with a following layer neither before nor after
+    layer = num_layers - 1  # every decoder layer runs the same operations; the last one stands for them
     lines = [f"decoder layer {layer}, launches (no views), the {top} most frequent:"]
     lines.append(f"{'op':48s} {'forward':>8s} {'recompute':>10s} {'backward':>9s} {'total':>6s}")
     rows = counter.table(layer, views=False)

@@ -241,8 +241,9 @@ def reuse_adapter_weights() -> Iterator[None]:
 
     Why: with fp32 adapters under bf16 autocast every fused node casts ``A`` and ``B`` (a projection group also
     stacks its ``A`` matrices and builds its block-diagonal ``B``) in the forward, again in the checkpoint recompute
-    and again in backward: per layer 32 of the ~270 operations of a step (``benchmarks/op_count.py``), each a
-    kernel launch in a host-bound step. Reusing them changes no value (the same tensors, computed once).
+    and again in backward. Made once per step instead, the recompute and backward of a decoder layer run 27 fewer of
+    their ~180 operations (``benchmarks/op_count.py``: 260 -> 233 per layer and step), each a kernel launch in a
+    host-bound step. Reusing them changes no value (the same tensors, computed once).
 
     Why a block and not a cache that lives with the weights: a weight's ``_version`` is not a reliable sign of a
     change (``torch.optim.AdamW(fused=True)`` and writes through ``.data`` leave it as it is), so a copy may only
