@@ -18,7 +18,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
-from int4lora_train.modeling.lora_layer import FusedCall, Int4LoraLinear, dropout_with_mask, dropped, fused_lora_applies
+from int4lora_train.modeling.lora_layer import (
+    FusedCall,
+    Int4LoraLinear,
+    derived_adapter_weight,
+    dropout_with_mask,
+    dropped,
+    fused_lora_applies,
+)
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
 """Sibling projections that read the same input in Llama-style decoder layers (attention, MLP)."""
@@ -51,6 +58,17 @@ class _GroupSpec:
             start += rows
         return weight
 
+    def lora_weights(self, lora_a: tuple, lora_b: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A, Bs)``: the members' ``A`` stacked, ``[R, in]``, and ``blockdiag(s_i B_i)``, ``[O, R]``, in the
+        compute dtype (reused inside :func:`~int4lora_train.modeling.lora_layer.reuse_adapter_weights`)."""
+
+        def build():
+            a_cat = torch.cat([a.to(self.dtype) for a in lora_a])
+            bs = torch.block_diag(*[b.to(self.dtype) * s for b, s in zip(lora_b, self.scalings)])
+            return a_cat, bs
+
+        return derived_adapter_weight(("group", self.dtype, self.scalings), (*lora_a, *lora_b), build)
+
 
 class Int4LoraGroupFunction(torch.autograd.Function):
     """Several LoRA'd INT4 projections of one input as one node::
@@ -72,8 +90,7 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         lora_a, lora_b, buffers = tensors[:n], tensors[n : 2 * n], tensors[2 * n :]
         x2 = x.reshape(-1, x.shape[-1])  # [T, in]
         weight = group.dense(buffers, x.device)  # [O, in]
-        a_cat = torch.cat([a.to(dtype) for a in lora_a])  # [R, in]
-        bs = torch.block_diag(*[b.to(dtype) * s for b, s in zip(lora_b, group.scalings)])  # [O, R]
+        a_cat, bs = group.lora_weights(lora_a, lora_b)  # [R, in], [O, R]
         y = F.linear(x2, weight)  # [T, O]
         if group.p > 0:
             masks, parts = [], []

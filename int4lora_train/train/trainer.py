@@ -33,6 +33,7 @@ from torch.profiler import record_function
 
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from ..memory import optimizer_class
+from ..modeling.lora_layer import reuse_adapter_weights
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
@@ -380,15 +381,18 @@ class Trainer:
             normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
         module.model.train()
         step_loss = torch.zeros((), device=acc.device)
-        for k, batch in enumerate(batches):
-            batch[LOSS_NORMALIZER] = normalizer
-            sync = k == len(batches) - 1
-            with contextlib.nullcontext() if sync else acc.no_sync(module.model):
-                with record_function("int4lora/forward"):
-                    loss = module.training_step(batch)
-                with record_function("int4lora/backward"):
-                    acc.backward(loss)
-            step_loss += loss.detach().float()
+        # The adapters do not change until the optimizer step: cast them once for all passes (not under FSDP).
+        reuse = contextlib.nullcontext() if self.strategy.name == "fsdp" else reuse_adapter_weights()
+        with reuse:
+            for k, batch in enumerate(batches):
+                batch[LOSS_NORMALIZER] = normalizer
+                sync = k == len(batches) - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(module.model):
+                    with record_function("int4lora/forward"):
+                        loss = module.training_step(batch)
+                    with record_function("int4lora/backward"):
+                        acc.backward(loss)
+                step_loss += loss.detach().float()
         with record_function("int4lora/loss-sync"):
             loss_value = float(acc.reduce(step_loss, reduction="sum")) / plan.world_size
         lr = scheduler.get_last_lr()[0]
