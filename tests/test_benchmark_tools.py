@@ -46,6 +46,7 @@ def test_op_count_attributes_a_trainer_step_and_sees_the_reused_adapter_casts(tm
     layer in its recompute and backward (tests/speed/test_adapter_reuse.py lists them), none in its forward."""
     import contextlib
 
+    from int4lora_train.memory import MemoryPlan
     from int4lora_train.train import trainer
 
     op_count = _load("op_count")
@@ -56,8 +57,12 @@ def test_op_count_attributes_a_trainer_step_and_sees_the_reused_adapter_casts(tm
         return loss, grad_norm, [op_count.per_layer_totals(counter, i, views=True) for i in range(layers)]
 
     loss, grad_norm, totals = measure(tmp_path / "reuse")
+    with monkeypatch.context() as memory_first:  # a run whose memory plan saves device memory keeps no copies
+        memory_first.setattr(MemoryPlan, "saves_device_memory", property(lambda plan: True))
+        _, _, memory_first_totals = measure(tmp_path / "memory-first")
     monkeypatch.setattr(trainer, "reuse_adapter_weights", contextlib.nullcontext)
     ref_loss, ref_grad_norm, ref_totals = measure(tmp_path / "plain")
+    assert memory_first_totals == ref_totals
     assert (loss, grad_norm) == (ref_loss, ref_grad_norm)
     for layer, ref in zip(totals, ref_totals):
         assert all(layer[phase] > 0 for phase in op_count.PHASES)

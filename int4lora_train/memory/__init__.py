@@ -100,6 +100,18 @@ class MemoryPlan:
     reasons: dict[str, str] = field(default_factory=dict)
     estimate: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def saves_device_memory(self) -> bool:
+        """Whether any feature is on, i.e. the run puts device memory before speed (the trainer then keeps no
+        per-step copies it could recompute, such as the adapters' compute-dtype casts)."""
+        return bool(
+            self.offload_activations
+            or self.embeddings_on_cpu
+            or self.mlp_chunk_tokens
+            or self.optimizer_on_cpu
+            or self.keep_dense_for_backward is False
+        )
+
     def summary(self) -> str:
         """The one log line: ``memory: offload_activations=on (...), embeddings_on_cpu=off (...), ...``."""
         parts = [

@@ -32,7 +32,7 @@ from accelerate.utils import set_seed
 from torch.profiler import record_function
 
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
-from ..memory import optimizer_class
+from ..memory import MemoryPlan, optimizer_class
 from ..modeling.lora_layer import reuse_adapter_weights
 from . import checkpoint as ckpt
 from .config import TrainConfig
@@ -146,6 +146,7 @@ class Trainer:
         self.progress_bar = progress_bar
         self.should_stop = False
         self._updating = False
+        self.memory_plan: MemoryPlan | None = None  # chosen by fit (_apply_memory_options)
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         report_to = config.report_to
         if report_to is None:  # the default: TensorBoard where it is installed
@@ -381,8 +382,11 @@ class Trainer:
             normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
         module.model.train()
         step_loss = torch.zeros((), device=acc.device)
-        # The adapters do not change until the optimizer step: cast them once for all passes (not under FSDP).
-        reuse = contextlib.nullcontext() if self.strategy.name == "fsdp" else reuse_adapter_weights()
+        # The adapters do not change until the optimizer step: cast them once for all passes. Not under FSDP (its
+        # adapters are gathered anew for every forward), nor when the memory plan saves device memory (the copies,
+        # about 10 MB per 70B-shaped layer, would be held through the step).
+        memory_first = self.memory_plan is not None and self.memory_plan.saves_device_memory
+        reuse = contextlib.nullcontext() if self.strategy.name == "fsdp" or memory_first else reuse_adapter_weights()
         with reuse:
             for k, batch in enumerate(batches):
                 batch[LOSS_NORMALIZER] = normalizer

@@ -208,3 +208,19 @@ def test_a_plan_that_cannot_be_applied_changes_nothing():
     assert [layer._gradient_checkpointing_func for layer in layers] == wrapped
     assert all(m.keep_dense_for_backward for m in model.modules() if isinstance(m, Int4Linear))
     assert not memory.host_embeddings_enabled(model)
+
+
+@pytest.mark.parametrize(
+    "features, saves",
+    [
+        ({}, False),
+        ({"keep_dense_for_backward": None}, False),
+        ({"offload_activations": True}, True),
+        ({"embeddings_on_cpu": True}, True),
+        ({"mlp_chunk_tokens": 8192}, True),
+        ({"optimizer_on_cpu": True}, True),
+        ({"keep_dense_for_backward": False}, True),
+    ],
+)
+def test_a_plan_saves_device_memory_when_any_feature_is_on(features, saves):
+    assert memory.MemoryPlan(**features).saves_device_memory is saves
