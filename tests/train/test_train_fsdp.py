@@ -304,18 +304,33 @@ REPEATS = int(os.environ.get("INT4LORA_FSDP_REPEATS", "0"))
 @pytest.mark.skipif(REPEATS == 0, reason="INT4LORA_FSDP_REPEATS=N repeats the FSDP run N times (issue 12)")
 def test_repeated_fsdp_runs_all_follow_the_one_process_curve(runs):
     """The reproduction of issue 12: on 2 H200s (torch 2.11) about a third of these runs have a step whose loss and
-    gradient norm differ from the one-process run's; on CPUs none does. Every run's curve must match."""
+    gradient norm differ from the one-process run's; on CPUs none does. Every run's curve must match, and every
+    tensor each FSDP unit's forward read must equal the whole tensor it gathers (``fsdp_recorder.py``)."""
     one = loss_curve(runs / "one")
-    differing = {}
+    differing, misread = {}, {}
     for k in range(REPEATS):
-        out = runs / f"repeat-{k}"
-        _launch(runs / "run.yaml", f"output.dir={out}")
+        out, record = runs / f"repeat-{k}", runs / f"repeat-{k}-record"
+        overrides = [f"output.dir={out}"]
+        os.environ["INT4LORA_FSDP_RECORD"] = str(record)
+        try:
+            launch_two_processes(
+                Path(__file__).with_name("fsdp_recorder.py"), "--config", str(runs / "run.yaml"), "-q", *overrides
+            )
+        finally:
+            del os.environ["INT4LORA_FSDP_RECORD"]
         curve = loss_curve(out)
         if [s for s, _, _ in curve] != [s for s, _, _ in one] or any(
             a[1:] != pytest.approx(b[1:], rel=1e-4) for a, b in zip(curve, one)
         ):
             differing[k] = curve
-    assert not differing, f"{len(differing)} of {REPEATS} runs differ from one process {one}: {differing}"
+        reports = [json.loads((record / f"rank-{r}.json").read_text()) for r in (0, 1)]
+        assert all(report["copies"] > 0 for report in reports)
+        if any(report["mismatches"] for report in reports):
+            misread[k] = [report["mismatches"][:4] for report in reports]
+    assert not differing and not misread, (
+        f"{len(differing)} of {REPEATS} runs differ from one process {one}: {differing}; gathered tensors that "
+        f"differ from their shards (per run, per process): {misread}"
+    )
 
 
 @pytest.mark.slow
