@@ -231,7 +231,7 @@ def dropped(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tenso
 
 
 _reused: dict | None = None
-"""While :func:`reuse_adapter_weights` runs: ``key -> (sources, their (data_ptr, _version), derived value)``."""
+"""While :func:`reuse_adapter_weights` runs: ``key -> (the sources' storages, their _version, derived value)``."""
 
 
 @contextlib.contextmanager
@@ -275,7 +275,8 @@ def derived_adapter_weight(kind: tuple, sources: tuple, build: Callable[[], Any]
     shape, strides, dtype, device) not written since (``_version``).
 
     Not the same Python objects: a checkpoint hands backward the weights it saved as other tensor objects viewing
-    them. The block holds the first sources it saw, so their memory is not reused by another tensor while it runs.
+    them. The block holds the storages of the sources it built from (not only the tensors: ``weight.data = ...``
+    gives a tensor other memory and would free the old one), so no other tensor gets their address while it runs.
     """
     reused = _reused
     if reused is None:
@@ -286,7 +287,7 @@ def derived_adapter_weight(kind: tuple, sources: tuple, build: Callable[[], Any]
     if held is not None and held[1] == versions:
         return held[2]
     value = build()
-    reused[key] = (sources, versions, value)
+    reused[key] = ([t.untyped_storage() for t in sources], versions, value)
     return value
 
 

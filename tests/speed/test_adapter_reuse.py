@@ -128,3 +128,18 @@ def test_nothing_is_reused_outside_the_block():
         assert lora_layer.adapter_in(weight, torch.bfloat16) is cast
     assert lora_layer._reused is None
     assert lora_layer.adapter_in(weight, torch.bfloat16) is not cast
+
+
+def test_a_weight_whose_storage_is_swapped_inside_the_block_frees_no_address_a_copy_is_keyed_on():
+    """``weight.data = ...`` gives the weight other memory and frees its old memory even while the block holds the
+    weight object; a new tensor there (same shape, dtype and ``_version``) must not get the old weight's copy."""
+    from int4lora_train.modeling import lora_layer
+
+    for _ in range(20):
+        with reuse_adapter_weights():
+            weight = torch.randn(16, 4096)
+            lora_layer.adapter_in(weight, torch.bfloat16)
+            weight.data = torch.randn(16, 4096)
+            others = [torch.randn(16, 4096) for _ in range(4)]  # the allocator may hand out the freed memory
+            for other in others:
+                assert torch.equal(lora_layer.adapter_in(other, torch.bfloat16), other.to(torch.bfloat16))
