@@ -43,9 +43,9 @@ logger = logging.getLogger(__name__)
 
 FSDP_ON_CUDA_DEFECT = (
     "train.strategy: fsdp on CUDA GPUs has a known, not yet fixed defect (issue 12): in some runs a step's loss and "
-    "gradients differ from what DDP and one GPU compute for the same batch (seen on 2 H200s with torch 2.11 in about "
-    "a third of short runs; CPU runs are exact, and training still converges). Use train.strategy: ddp when the "
-    "model fits one GPU, and compare a short FSDP run's loss curve with a DDP or one-GPU run before relying on it."
+    "gradients differ from what DDP and one GPU compute for the same batch (seen on 2 H200s with torch 2.11 in 4 of 8 "
+    "short runs; CPU runs are exact, and training still converges). Use train.strategy: ddp when the model fits one "
+    "GPU, and compare a short FSDP run's loss curve with a DDP or one-GPU run before relying on it."
 )
 """Logged by :meth:`FSDPStrategy.prepare` on CUDA until the defect is found (BENCHMARKS.md, multi-GPU section)."""
 

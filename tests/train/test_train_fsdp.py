@@ -303,7 +303,7 @@ REPEATS = int(os.environ.get("INT4LORA_FSDP_REPEATS", "0"))
 @pytest.mark.slow
 @pytest.mark.skipif(REPEATS == 0, reason="INT4LORA_FSDP_REPEATS=N repeats the FSDP run N times (issue 12)")
 def test_repeated_fsdp_runs_all_follow_the_one_process_curve(runs):
-    """The reproduction of issue 12: on 2 H200s (torch 2.11) about a third of these runs have a step whose loss and
+    """The reproduction of issue 12: on 2 H200s (torch 2.11) about half of these runs have a step whose loss and
     gradient norm differ from the one-process run's; on CPUs none does. Every run's curve must match, and every
     tensor each FSDP unit's forward read must equal the whole tensor it gathers (``fsdp_recorder.py``)."""
     one = loss_curve(runs / "one")
