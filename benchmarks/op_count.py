@@ -62,6 +62,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from int4lora_train.memory import optimizer_class
@@ -162,9 +163,9 @@ class OpCounter(TorchDispatchMode):
         return rows
 
 
-def build_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tuple[OpCounter, Callable[[], Any], int]:
-    """``(counter, step, layers)``: the trainer's model (see the module docstring) set up as ``Trainer.fit`` sets it
-    up, and ``step()``, ``Trainer._train_step`` on one packed row of ``seq`` tokens, counted by ``counter``."""
+def build_train_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tuple[Callable[[], Any], nn.ModuleList]:
+    """``(step, layers)``: the trainer's model (see the module docstring) set up as ``Trainer.fit`` sets it up,
+    ``step()``, ``Trainer._train_step`` on one packed row of ``seq`` tokens, and the model's decoder layers."""
     checkpoint = save_int4_checkpoint(
         build_tiny_model(arch, seed=0, dtype=torch.bfloat16, **sizes),
         work / "model",
@@ -191,14 +192,22 @@ def build_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tuple[Op
     module.model, optimizer = trainer.strategy.prepare(module.model, optimizer)
     plan = trainer.plan_for(len(rows))
 
+    def step():
+        return trainer._train_step(module, optimizer, scheduler, plan, rows, 0, None)
+
+    return step, module.unwrapped_model.get_base_model().model.layers
+
+
+def build_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tuple[OpCounter, Callable[[], Any], int]:
+    """``(counter, step, layers)``: :func:`build_train_step`'s step, counted by ``counter``."""
+    train_step, layers = build_train_step(work, arch, fp32, seq, **sizes)
     counter = OpCounter()
-    layers = module.unwrapped_model.get_base_model().model.layers
 
     def step():
         handles = counter.track_layers(layers)
         try:
             with counter, counter.dequantize_as_one_op():
-                return trainer._train_step(module, optimizer, scheduler, plan, rows, 0, None)
+                return train_step()
         finally:
             for handle in handles:
                 handle.remove()

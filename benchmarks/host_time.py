@@ -1,0 +1,110 @@
+"""Host (Python) time of one training step on the CPU, with tensors so small that the Python work dominates.
+
+At batch size 1 the product's step is host-bound (on an H200 ~204 ms of kernels in a ~455 ms step): besides the
+kernel launches (``benchmarks/op_count.py``), the Python that runs per decoder layer in the forward, the checkpoint
+recompute and the backward costs host time. This script times that Python work without a GPU: the model and step are
+``op_count.py``'s (:func:`op_count.build_train_step`: a tiny INT4 checkpoint loaded by the trainer, LoRA r 16 on all
+linear projections, non-reentrant gradient checkpointing, the ``train.speed`` defaults, one
+``Trainer._train_step`` on one packed row, bf16 autocast unless ``--fp32``), but hidden 64, seq 16: the fused LoRA
+path and the projection groups run as they do at full size, and the aten kernels, which on the CPU also run on the
+host, are cheap. It is a proxy for the GPU's host-bound regime, not a GPU measurement: on CUDA the kernels run on the
+device, the launches cost more host time than these CPU calls, and the Triton dequantizer replays a prepared launch
+where the CPU runs the torch reference.
+
+Printed: the median of ``--repeats`` timings of ``--steps`` steps each (after ``--warmup`` steps), per step, and one
+step under cProfile: the ``--top`` functions of ``int4lora_train`` by self time (``tottime``, in ms per step), then
+the same for every function (torch's Python included).
+
+::
+
+    PYTHONPATH=. python benchmarks/host_time.py                 # llama, 4 layers, hidden 64, seq 16, bf16 autocast
+    PYTHONPATH=. python benchmarks/host_time.py --layers 2 --fp32 --top 30
+
+Example (a 4-core x86 CPU, default arguments), before (wt-host at its fork from main, ccffbf6)::
+
+    host time per step: 40.1 ms (median of 7 x 20 steps)
+    ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import importlib.util
+import pstats
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _op_count():
+    spec = importlib.util.spec_from_file_location("op_count", Path(__file__).with_name("op_count.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def time_steps(step, steps: int, repeats: int) -> float:
+    """The median over ``repeats`` of the seconds per step of ``steps`` consecutive steps."""
+    per_step = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        per_step.append((time.perf_counter() - start) / steps)
+    return statistics.median(per_step)
+
+
+def profile_table(step, top: int, ours: bool) -> str:
+    """One step under cProfile, the ``top`` functions by self time; with ``ours`` only ``int4lora_train``'s."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    step()
+    profiler.disable()
+    stats = pstats.Stats(profiler).stats  # {(file, line, name): (calls, primitive, tottime, cumtime, callers)}
+    rows = [
+        (tottime, cumtime, calls, f"{Path(file).name}:{line}({name})" if ours else f"{file}:{line}({name})")
+        for (file, line, name), (_, calls, tottime, cumtime, _) in stats.items()
+        if not ours or "int4lora_train" in file
+    ]
+    rows.sort(reverse=True)
+    lines = [f"{'self ms':>8s} {'cum ms':>8s} {'calls':>6s}  function"]
+    for tottime, cumtime, calls, where in rows[:top]:
+        lines.append(f"{tottime * 1e3:8.2f} {cumtime * 1e3:8.2f} {calls:6d}  {where}")
+    total = sum(r[0] for r in rows)
+    lines.append(f"{total * 1e3:8.2f} {'':8s} {'':6s}  total self time of these functions (profiled)")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> float:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="llama", choices=("llama", "mistral", "qwen2", "qwen3"))
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--seq", type=int, default=16)
+    parser.add_argument("--fp32", action="store_true", help="no autocast (fp32 compute)")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--top", type=int, default=25)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)  # tiny tensors: threads add only synchronisation
+    sizes = dict(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden)
+    with tempfile.TemporaryDirectory() as tmp:
+        step, _ = _op_count().build_train_step(Path(tmp), args.arch, args.fp32, args.seq, **sizes)
+        for _ in range(args.warmup):
+            step()
+        seconds = time_steps(step, args.steps, args.repeats)
+        print(f"host time per step: {seconds * 1e3:.1f} ms (median of {args.repeats} x {args.steps} steps)")
+        print(f"\nint4lora_train functions by self time, one profiled step (ms), the {args.top} largest:")
+        print(profile_table(step, args.top, ours=True))
+        print(f"\nall functions by self time, one profiled step (ms), the {args.top} largest:")
+        print(profile_table(step, args.top, ours=False))
+    return seconds
+
+
+if __name__ == "__main__":
+    main()
