@@ -70,6 +70,14 @@ def _as_int4_dtype(name: str, tensor: torch.Tensor | None) -> torch.Tensor | Non
     return tensor.view(want)
 
 
+def in_dtype(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t.to(dtype)`` (None stays None) without the call when ``t`` already has it: ``.to`` returns ``t`` itself
+    then, but its dispatch costs host time on every projection call."""
+    if t is None or t.dtype == dtype:
+        return t
+    return t.to(dtype)
+
+
 def dense_save_is_transient() -> bool:
     """Whether a tensor saved for backward *now* lives only briefly, so that saving a dense weight is cheap.
 
@@ -285,13 +293,14 @@ class Int4Linear(nn.Linear):
             )
         self.cache = cache
         self.cache_key = (cache_key or f"int4linear-{id(self):x}") if cache is not None else None
-        self.__dict__.pop("_dequantizer", None)  # chosen again, with the cache, on the next use
+        self._drop_dequantizer()  # chosen again, with the cache, on the next use
 
     @property
     def dequantizer(self) -> Dequantizer:
         """How this layer's dense weight is made (:mod:`int4lora_train.kernels.dequantizer`): chosen the first time it
         is needed on a device, and again after the layer moves, its cache changes or it is copied."""
-        device = self.int4_tensors()[0].device
+        packed = self._buffers.get("packed")
+        device = (self._parameters["packed"] if packed is None else packed).device  # FSDP: re-registered as parameter
         dequantizer = self.__dict__.get("_dequantizer")
         if dequantizer is None or dequantizer.device != device:
             dequantizer = select_dequantizer(
@@ -300,20 +309,40 @@ class Int4Linear(nn.Linear):
             self.__dict__["_dequantizer"] = dequantizer
         return dequantizer
 
+    def _drop_dequantizer(self) -> None:
+        """Forget the dequantizer and the weight spec that holds it (:meth:`weight_spec`)."""
+        self.__dict__.pop("_dequantizer", None)
+        self.__dict__.pop("_weight_spec", None)
+
     # ------------------------------------------------------------------------------------------------ forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype, autocast = self.compute_dtype_for(x)
         spec = self.weight_spec(dtype)
-        bias = None if self.bias is None else self.bias.to(dtype)
-        out = Int4LinearFunction.apply(x.to(dtype), bias, *self.int4_tensors(), spec)
-        return out if autocast else out.to(x.dtype)
+        bias = self._parameters.get("bias")
+        out = Int4LinearFunction.apply(in_dtype(x, dtype), in_dtype(bias, dtype), *self.int4_tensors(), spec)
+        return out if autocast else in_dtype(out, x.dtype)
 
     def weight_spec(self, dtype: torch.dtype) -> _WeightSpec:
-        """How autograd functions get this layer's dense weight in ``dtype`` (the non-tensor half of the weight)."""
-        return _WeightSpec(
-            dtype, self.dequantizer, bool(self.keep_dense_for_backward), bool(self.output_unread_in_recompute)
-        )
+        """How autograd functions get this layer's dense weight in ``dtype`` (the non-tensor half of the weight).
+
+        Asked for on every call of the layer, so the last spec made is kept (``_weight_spec``) and served while it
+        still describes the layer: the same dtype, dequantizer and policy flags (``speed.apply`` and
+        ``set_lean_recompute`` set those on the layer at any time; a move or a cache change replaces the
+        dequantizer). One spec, not one per dtype: an outdated spec must not keep an old dequantizer (and the
+        buffers its launches hold) alive."""
+        dequantizer = self.dequantizer
+        keep, unread = bool(self.keep_dense_for_backward), bool(self.output_unread_in_recompute)
+        spec = self.__dict__.get("_weight_spec")
+        if (
+            spec is None
+            or spec.dtype != dtype
+            or spec.dequantizer is not dequantizer
+            or spec.keep_dense != keep
+            or spec.output_unread_in_recompute != unread
+        ):
+            spec = self.__dict__["_weight_spec"] = _WeightSpec(dtype, dequantizer, keep, unread)
+        return spec
 
     def compute_dtype_for(self, x: torch.Tensor) -> tuple[torch.dtype, bool]:
         """``(dtype, autocast)``: the dtype the matmul runs in for input ``x`` (see the module doc)."""
@@ -343,7 +372,7 @@ class Int4Linear(nn.Linear):
     # the cache shares itself (INT4Unpacker.__deepcopy__).
     def __getstate__(self):
         # The dequantizer's prepared launches refer to compiled kernels and device buffers: chosen again on demand.
-        return {k: v for k, v in self.__dict__.items() if k != "_dequantizer"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_dequantizer", "_weight_spec")}
 
     def reset_parameters(self) -> None:
         """Nothing to initialise: the INT4 weight is checkpoint data (nn.Linear's init would need a dense weight)."""
@@ -352,7 +381,7 @@ class Int4Linear(nn.Linear):
         # Module.to(dtype) / .half() / .float() cast every floating buffer; the scales must keep their dtype because
         # the dequantized values are defined by rounding in it (bit-exactness with the checkpoint). Probe what fn does
         # to an empty tensor of the scales' dtype and, if it changes the dtype, move the INT4 buffers by device only.
-        self.__dict__.pop("_dequantizer", None)  # its launches refer to the buffers this replaces
+        self._drop_dequantizer()  # its launches refer to the buffers this replaces
         if self.scales.is_meta:
             return super()._apply(fn, recurse)
         probe = fn(torch.empty(0, dtype=self.scales.dtype, device=self.scales.device))

@@ -51,8 +51,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +63,7 @@ from int4lora_train.errors import UnsupportedFormatError
 from int4lora_train.modeling.int4_linear import (
     Int4Linear,
     _WeightSpec,
+    in_dtype,
     lean_forward_weight,
     save_weight_tensors,
     saved_dense_weight,
@@ -352,10 +352,12 @@ class Int4LoraFunction(torch.autograd.Function):
         return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None
 
 
-@dataclass(frozen=True)
-class FusedCall:
+class FusedCall(NamedTuple):
     """What one fused forward of an ``Int4LoraLinear`` needs, looked up once per call (see
-    :func:`fused_lora_applies`): the adapter, the INT4 base, the adapter weights, dropout probability, dtypes."""
+    :func:`fused_lora_applies`): the adapter, the INT4 base, the adapter weights, dropout probability, dtypes.
+
+    A named tuple, not a frozen dataclass: one is made on every projection call, and a frozen dataclass's
+    ``__init__`` (``object.__setattr__`` per field) costs five times as much host time."""
 
     adapter: str
     base: Int4Linear
@@ -409,15 +411,14 @@ def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
 def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor:
     """The fused forward of ``layer`` (an ``Int4LoraLinear``) as ``call`` describes; same result dtype as PEFT's."""
     base, dtype = call.base, call.dtype
-    bias = base._parameters.get("bias")
     out = Int4LoraFunction.apply(
-        x.to(dtype),
+        in_dtype(x, dtype),
         call.lora_a,
         call.lora_b,
-        None if bias is None else bias.to(dtype),
+        in_dtype(base._parameters.get("bias"), dtype),
         *base.int4_tensors(),
         base.weight_spec(dtype),
         call.scaling,
         call.p,
     )
-    return out if call.autocast else out.to(x.dtype)
+    return out if call.autocast else in_dtype(out, x.dtype)

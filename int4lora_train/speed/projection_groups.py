@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from int4lora_train.modeling.int4_linear import _WeightSpec, save_weight_tensors
+from int4lora_train.modeling.int4_linear import _WeightSpec, in_dtype, save_weight_tensors
 from int4lora_train.modeling.lora_layer import (
     FusedCall,
     Int4LoraLinear,
@@ -189,7 +189,7 @@ class ProjectionGroup:
         tensors = [c.lora_a for c in calls] + [c.lora_b for c in calls]
         for c in calls:
             tensors += c.base.int4_tensors()
-        outputs = Int4LoraGroupFunction.apply(x.to(group.dtype), group, *tensors)
+        outputs = Int4LoraGroupFunction.apply(in_dtype(x, group.dtype), group, *tensors)
         mine = None
         for member, out in zip(self.members, outputs):
             if member is layer:
@@ -197,7 +197,7 @@ class ProjectionGroup:
             else:
                 self._outputs[id(member)] = out
         self._input = weakref.ref(x)
-        return mine if call.autocast else mine.to(x.dtype)
+        return mine if call.autocast else in_dtype(mine, x.dtype)
 
     @staticmethod
     def _spec(calls: list) -> _GroupSpec | None:
@@ -211,7 +211,7 @@ class ProjectionGroup:
                 or c.adapter != first.adapter
                 or c.p != first.p
                 or c.dtype != first.dtype
-                or c.base.bias is not None
+                or c.base._parameters.get("bias") is not None
                 or c.base.cache is not None
                 or c.base.in_features != first.base.in_features
             ):
