@@ -51,7 +51,7 @@ def _train(autocast: bool, dropout: float, reentrant: bool, features: dict, step
     optimizer = torch.optim.SGD(params, lr=0.1)
     tokens = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(1))
     losses, grads = [], []
-    for step in range(steps):
+    for _ in range(steps):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
             loss = model(tokens, labels=tokens).loss
         loss.backward()
