@@ -190,6 +190,7 @@ def build_train_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tu
     trainer.memory_plan = trainer._apply_memory_options(module, rows)
     optimizer, scheduler = module.configure_optimizers(1, optimizer_class(trainer.memory_plan))
     module.model, optimizer = trainer.strategy.prepare(module.model, optimizer)
+    module.model.train()
     plan = trainer.plan_for(len(rows))
 
     def step():

@@ -147,6 +147,7 @@ class Trainer:
         self.should_stop = False
         self._updating = False
         self.memory_plan: MemoryPlan | None = None  # chosen by fit (_apply_memory_options)
+        self._clip_parameters: list[torch.Tensor] | None = None  # set by fit; None: listed each step
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         report_to = config.report_to
         if report_to is None:  # the default: TensorBoard where it is installed
@@ -238,6 +239,11 @@ class Trainer:
         optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
         self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
+        # The trainable tensors stay the same objects from here on (resuming copies into them), except under FSDP,
+        # whose modules hold sharded or gathered tensors by turns: listed once instead of a walk of every module
+        # each step (~3.5 ms of host time at 32 layers).
+        self._clip_parameters = None if self.strategy.name == "fsdp" else [p for _, p in module.trainable_parameters()]
+        module.model.train()  # every module: a loaded model is in eval mode under a PEFT wrapper in training mode
 
         state = TrainState()
         if resume_from is not None:
@@ -380,7 +386,8 @@ class Trainer:
             batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
             # DDP averages gradients over processes, so each process divides by (global targets / processes).
             normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
-        module.model.train()
+        if not module.model.training:  # mode changes go through the whole model (evaluate, generate restore it); a
+            module.model.train()  # walk of every module each step costs ~4 ms of host time at 32 layers
         step_loss = torch.zeros((), device=acc.device)
         # The adapters do not change until the optimizer step: cast them once for all passes. Not under FSDP (its
         # adapters are gathered anew for every forward), nor when the memory plan saves device memory (the copies,
@@ -405,7 +412,8 @@ class Trainer:
             raise self._diverged(step + 1, f"the training loss is {loss_value}", last_checkpoint)
         max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, scale by exactly 1.0
         with record_function("int4lora/clip"):
-            grad_norm = float(acc.clip_grad_norm_([p for _, p in module.trainable_parameters()], max_norm))
+            params = self._clip_parameters or [p for _, p in module.trainable_parameters()]
+            grad_norm = float(acc.clip_grad_norm_(params, max_norm))
         if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
             optimizer.zero_grad(set_to_none=True)
             raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)

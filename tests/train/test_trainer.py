@@ -366,3 +366,21 @@ def test_eval_prompts_are_completed_greedily_at_each_evaluation(tmp_path):
         )
     events = b"".join(p.read_bytes() for p in (tmp_path / "run" / "tb").rglob("events.out.tfevents.*"))
     assert b"eval/completion_1" in events and b"eval/prompt_0" in events
+
+
+class RecordsModes(LoraModule):
+    """Records, at every training forward, the modules that are not in training mode."""
+
+    def training_step(self, batch):
+        self.not_training = getattr(self, "not_training", [])
+        self.not_training.append([n for n, m in self.model.named_modules() if not m.training])
+        return super().training_step(batch)
+
+
+def test_every_training_forward_runs_with_every_module_in_training_mode(tmp_path):
+    """A loaded model is in eval mode under a PEFT wrapper in training mode: fit puts every module in training mode
+    (gradient checkpointing and dropout depend on it), and each step does again after an evaluation."""
+    trainer, module, data = _setup(tmp_path, "run", ["train.eval_every=2"], module_cls=RecordsModes)
+    assert any(not m.training for m in module.model.modules())  # the fixture's base model is in eval mode
+    trainer.fit(module, data.train, data.validation)
+    assert len(module.not_training) == 8 * 2 and not any(module.not_training)  # 8 steps x 2 micro-batches
