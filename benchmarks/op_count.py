@@ -65,9 +65,7 @@ import torch
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from int4lora_train.memory import optimizer_class
 from int4lora_train.modeling import int4_linear
-from int4lora_train.modeling.peft_integration import prepare_for_training
 from int4lora_train.modeling.tiny_models import BYTE_VOCAB, build_tiny_model, build_tokenizer
 from int4lora_train.quant.packer import save_int4_checkpoint
 from int4lora_train.train.config import config_from_dict
@@ -182,15 +180,8 @@ def build_train_step(work: Path, arch: str, fp32: bool, seq: int, **sizes) -> tu
     trainer = Trainer(config.train, work / "run", device="cpu", tensorboard=False, progress_bar=False)
     module = LoraModule(apply_lora(load_model(config, trainer.device), config), config.train)
     rows = [packed_row(seq, segments=3, vocab=BYTE_VOCAB)]
-    # What Trainer.fit does before its first step.
     trainer.pad_token_id = 0
-    reentrant = config.train.gradient_checkpointing_reentrant
-    prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
-    trainer._apply_speed_options(module, rows)
-    trainer.memory_plan = trainer._apply_memory_options(module, rows)
-    optimizer, scheduler = module.configure_optimizers(1, optimizer_class(trainer.memory_plan))
-    module.model, optimizer = trainer.strategy.prepare(module.model, optimizer)
-    module.model.train()
+    optimizer, scheduler = trainer.prepare_model(module, rows, max_steps=1)  # what Trainer.fit does before step 1
     plan = trainer.plan_for(len(rows))
 
     def step():

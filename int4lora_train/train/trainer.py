@@ -146,8 +146,9 @@ class Trainer:
         self.progress_bar = progress_bar
         self.should_stop = False
         self._updating = False
-        self.memory_plan: MemoryPlan | None = None  # chosen by fit (_apply_memory_options)
-        self._clip_parameters: list[torch.Tensor] | None = None  # set by fit; None: listed each step
+        self.memory_plan: MemoryPlan | None = None  # chosen by prepare_model (_apply_memory_options)
+        self._clip_parameters: list[torch.Tensor] | None = None  # set by prepare_model; None: listed each step
+        self._reuse_adapters = False  # set by prepare_model
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         report_to = config.report_to
         if report_to is None:  # the default: TensorBoard where it is installed
@@ -229,21 +230,7 @@ class Trainer:
         max_steps = self.max_steps_for(plan)
         data_id = fingerprint(train_data)
         self._explain_data_use(plan, max_steps, has_validation=bool(val_data))
-        if cfg.gradient_checkpointing:
-            from ..modeling.peft_integration import prepare_for_training
-
-            reentrant = cfg.gradient_checkpointing_reentrant
-            prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
-        self._apply_speed_options(module, train_data)
-        self.memory_plan = self._apply_memory_options(module, train_data)
-        optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
-        module.model, optimizer = self.strategy.prepare(module.model, optimizer)
-        self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
-        # The trainable tensors stay the same objects from here on (resuming copies into them), except under FSDP,
-        # whose modules hold sharded or gathered tensors by turns: listed once instead of a walk of every module
-        # each step (~3.5 ms of host time at 32 layers).
-        self._clip_parameters = None if self.strategy.name == "fsdp" else [p for _, p in module.trainable_parameters()]
-        module.model.train()  # every module: a loaded model is in eval mode under a PEFT wrapper in training mode
+        optimizer, scheduler = self.prepare_model(module, train_data, max_steps)
 
         state = TrainState()
         if resume_from is not None:
@@ -356,6 +343,37 @@ class Trainer:
             memory={"summary": self.memory_plan.summary(), **self.memory_plan.to_dict()},
         )
 
+    def prepare_model(
+        self, module: LoraModule, train_data: Sequence[Sample], max_steps: int
+    ) -> tuple[torch.optim.Optimizer, Any]:
+        """Everything :meth:`fit` does to the model before its first step; returns ``(optimizer, scheduler)``.
+
+        Gradient checkpointing, ``train.speed`` and ``train.memory`` (:attr:`memory_plan`), the optimizer the plan
+        asks for, the strategy's wrapping (DDP / FSDP), and every module in training mode. Benchmarks that time
+        :meth:`_train_step` alone (``benchmarks/op_count.py``) prepare the model through this too.
+        """
+        cfg = self.config
+        if cfg.gradient_checkpointing:
+            from ..modeling.peft_integration import prepare_for_training
+
+            reentrant = cfg.gradient_checkpointing_reentrant
+            prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
+        self._apply_speed_options(module, train_data)
+        self.memory_plan = self._apply_memory_options(module, train_data)
+        optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
+        module.model, optimizer = self.strategy.prepare(module.model, optimizer)
+        self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
+        # The trainable tensors stay the same objects from here on (resuming copies into them), except under FSDP,
+        # whose modules hold sharded or gathered tensors by turns: listed once instead of a walk of every module
+        # each step (~3.5 ms of host time at 32 layers).
+        self._clip_parameters = None if self.strategy.name == "fsdp" else [p for _, p in module.trainable_parameters()]
+        # Each step's adapter casts are made once and reused by its recompute and backward; not under FSDP (its
+        # adapters are gathered anew for every forward), nor when the memory plan saves device memory (the copies,
+        # about 8 MB per 70B-shaped layer at r 16, would be held through the step).
+        self._reuse_adapters = self.strategy.name != "fsdp" and not self.memory_plan.saves_device_memory
+        module.model.train()  # every module: a loaded model is in eval mode under a PEFT wrapper in training mode
+        return optimizer, scheduler
+
     def _log_window(self, state: TrainState, metrics: dict, window: _Throughput, max_steps: int) -> None:
         """Log the mean loss and the throughput since the last log line, then start a new window."""
         logged = {**metrics, "train/loss": state.window_loss / state.window_steps, "train/tokens_per_s": window.rate}
@@ -389,12 +407,8 @@ class Trainer:
         if not module.model.training:  # mode changes go through the whole model (evaluate, generate restore it); a
             module.model.train()  # walk of every module each step costs ~4 ms of host time at 32 layers
         step_loss = torch.zeros((), device=acc.device)
-        # The adapters do not change until the optimizer step: cast them once for all passes. Not under FSDP (its
-        # adapters are gathered anew for every forward), nor when the memory plan saves device memory (the copies,
-        # about 8 MB per 70B-shaped layer at r 16, would be held through the step).
-        memory_first = self.memory_plan is not None and self.memory_plan.saves_device_memory
-        reuse = contextlib.nullcontext() if self.strategy.name == "fsdp" or memory_first else reuse_adapter_weights()
-        with reuse:
+        # The adapters do not change until the optimizer step: cast them once for all passes (prepare_model decides).
+        with reuse_adapter_weights() if self._reuse_adapters else contextlib.nullcontext():
             for k, batch in enumerate(batches):
                 batch[LOSS_NORMALIZER] = normalizer
                 sync = k == len(batches) - 1
