@@ -54,15 +54,14 @@ skipping no-op casts (wt-host 8381cfb)::
 Before and after (02ad147 -> 8381cfb, alternating runs, ``--repeats 11``): 25.5 / 24.8 ms and 20.7 / 20.2 ms per
 step, within the run-to-run noise; per step, ``weight_spec`` 0.23 -> 0.13 ms cumulative (profiled),
 ``fused_lora_applies`` 0.73 -> 0.64, ``ProjectionGroup._spec`` 0.40 -> 0.28, ``Tensor.to`` 501 -> 469 calls.
-``named_modules`` (6742 calls) is per step, not per layer: ``model.train()`` and ``trainable_parameters()`` in
-``Trainer._train_step`` walk every module each step.
+``named_modules`` (6742 calls) was per step, not per layer: ``model.train()`` and ``trainable_parameters()`` in
+``Trainer._train_step`` walked every module each step (since then the trainer does neither per step; BENCHMARKS.md).
 """
 
 from __future__ import annotations
 
 import argparse
 import cProfile
-import importlib.util
 import pstats
 import statistics
 import tempfile
@@ -70,13 +69,7 @@ import time
 from pathlib import Path
 
 import torch
-
-
-def _op_count():
-    spec = importlib.util.spec_from_file_location("op_count", Path(__file__).with_name("op_count.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from op_count import build_train_step  # a sibling script: Python puts this folder on sys.path
 
 
 def time_steps(step, steps: int, repeats: int) -> float:
@@ -126,7 +119,7 @@ def main(argv: list[str] | None = None) -> float:
     torch.set_num_threads(1)  # tiny tensors: threads add only synchronisation
     sizes = dict(num_hidden_layers=args.layers, hidden_size=args.hidden, intermediate_size=2 * args.hidden)
     with tempfile.TemporaryDirectory() as tmp:
-        step, _ = _op_count().build_train_step(Path(tmp), args.arch, args.fp32, args.seq, **sizes)
+        step, _ = build_train_step(Path(tmp), args.arch, args.fp32, args.seq, **sizes)
         for _ in range(args.warmup):
             step()
         seconds = time_steps(step, args.steps, args.repeats)
