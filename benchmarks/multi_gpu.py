@@ -81,6 +81,7 @@ def run(args) -> dict | None:
     memory_reset(device)
     started = time.perf_counter()
     model = prepare(args, args.mode, device)  # seeded: the same base and adapters in every process
+    memory_report = getattr(model, "memory_report", None) or {}  # before DDP wraps the model (a wrapper hides it)
     optimizer = make_optimizer(args, [p for p in model.parameters() if p.requires_grad], lr=1e-4)
     model, optimizer = strategy.prepare(model, optimizer)
     shards = distributed.sharding_report(model, accelerator.process_index) if sharded else None
@@ -114,7 +115,7 @@ def run(args) -> dict | None:
         "peak_memory_bytes": memory_peak(device),
         "held_after_prepare_bytes": held,
         "last_loss": float(loss.detach()),
-        "memory": (getattr(model, "memory_report", None) or {}).get("summary"),
+        "memory": memory_report.get("summary"),
         "build_s": build_s,
         "sharding": shards,
     }
