@@ -42,17 +42,21 @@ def tiny_int4_checkpoint(
     return save_int4_checkpoint(model, path, group_size=group_size, tokenizer=build_tokenizer(), **save_options)
 
 
-def tiny_int4_lora_model(arch: str = "llama", r: int = 4, lora_dropout: float = 0.0) -> nn.Module:
-    """A tiny fp32 model, RTN-quantized to INT4 (asym, group 32), with PEFT LoRA on all linears and a random,
+def tiny_int4_lora_model(
+    arch: str = "llama", r: int = 4, lora_dropout: float = 0.0, sizes: dict | None = None, **lora_options
+) -> nn.Module:
+    """A tiny fp32 model (``sizes``: config overrides such as ``num_hidden_layers``), RTN-quantized to INT4 (asym,
+    group 32), with PEFT LoRA (``lora_options``: other ``LoraConfig`` fields; default on all linears) and a random,
     deterministic ``lora_B`` (so the adapter changes the output)."""
     from peft import LoraConfig, get_peft_model
 
     from int4lora_train.modeling import quantize_model_rtn
 
-    model = tiny(arch)
+    model = tiny(arch, **(sizes or {}))
     quantize_model_rtn(model, GROUP_SIZE, symmetric=False)
     torch.manual_seed(0)
-    peft_model = get_peft_model(model, LoraConfig(r=r, target_modules="all-linear", lora_dropout=lora_dropout))
+    options = {"target_modules": "all-linear", **lora_options}
+    peft_model = get_peft_model(model, LoraConfig(r=r, lora_dropout=lora_dropout, **options))
     for name, param in sorted(peft_model.named_parameters()):
         if "lora_B" in name:
             param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))

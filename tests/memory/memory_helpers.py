@@ -5,30 +5,20 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-from modeling_helpers import GROUP_SIZE, tiny
+from modeling_helpers import tiny_int4_lora_model
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers.modeling_layers import GradientCheckpointingLayer
 
-from int4lora_train.modeling import prepare_for_training, quantize_model_rtn
+from int4lora_train.modeling import prepare_for_training
 
 
 def int4_lora_model(
     layers: int = 4, checkpointing: bool = True, reentrant: bool = False, sizes: dict | None = None, **lora_options
 ) -> nn.Module:
-    """A tiny Llama (``layers`` decoder layers; ``sizes``: other config overrides), RTN-quantized to INT4, with LoRA
-    on all linears (random lora_B), frozen and checkpointed as the trainer prepares it; the same for the same
-    arguments."""
-    from peft import LoraConfig, get_peft_model
-
-    model = tiny("llama", num_hidden_layers=layers, **(sizes or {}))
-    quantize_model_rtn(model, GROUP_SIZE, symmetric=False)
-    torch.manual_seed(0)
-    options = {"r": 4, "target_modules": "all-linear", **lora_options}
-    peft_model = get_peft_model(model, LoraConfig(**options))
-    for name, param in sorted(peft_model.named_parameters()):
-        if "lora_B" in name:
-            param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
+    """:func:`tiny_int4_lora_model` of a Llama with ``layers`` decoder layers (``sizes``: other config overrides),
+    frozen and checkpointed as the trainer prepares it; the same for the same arguments."""
+    peft_model = tiny_int4_lora_model("llama", sizes={"num_hidden_layers": layers, **(sizes or {})}, **lora_options)
     prepare_for_training(peft_model, gradient_checkpointing=checkpointing, use_reentrant=reentrant)
     peft_model.train()
     return peft_model

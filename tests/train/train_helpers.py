@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 from int4lora_train.modeling.tiny_models import build_tiny_model
+from int4lora_train.train.metrics import read_metrics
+from int4lora_train.train.trainer import METRICS_FILE
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
 
@@ -60,7 +62,7 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
 
 def loss_curve(run: Path) -> list[tuple[int, float, float]]:
     """``(step, train loss, gradient norm)`` of each logged step of a run directory (its metrics.jsonl)."""
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = read_metrics(run / METRICS_FILE)
     return [(r["step"], round(r["train/loss"], 6), round(r["train/grad_norm"], 5)) for r in rows if "train/loss" in r]
 
 
