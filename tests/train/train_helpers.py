@@ -99,7 +99,7 @@ def launch_two_processes(script: Path, *arguments: str) -> None:
         "--main_process_port", str(free_port()), str(script), *arguments,
     ]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.returncode == 0, done.stderr[-12000:]  # the failing rank's own output, not only torchrun's
 
 
 def small_run_config(model_dir: Path, data: Path, out_dir: Path, **train) -> dict:
