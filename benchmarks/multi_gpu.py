@@ -54,6 +54,7 @@ from common import (
 )
 
 from int4lora_train.train import distributed
+from int4lora_train.train.config import FsdpConfig
 from int4lora_train.train.strategy import FSDPStrategy, select_strategy
 
 DEFAULT_MODES = {"ddp": "int4-opt", "fsdp": "int4-opt"}
@@ -73,7 +74,8 @@ def run(args) -> dict | None:
     if args.static_graph:
         ddp_options.update(static_graph=True, gradient_as_bucket_view=True)
     # the trainer's strategy, with bf16 autocast (and the DDP options compared here)
-    strategy = select_strategy(args.strategy, cpu=cpu, mixed_precision="bf16", ddp_options=ddp_options)
+    fsdp = FsdpConfig(all_gather_stream=args.all_gather_stream)
+    strategy = select_strategy(args.strategy, cpu=cpu, mixed_precision="bf16", fsdp=fsdp, ddp_options=ddp_options)
     accelerator, sharded = strategy.accelerator, isinstance(strategy, FSDPStrategy)
     device = accelerator.device
     if args.strategy == "fsdp" and not sharded:
@@ -140,6 +142,7 @@ def run(args) -> dict | None:
             "bucket_cap_mb": args.bucket_cap_mb,
             "static_graph": args.static_graph,
         },
+        "all_gather_stream": args.all_gather_stream if args.strategy == "fsdp" else None,
         "median_step_s": step,
         "tokens_per_s": world * args.bs * args.seq / step,
         "max_peak_memory_bytes": max(p["peak_memory_bytes"] for p in processes),
@@ -181,6 +184,12 @@ def scaling(paths: list[str]) -> str:
 def main(argv: list[str] | None = None) -> dict | None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--strategy", choices=("ddp", "fsdp"), default="ddp")
+    parser.add_argument(
+        "--all-gather-stream",
+        choices=("compute", "separate"),
+        default="compute",
+        help="fsdp: train.fsdp.all_gather_stream (compute: the default; separate: FSDP2's side streams)",
+    )
     parser.add_argument(
         "--mode",
         default=None,

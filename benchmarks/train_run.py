@@ -284,6 +284,9 @@ def main(argv: list[str] | None = None) -> dict | None:
         help="a config override for the int4 run, as `int4lora-train train` takes it (repeatable), e.g. "
         "train.memory.offload_activations=on",
     )
+    parser.add_argument(
+        "--reuse-model", action="store_true", help="keep a checkpoint an earlier run of the same shape wrote in --work"
+    )
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--child", choices=BASES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -296,7 +299,10 @@ def main(argv: list[str] | None = None) -> dict | None:
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
     model_dir, data = work / "model", work / ("chat-whole-rows.jsonl" if args.whole_rows else "chat.jsonl")
-    write_checkpoint(args, model_dir)
+    if args.reuse_model and (model_dir / "config.json").is_file():
+        print(f"[train_run] reusing {model_dir} (--reuse-model)", flush=True)
+    else:
+        write_checkpoint(args, model_dir)
     write_chat_data(data, rows=max(64, 4 * args.steps * args.bs), seq=args.seq, whole_rows=args.whole_rows)
     results = {}
     for base in args.bases.split(","):

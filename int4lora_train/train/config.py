@@ -162,6 +162,12 @@ class FsdpConfig:
         "`fsdp`: class names of the blocks sharded as one unit each (e.g. `LlamaDecoderLayer`); null = the model's "
         "decoder layer (`_no_split_modules`).",
     )
+    all_gather_stream: Literal["compute", "separate"] = _opt(
+        "compute",
+        "`fsdp`: where FSDP gathers each unit's shards. `compute`: in order on the compute stream (exact; the "
+        "gathers do not overlap compute). `separate`: FSDP2's own side streams (overlap), which on CUDA with torch "
+        "2.11 read a gathered frozen tensor wrong in some runs (issue 12).",
+    )
 
 
 @dataclass

@@ -350,13 +350,17 @@ def activate_fsdp(accelerator, plugin) -> bool:
     return bool(accelerator.is_fsdp2)
 
 
-def prepare_fsdp(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer):
+def prepare_fsdp(
+    accelerator, model: nn.Module, optimizer: torch.optim.Optimizer, *, all_gathers_on_compute_stream: bool = True
+):
     """Shard ``model`` (INT4 tensors included) and switch ``optimizer`` to the shards; returns ``(model, optimizer)``.
 
     Every process calls it with the same, whole model. Then: the INT4 buffers become frozen parameters, accelerate's
     FSDP2 preparation shards each decoder layer (then embeddings, head, root), and the forward is wrapped in the
     accelerator's autocast exactly as its DDP preparation does (accelerate's FSDP2 path relies on FSDP mixed
-    precision instead, which the toolkit leaves off). The model's training setup stays as it is.
+    precision instead, which the toolkit leaves off). With ``all_gathers_on_compute_stream`` (the default) FSDP's
+    all-gathers run on the compute stream (:func:`gather_on_compute_stream`). The model's training setup stays as it
+    is.
     """
     converted = int4_buffers_to_parameters(model)
     logger.debug("FSDP: %d Int4Linear layers hold their INT4 tensors as frozen parameters", converted)
@@ -365,9 +369,41 @@ def prepare_fsdp(accelerator, model: nn.Module, optimizer: torch.optim.Optimizer
     # that layer's unit. The chunked loss runs as the output head's forward (chunked_loss.call_as_forward), where
     # FSDP has gathered the head.
     model, optimizer = accelerator.prepare(model, optimizer)
+    if all_gathers_on_compute_stream:
+        gather_on_compute_stream(model)
     if accelerator.native_amp:
         _wrap_forward_in_autocast(accelerator, model)
     return model, optimizer
+
+
+def gather_on_compute_stream(model: nn.Module) -> int:
+    """Make every FSDP2 unit of ``model`` gather its shards on the stream that computes, in program order.
+
+    FSDP2 runs the all-gathers of its implicit prefetching on two side streams (copy-in, collective) so that they
+    overlap compute. On CUDA with torch 2.11 that path made some runs read a gathered frozen tensor wrong: in the
+    micro-batch after a backward, one process's half of the final norm's weight (or two rows of the embedding at
+    the shard boundary), found by ``tests/train/fsdp_recorder.py`` in 5 of 6 runs; on the compute stream none of 7
+    runs did (issue 12, BENCHMARKS.md). The cost is the overlap: each unit's gather waits for the compute before it.
+
+    Replaces, on each unit's communication context (FSDP2's private ``FSDPCommContext``, shared by the units after
+    the first forward), the choice of streams with the current stream for both. Returns the number of contexts
+    changed (0 for a model without FSDP2 units). Idempotent.
+    """
+    contexts = {}
+    for module in model.modules():
+        get_state = getattr(module, "_get_fsdp_state", None)
+        if get_state is not None:
+            context = get_state()._comm_ctx
+            contexts[id(context)] = context
+    for context in contexts.values():
+        context.get_all_gather_streams = MethodType(_current_stream_twice, context)
+    return len(contexts)
+
+
+def _current_stream_twice(context, async_op: bool, training_state) -> tuple:
+    """``FSDPCommContext.get_all_gather_streams`` with the current stream as copy-in and all-gather stream."""
+    stream = context.device_handle.current_stream()
+    return stream, stream
 
 
 def _wrap_forward_in_autocast(accelerator, model: nn.Module) -> None:

@@ -41,13 +41,12 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-FSDP_ON_CUDA_DEFECT = (
-    "train.strategy: fsdp on CUDA GPUs has a known, not yet fixed defect (issue 12): in some runs a step's loss and "
-    "gradients differ from what DDP and one GPU compute for the same batch (seen on 2 H200s with torch 2.11 in 4 of 8 "
-    "short runs; CPU runs are exact, and training still converges). Use train.strategy: ddp when the model fits one "
-    "GPU, and compare a short FSDP run's loss curve with a DDP or one-GPU run before relying on it."
+FSDP_SIDE_STREAMS_DEFECT = (
+    "train.fsdp.all_gather_stream: separate on CUDA: with torch 2.11, FSDP2's side-stream all-gathers made some runs "
+    "read a gathered frozen tensor (the final norm, the embedding) wrong, so that a step's loss and gradients differ "
+    "from DDP and one GPU (issue 12; 7 of 9 short runs on 2 H200s). The default, compute, is exact."
 )
-"""Logged by :meth:`FSDPStrategy.prepare` on CUDA until the defect is found (BENCHMARKS.md, multi-GPU section)."""
+"""Logged by :meth:`FSDPStrategy.prepare` on CUDA when the side streams are asked for (BENCHMARKS.md, multi-GPU)."""
 
 
 class Strategy:
@@ -139,14 +138,20 @@ class FSDPStrategy(Strategy):
     name = "fsdp"
     per_process_keys = ("optimizer",)
 
+    def __init__(self, accelerator: Accelerator, all_gather_stream: str = "compute"):
+        super().__init__(accelerator)
+        self.all_gather_stream = all_gather_stream
+
     @property
     def load_device(self) -> torch.device:
         return torch.device("cpu")  # no process ever holds the whole model on its GPU
 
     def prepare(self, model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[nn.Module, torch.optim.Optimizer]:
-        if self.accelerator.device.type == "cuda":
-            logger.warning(FSDP_ON_CUDA_DEFECT)
-        return distributed.prepare_fsdp(self.accelerator, model, optimizer)
+        if self.accelerator.device.type == "cuda" and self.all_gather_stream == "separate":
+            logger.warning(FSDP_SIDE_STREAMS_DEFECT)
+        return distributed.prepare_fsdp(
+            self.accelerator, model, optimizer, all_gathers_on_compute_stream=self.all_gather_stream == "compute"
+        )
 
     def report(self, model: nn.Module, out_file: Path) -> None:
         """Log what each process holds of the INT4 weights and LoRA; the main process writes it to ``out_file``."""
@@ -219,7 +224,7 @@ def select_strategy(
         plugin = distributed.fsdp_plugin(fsdp.reshard_after_forward, fsdp.wrap_classes)
         accelerator = make_accelerator(cpu, mixed_precision, trackers, plugin)
         if distributed.activate_fsdp(accelerator, plugin):
-            return FSDPStrategy(accelerator)
+            return FSDPStrategy(accelerator, fsdp.all_gather_stream)
         # an FSDP launch of one process: nothing to shard, trained as one process
     else:
         accelerator = make_accelerator(cpu, mixed_precision, trackers, ddp_options=ddp_options)

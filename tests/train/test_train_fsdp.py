@@ -145,19 +145,77 @@ def test_fsdp_with_one_process_trains_unsharded(tmp_path, caplog, monkeypatch):
     assert "one process: nothing to shard" in caplog.text
 
 
-@pytest.mark.parametrize("device, warned", [("cuda", True), ("cpu", False)])
-def test_fsdp_on_cuda_warns_of_the_known_defect(device, warned, caplog, monkeypatch):
+@pytest.mark.parametrize(
+    "device, stream, warned", [("cuda", "compute", False), ("cuda", "separate", True), ("cpu", "separate", False)]
+)
+def test_fsdp_gathers_on_the_compute_stream_unless_told_and_warns_on_cuda_then(
+    device, stream, warned, caplog, monkeypatch
+):
     import logging
     from types import SimpleNamespace
 
     from int4lora_train.train import strategy
 
     monkeypatch.setattr(logging.getLogger("int4lora_train"), "propagate", True)  # the CLI turns it off
-    monkeypatch.setattr(strategy.distributed, "prepare_fsdp", lambda accelerator, model, optimizer: (model, optimizer))
-    fsdp = strategy.FSDPStrategy(SimpleNamespace(device=torch.device(device)))
+    asked = {}
+
+    def prepare_fsdp(accelerator, model, optimizer, *, all_gathers_on_compute_stream):
+        asked["compute"] = all_gathers_on_compute_stream
+        return model, optimizer
+
+    monkeypatch.setattr(strategy.distributed, "prepare_fsdp", prepare_fsdp)
+    fsdp = strategy.FSDPStrategy(SimpleNamespace(device=torch.device(device)), stream)
     model, optimizer = object(), object()
     assert fsdp.prepare(model, optimizer) == (model, optimizer)
+    assert asked["compute"] is (stream == "compute")
     assert ("issue 12" in caplog.text) is warned
+    assert config_from_dict({}).train.fsdp.all_gather_stream == "compute"
+    with pytest.raises(ConfigError, match="all_gather_stream"):
+        config_from_dict({"train": {"fsdp": {"all_gather_stream": "side"}}})
+
+
+def test_gather_on_compute_stream_gives_every_fsdp_unit_the_current_stream(tmp_path):
+    """Every FSDP2 unit's all-gathers run on the current stream after ``gather_on_compute_stream`` (issue 12); the
+    forward and backward are unchanged. One gloo process, FSDP2 on the CPU."""
+    from types import SimpleNamespace
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp._fully_shard._fsdp_common import TrainingState
+
+    from int4lora_train.train.distributed import gather_on_compute_stream
+
+    def sharded(seed: int) -> torch.nn.Module:
+        torch.manual_seed(seed)
+        model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+        for layer in model:
+            fully_shard(layer, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    def run(model) -> list[torch.Tensor]:
+        out = model(torch.arange(12.0).reshape(3, 4))
+        out.square().sum().backward()
+        return [out.detach(), *(p.grad.full_tensor() for p in model.parameters())]
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,))
+        plain, changed = sharded(0), sharded(0)
+        assert gather_on_compute_stream(torch.nn.Linear(2, 2)) == 0  # no FSDP unit: nothing to change
+        assert gather_on_compute_stream(changed) == 3 and gather_on_compute_stream(changed) == 3  # each unit's
+        expected, got = run(plain), run(changed)  # the first forward shares the root's context with every unit
+        assert all(torch.equal(a, b) for a, b in zip(expected, got))
+        contexts = {id(m._get_fsdp_state()._comm_ctx): m._get_fsdp_state()._comm_ctx for m in changed}
+        contexts[id(changed._get_fsdp_state()._comm_ctx)] = changed._get_fsdp_state()._comm_ctx
+        assert len(contexts) == 1
+        for model in (plain, changed):
+            context = model._get_fsdp_state()._comm_ctx
+            context.device_handle = SimpleNamespace(current_stream=lambda: "current")
+            streams = context.get_all_gather_streams(False, TrainingState.FORWARD)
+            assert (streams == ("current", "current")) is (model is changed)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_an_fsdp_launch_needs_the_fsdp_strategy(monkeypatch):
@@ -303,9 +361,11 @@ REPEATS = int(os.environ.get("INT4LORA_FSDP_REPEATS", "0"))
 @pytest.mark.slow
 @pytest.mark.skipif(REPEATS == 0, reason="INT4LORA_FSDP_REPEATS=N repeats the FSDP run N times (issue 12)")
 def test_repeated_fsdp_runs_all_follow_the_one_process_curve(runs):
-    """The reproduction of issue 12: on 2 H200s (torch 2.11) about half of these runs have a step whose loss and
-    gradient norm differ from the one-process run's; on CPUs none does. Every run's curve must match, and every
-    tensor each FSDP unit's forward read must equal the whole tensor it gathers (``fsdp_recorder.py``)."""
+    """The reproduction of issue 12: on 2 H200s (torch 2.11) with FSDP2's side-stream all-gathers
+    (``train.fsdp.all_gather_stream=separate`` in the run config) most of these runs have a step whose loss and
+    gradient norm differ from the one-process run's; with the default (compute stream) and on CPUs none does. Every
+    run's curve must match, and every tensor each FSDP unit's forward read must equal the whole tensor it gathers
+    (``fsdp_recorder.py``)."""
     one = loss_curve(runs / "one")
     differing, misread = {}, {}
     record = os.environ.get("INT4LORA_FSDP_RECORDER", "1") != "0"  # 0: plain runs (if recording hid the race)

@@ -42,7 +42,12 @@ def run_adapter(run: Path) -> dict:
 
 
 def assert_same_adapter(run: Path, reference: Path) -> None:
-    """The two runs exported the same adapter keys, with tensors equal up to fp32 reduction order."""
+    """The two runs exported the same adapter keys, with tensors equal up to fp32 reduction order.
+
+    On GPUs the absolute tolerance is 5e-5: a process's GEMMs over half the batch accumulate in another order than
+    one process's over all of it, and AdamW's normalised update turns that into up to ~1.7e-5 on an element whose
+    gradient is near zero (1 of 1024 elements of one tensor, FSDP vs one GPU, while both loss curves agree to 1e-6;
+    BENCHMARKS.md, issue 12). On CPUs 1e-5 holds."""
     import torch
 
     adapter, expected = run_adapter(run), run_adapter(reference)
@@ -52,7 +57,7 @@ def assert_same_adapter(run: Path, reference: Path) -> None:
             adapter[key],
             tensor,
             rtol=1e-4,
-            atol=1e-5,
+            atol=5e-5 if TEST_DEVICE == "cuda" else 1e-5,
             msg=lambda default, key=key: (
                 f"{run.name} vs {reference.name}: {key}: {default}\nloss curves (step, train loss, grad norm):\n"
                 f"  {run.name}: {loss_curve(run)}\n  {reference.name}: {loss_curve(reference)}"
