@@ -393,7 +393,13 @@ def gather_on_compute_stream(model: nn.Module) -> int:
     for module in model.modules():
         get_state = getattr(module, "_get_fsdp_state", None)
         if get_state is not None:
-            context = get_state()._comm_ctx
+            context = getattr(get_state(), "_comm_ctx", None)
+            if context is None or not hasattr(context, "get_all_gather_streams"):
+                raise ConfigError(
+                    f"train.fsdp.all_gather_stream: compute needs FSDP2's communication context, which torch "
+                    f"{torch.__version__} does not have where torch 2.11-2.13 keep it; set "
+                    "train.fsdp.all_gather_stream: separate (FSDP2's own streams; see issue 12 for the risk on GPUs)"
+                )
             contexts[id(context)] = context
     for context in contexts.values():
         context.get_all_gather_streams = MethodType(_current_stream_twice, context)

@@ -203,6 +203,10 @@ def test_gather_on_compute_stream_gives_every_fsdp_unit_the_current_stream(tmp_p
         mesh = init_device_mesh("cpu", (1,))
         plain, changed = sharded(0), sharded(0)
         assert gather_on_compute_stream(torch.nn.Linear(2, 2)) == 0  # no FSDP unit: nothing to change
+        other_torch = torch.nn.Linear(2, 2)  # a unit whose FSDP state lacks the context (another torch's layout)
+        other_torch._get_fsdp_state = lambda: SimpleNamespace()
+        with pytest.raises(ConfigError, match="all_gather_stream: separate"):
+            gather_on_compute_stream(other_torch)
         assert gather_on_compute_stream(changed) == 3 and gather_on_compute_stream(changed) == 3  # each unit's
         expected, got = run(plain), run(changed)  # the first forward shares the root's context with every unit
         assert all(torch.equal(a, b) for a, b in zip(expected, got))
