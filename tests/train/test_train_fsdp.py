@@ -366,19 +366,22 @@ REPEATS = int(os.environ.get("INT4LORA_FSDP_REPEATS", "0"))
 @pytest.mark.skipif(REPEATS == 0, reason="INT4LORA_FSDP_REPEATS=N repeats the FSDP run N times (issue 12)")
 def test_repeated_fsdp_runs_all_follow_the_one_process_curve(runs):
     """The reproduction of issue 12: on 2 H200s (torch 2.11) with FSDP2's side-stream all-gathers
-    (``train.fsdp.all_gather_stream=separate`` in the run config) most of these runs have a step whose loss and
-    gradient norm differ from the one-process run's; with the default (compute stream) and on CPUs none does. Every
-    run's curve must match, and every tensor each FSDP unit's forward read must equal the whole tensor it gathers
+    (``INT4LORA_FSDP_ALL_GATHER_STREAM=separate``) most of these runs have a step whose loss and gradient norm differ
+    from the one-process run's; with the default (compute stream) and on CPUs none does. Every run's curve must
+    match, and every tensor each FSDP unit's forward read must equal the whole tensor it gathers
     (``fsdp_recorder.py``)."""
     one = loss_curve(runs / "one")
     differing, misread = {}, {}
     record = os.environ.get("INT4LORA_FSDP_RECORDER", "1") != "0"  # 0: plain runs (if recording hid the race)
+    # INT4LORA_FSDP_ALL_GATHER_STREAM=separate: FSDP2's own streams, e.g. to see whether a newer torch is safe there
+    chosen = os.environ.get("INT4LORA_FSDP_ALL_GATHER_STREAM")
+    stream = [f"train.fsdp.all_gather_stream={chosen}"] if chosen else []
     for k in range(REPEATS):
         out, records = runs / f"repeat-{k}", runs / f"repeat-{k}-record"
         script = Path(__file__).with_name("fsdp_recorder.py") if record else REPO / "scripts" / "train.py"
         os.environ["INT4LORA_FSDP_RECORD"] = str(records)
         try:
-            launch_two_processes(script, "--config", str(runs / "run.yaml"), "-q", f"output.dir={out}")
+            launch_two_processes(script, "--config", str(runs / "run.yaml"), "-q", f"output.dir={out}", *stream)
         finally:
             del os.environ["INT4LORA_FSDP_RECORD"]
         curve = loss_curve(out)
