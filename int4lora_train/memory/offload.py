@@ -141,8 +141,10 @@ class ActivationOffloader(torch.autograd.graph.saved_tensors_hooks):
             return False
         if t.device.type != "cuda" and not (self.include_cpu and t.device.type == "cpu"):
             return False
-        if t.numel() * t.element_size() < self.min_bytes or type(t) is not torch.Tensor:
-            return False  # small, or a tensor subclass (DTensor, FP8 tensors) whose storage is not plain
+        if t.numel() == 0 or t.numel() * t.element_size() < self.min_bytes or type(t) is not torch.Tensor:
+            # empty (torch <= 2.11's checkpoint saves a 0-element marker with the inputs), small, or a tensor
+            # subclass (DTensor, FP8 tensors) whose storage is not plain
+            return False
         return t.untyped_storage().data_ptr() not in self._protected
 
     def _pack(self, t: torch.Tensor) -> Any:

@@ -105,6 +105,14 @@ def test_views_of_parameters_are_not_offloaded():
     assert offloader.stats["offloaded"] == 2  # the two layer inputs only
 
 
+def test_empty_tensors_stay_even_with_no_size_floor():
+    """torch <= 2.11's non-reentrant checkpoint saves a 0-element marker beside each layer's inputs: nothing to copy."""
+    offloader = ActivationOffloader(Stack(layers=1), min_bytes=0, include_cpu=True)
+    empty, full = torch.empty(0, requires_grad=True), torch.ones(3)
+    assert offloader._pack(empty) is empty and offloader._pack(full) is not full
+    assert offloader.stats["offloaded"] == 1
+
+
 def test_small_and_cpu_tensors_stay_unless_asked():
     model = int4_lora_model(layers=2)
     offloader = enable_activation_offload(model)  # CUDA only, >= 1 MiB: nothing here
