@@ -18,6 +18,7 @@ own; a checkpoint spanning several layers would need the layer's output in the r
 
 from __future__ import annotations
 
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from int4lora_train.modeling.architectures import is_decoder_mlp
@@ -30,9 +31,7 @@ LEAN_RECOMPUTE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 
 def _int4_base(module: nn.Module | None) -> Int4Linear | None:
     """The ``Int4Linear`` of a projection: itself, or the base layer of its PEFT LoRA wrapper."""
-    if isinstance(module, Int4Linear):
-        return module
-    base = getattr(module, "base_layer", None)
+    base = module.get_base_layer() if isinstance(module, BaseTunerLayer) else module
     return base if isinstance(base, Int4Linear) else None
 
 
