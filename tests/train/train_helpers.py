@@ -12,6 +12,11 @@ from int4lora_train.train.trainer import METRICS_FILE
 
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_key_value_heads": 1}
 
+TEST_DEVICE = os.environ.get("INT4LORA_TEST_DEVICE", "cpu")
+"""Where the multi-process tests run: ``cpu`` (2 gloo processes; CI) or ``cuda`` (2 GPUs over NCCL, one per process:
+``INT4LORA_TEST_DEVICE=cuda pytest tests/train/test_train_ddp.py tests/train/test_train_fsdp.py`` on a 2-GPU machine).
+"""
+
 
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -79,12 +84,6 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-TEST_DEVICE = os.environ.get("INT4LORA_TEST_DEVICE", "cpu")
-"""Where the multi-process tests run: ``cpu`` (2 gloo processes; CI) or ``cuda`` (2 GPUs over NCCL, one per process:
-``INT4LORA_TEST_DEVICE=cuda pytest tests/train/test_train_ddp.py tests/train/test_train_fsdp.py`` on a 2-GPU machine).
-"""
-
-
 def launch_two_processes(script: Path, *arguments: str) -> None:
     """``accelerate launch`` ``script`` on 2 processes and check it succeeded: 2 CPU processes (gloo), or with
     ``INT4LORA_TEST_DEVICE=cuda`` one per GPU (NCCL).
@@ -94,7 +93,8 @@ def launch_two_processes(script: Path, *arguments: str) -> None:
     import subprocess
     import sys
 
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    # PYTHONFAULTHANDLER: a rank that aborts in C++ (SIGABRT) also prints where its Python was
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONFAULTHANDLER": "1"}
     if TEST_DEVICE == "cpu":
         env["CUDA_VISIBLE_DEVICES"] = ""
     env.pop("ACCELERATE_USE_FSDP", None)
