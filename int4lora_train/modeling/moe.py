@@ -233,9 +233,7 @@ def experts_from_weights(
             torch.cat([g.scales.contiguous(), u.scales.contiguous()]),
             g.in_features,
             g.group_size,
-            None
-            if g.zero_points is None and u.zero_points is None
-            else torch.cat([g.zero_points_or_zeros(), u.zero_points_or_zeros()]),
+            None if all(gate_up_symmetric) else torch.cat([g.zero_points_or_zeros(), u.zero_points_or_zeros()]),
             name=f"{name}.{e}.gate_up",
         )
         if g.group_size == u.group_size and g.packed.shape[1] == u.packed.shape[1]
