@@ -24,6 +24,9 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
   not support keep their own loss (logged).
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
   :data:`~int4lora_train.speed.fused_ops.AUTO_MIN_ELEMENTS` elements, where the step is GPU-bound.
+- ``fused_rope``: transformers' ``apply_rotary_pos_emb`` as one Triton kernel for q and k each way
+  (:mod:`.fused_rope`; bit-identical). Off by default until measured on a GPU; patches the modeling module's
+  function, reference-counted per model.
 - ``packed_attention``: attention over rows of several segments (packing; padding in batches of several rows)
   without a 4-D mask, on the flash varlen kernel (:mod:`.varlen_attention`): ``"varlen"``, ``"mask"`` (transformers'
   block-causal mask) or ``"auto"``: varlen where the rows hold several segments (``apply``'s ``packed``) and the
@@ -46,6 +49,7 @@ from int4lora_train.modeling.int4_linear import Int4Linear
 from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
+from int4lora_train.speed.fused_rope import disable_fused_rope, enable_fused_rope
 from int4lora_train.speed.lean_recompute import set_lean_recompute
 from int4lora_train.speed.projection_groups import find_projection_groups
 from int4lora_train.speed.varlen_attention import PACKED_ATTENTION_CHOICES, set_packed_attention
@@ -66,6 +70,7 @@ class SpeedConfig:
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
+    fused_rope: bool = False  # off until measured on a GPU (ROPE_BRANCH.md)
     packed_attention: str = "auto"  # "auto", "varlen", "mask"
 
 
@@ -84,8 +89,8 @@ def apply(
     """Switch the features of ``config`` (default ``SpeedConfig()`` when no keyword is given) on ``model``, with
     ``features`` (keywords named like :class:`SpeedConfig`'s fields) overriding them; without ``config`` only the
     features named change. Returns what was done, for logging: the LoRA and INT4 layer counts, plus ``groups``,
-    ``lean_recompute`` (down projections marked), ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``packed_attention`` (``"varlen"`` or ``"mask"``) for the features
-    that were set.
+    ``lean_recompute`` (down projections marked), ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``fused_rope`` (modeling modules
+    patched for the model), ``packed_attention`` (``"varlen"`` or ``"mask"``) for the features that were set.
 
     ``packed``, ``device``, ``dtype`` inform ``packed_attention="auto"``: whether the batches hold several segments
     per row, and where and in which dtype the model computes (default: its first parameter's device, its dtype).
@@ -120,6 +125,9 @@ def apply(
         report.update(rmsnorm=0, swiglu=0)
         if choice is not False:
             report.update(enable_fused_kernels(model, min_elements="auto" if choice == "auto" else 0))
+    if "fused_rope" in features:
+        disable_fused_rope(model)
+        report["fused_rope"] = len(enable_fused_rope(model)) if features["fused_rope"] else 0
     if "packed_attention" in features:
         report["packed_attention"] = set_packed_attention(
             model, features["packed_attention"], packed=packed, device=device, dtype=dtype
@@ -130,7 +138,14 @@ def apply(
 
 def _check(features: dict[str, Any]) -> None:
     """ConfigError for a value a feature cannot take (the message names the feature and what it accepts)."""
-    for name in ("fused_lora", "keep_dense_for_backward", "lean_recompute", "group_projections", "chunked_loss"):
+    for name in (
+        "fused_lora",
+        "keep_dense_for_backward",
+        "lean_recompute",
+        "group_projections",
+        "chunked_loss",
+        "fused_rope",
+    ):
         if name in features and not isinstance(features[name], bool):
             raise ConfigError(f"{name} must be true or false, got {features[name]!r}")
     chunk = features.get("loss_chunk_size")

@@ -204,6 +204,12 @@ class SpeedConfig:
     fused_kernels: Literal["auto", "on", "off"] = _opt(
         "auto", "Triton RMSNorm and SwiGLU: `auto` uses them on large inputs (GPU-bound steps), `on`, `off`."
     )
+    fused_rope: bool = _opt(
+        False,
+        "Rotary position embedding (transformers' `apply_rotary_pos_emb`) as one Triton kernel for q and k each way, "
+        "bit-identical (CUDA; Llama-like architectures whose function is the standard one; elsewhere unchanged). "
+        "Off until measured on a GPU.",
+    )
     packed_attention: Literal["auto", "varlen", "mask"] = _opt(
         "auto",
         "Attention over rows of several segments (`data.packing`, or padding with `micro_batch_size` > 1): `varlen` "

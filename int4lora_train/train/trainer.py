@@ -655,6 +655,7 @@ class Trainer:
                 chunked_loss=speed.chunked_loss,
                 loss_chunk_size=speed.loss_chunk_size,
                 fused_kernels=speed.fused_kernels,
+                fused_rope=speed.fused_rope,
                 packed_attention=speed.packed_attention,
             ),
             packed=packed,
