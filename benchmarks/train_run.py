@@ -136,10 +136,17 @@ def run_config(args, base: str, model_dir: Path, data: Path, out_dir: Path) -> d
             "save_every": None,
             "eval_every": None,
             "eval_at_start": False,
-            # bf16 + PEFT and NF4 as users run them with HF: the model's own loss, no toolkit kernels, transformers'
-            # attention over packed rows (a block-causal mask built from the position ids).
+            # bf16 + PEFT and NF4 as users run them with HF: the model's own loss, no toolkit kernels or graphs,
+            # transformers' attention over packed rows (a block-causal mask built from the position ids).
             **(
-                {"speed": {"chunked_loss": False, "fused_kernels": "off", "packed_attention": "mask"}}
+                {
+                    "speed": {
+                        "chunked_loss": False,
+                        "fused_kernels": "off",
+                        "packed_attention": "mask",
+                        "cuda_graphs": "off",
+                    }
+                }
                 if baseline
                 else {}
             ),

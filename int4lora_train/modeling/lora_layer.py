@@ -269,6 +269,18 @@ def reuse_adapter_weights() -> Iterator[None]:
         _reused = None
 
 
+@contextlib.contextmanager
+def no_adapter_reuse() -> Iterator[None]:
+    """Within this block nothing is reused, even inside :func:`reuse_adapter_weights`: a CUDA graph capture must
+    neither read a copy made outside it nor leave one of its own (memory of its pool) behind."""
+    global _reused
+    outer, _reused = _reused, None
+    try:
+        yield
+    finally:
+        _reused = outer
+
+
 def derived_adapter_weight(kind: tuple, sources: tuple, build: Callable[[], Any]) -> Any:
     """``build()``, a value of kind ``kind`` computed from the tensors ``sources`` alone; inside
     :func:`reuse_adapter_weights` the one built earlier when ``sources`` are the same data: the same memory (address,

@@ -27,6 +27,10 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
 - ``fused_rope``: transformers' ``apply_rotary_pos_emb`` as one Triton kernel for q and k each way
   (:mod:`.fused_rope`; bit-identical). Off by default until measured on a GPU; patches the modeling module's
   function, reference-counted per model.
+- ``cuda_graphs``: each checkpointed decoder layer's forward and recompute + backward captured once as CUDA graphs
+  and replayed (:mod:`.layer_graphs`; bit-identical): ``"auto"`` (on where they can run: CUDA, gradient
+  checkpointing, no activation offloading, no INT4 unpacker cache), ``"on"`` (an error where they cannot), ``"off"``.
+  Call it last: features that replace the layers' checkpoint function (activation offloading) must come first.
 - ``packed_attention``: attention over rows of several segments (packing; padding in batches of several rows)
   without a 4-D mask, on the flash varlen kernel (:mod:`.varlen_attention`): ``"varlen"``, ``"mask"`` (transformers'
   block-causal mask) or ``"auto"``: varlen where the rows hold several segments (``apply``'s ``packed``) and the
@@ -50,6 +54,7 @@ from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
 from int4lora_train.speed.fused_rope import disable_fused_rope, enable_fused_rope
+from int4lora_train.speed.layer_graphs import CUDA_GRAPH_CHOICES, set_layer_graphs
 from int4lora_train.speed.lean_recompute import set_lean_recompute
 from int4lora_train.speed.projection_groups import find_projection_groups
 from int4lora_train.speed.varlen_attention import PACKED_ATTENTION_CHOICES, set_packed_attention
@@ -72,6 +77,7 @@ class SpeedConfig:
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
     fused_rope: bool = False  # off until measured on a GPU (ROPE_BRANCH.md)
     packed_attention: str = "auto"  # "auto", "varlen", "mask"
+    cuda_graphs: bool | str = "auto"  # "auto", "on" / True, "off" / False
 
 
 FEATURES = tuple(f.name for f in dataclasses.fields(SpeedConfig))
@@ -132,6 +138,8 @@ def apply(
         report["packed_attention"] = set_packed_attention(
             model, features["packed_attention"], packed=packed, device=device, dtype=dtype
         )
+    if "cuda_graphs" in features:
+        report["cuda_graphs"] = set_layer_graphs(model, features["cuda_graphs"], device=device)
     logger.info("training-step speed features: %s", report)
     return report
 
@@ -157,6 +165,10 @@ def _check(features: dict[str, Any]) -> None:
         value = features["fused_kernels"]
         if not isinstance(value, bool | str) or value not in FUSED_KERNEL_CHOICES:
             raise ConfigError(f"fused_kernels must be one of 'auto', 'on', 'off', true, false; got {value!r}")
+    if "cuda_graphs" in features:
+        value = features["cuda_graphs"]
+        if not isinstance(value, bool | str) or value not in CUDA_GRAPH_CHOICES:
+            raise ConfigError(f"cuda_graphs must be one of 'auto', 'on', 'off', true, false; got {value!r}")
     if "packed_attention" in features and features["packed_attention"] not in PACKED_ATTENTION_CHOICES:
         raise ConfigError(
             f"packed_attention must be one of {', '.join(PACKED_ATTENTION_CHOICES)}; got {features['packed_attention']!r}"

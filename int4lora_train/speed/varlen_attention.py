@@ -152,6 +152,13 @@ def segments_for(position_ids: torch.Tensor, batch: int) -> Segments:
     return _cached(position_ids, batch, lambda: compute_segments(position_ids, batch))
 
 
+def preset_segments(position_ids: torch.Tensor, segments: Segments) -> None:
+    """Make :func:`segments_for` return ``segments`` for ``position_ids`` as it is now (a caller that knows them,
+    :mod:`.layer_graphs`, whose graphs cannot read them from the device)."""
+    global _last
+    _last = _Cached(position_ids, position_ids._version, segments.batch, segments)
+
+
 def clear_cache() -> None:
     """Forget the segments kept by :func:`segments_for` (and the ``position_ids`` tensor they hold)."""
     global _last

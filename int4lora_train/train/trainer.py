@@ -360,6 +360,7 @@ class Trainer:
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
         self._apply_speed_options(module, train_data)
         self.memory_plan = self._apply_memory_options(module, train_data)
+        self._apply_layer_graphs(module)  # last: it replaces the checkpoint function the memory plan may wrap
         optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
         self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
@@ -657,6 +658,7 @@ class Trainer:
                 fused_kernels=speed.fused_kernels,
                 fused_rope=speed.fused_rope,
                 packed_attention=speed.packed_attention,
+                cuda_graphs="off",  # decided after the memory plan (_apply_layer_graphs)
             ),
             packed=packed,
             device=self.device,
@@ -667,6 +669,23 @@ class Trainer:
             report["packed_attention"],
             speed.packed_attention,
         )
+
+    def _apply_layer_graphs(self, module: LoraModule) -> None:
+        """``train.speed.cuda_graphs``: graph the checkpointed decoder layers (after the memory plan, which may
+        offload their inputs: then ``auto`` leaves them eager). Single process only: under DDP / FSDP ``auto`` is
+        off and ``on`` an error."""
+        from .. import speed as training_speed
+
+        choice = self.config.speed.cuda_graphs
+        if self.accelerator.num_processes > 1:
+            if choice == "on":
+                raise ConfigError(
+                    f"train.speed.cuda_graphs: on runs in a single process, this run has "
+                    f"{self.accelerator.num_processes} (strategy {self.strategy.name}); set it to auto or off"
+                )
+            choice = "off"
+        on = training_speed.apply(module.unwrapped_model, cuda_graphs=choice, device=self.device)["cuda_graphs"]
+        logger.info("CUDA graphs of the decoder layers: %s (train.speed.cuda_graphs: %s)", on, choice)
 
     def _apply_memory_options(self, module: LoraModule, train_data: Sequence[Sample]):
         """Plan and switch the device-memory features of ``train.memory`` (after the speed options, before DDP /

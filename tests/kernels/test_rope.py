@@ -38,7 +38,8 @@ def _case(dtype, batch, seq, q_heads, k_heads, dim, cos_batch, grouped: bool = F
     ``[cos_batch, T, D]``; gradients for the outputs. Some zeros of either sign, to pin the sign of zero results."""
     gen = torch.Generator().manual_seed(dim * 31 + seq)
     width = (q_heads + 2 * k_heads) * dim if grouped else (q_heads + k_heads) * dim
-    projections = (torch.randn(batch, seq, width, generator=gen) * 3).to(dtype)
+    # on the device before slicing: copying a slice to another device would make it contiguous
+    projections = (torch.randn(batch, seq, width, generator=gen) * 3).to(dtype).to(DEVICE)
     q = projections[..., : q_heads * dim].view(batch, seq, q_heads, dim).transpose(1, 2)
     k = projections[..., q_heads * dim : (q_heads + k_heads) * dim].view(batch, seq, k_heads, dim).transpose(1, 2)
     cos = torch.randn(cos_batch, seq, dim, generator=gen).to(dtype)
