@@ -143,6 +143,7 @@ def run_config(args, base: str, model_dir: Path, data: Path, out_dir: Path) -> d
                     "speed": {
                         "chunked_loss": False,
                         "fused_kernels": "off",
+                        "fused_rope": "off",
                         "packed_attention": "mask",
                         "cuda_graphs": "off",
                     }

@@ -25,8 +25,9 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
   :data:`~int4lora_train.speed.fused_ops.AUTO_MIN_ELEMENTS` elements, where the step is GPU-bound.
 - ``fused_rope``: transformers' ``apply_rotary_pos_emb`` as one Triton kernel for q and k each way
-  (:mod:`.fused_rope`; bit-identical). Off by default until measured on a GPU; patches the modeling module's
-  function, reference-counted per model.
+  (:mod:`.fused_rope`; bit-identical): ``"auto"`` for calls of at least
+  :data:`~int4lora_train.speed.fused_rope.AUTO_MIN_TOKENS` tokens (where it measured faster), ``"on"``, ``"off"``;
+  patches the modeling module's function, reference-counted per model.
 - ``cuda_graphs``: each checkpointed decoder layer's forward and recompute + backward captured once as CUDA graphs
   and replayed (:mod:`.layer_graphs`; bit-identical): ``"auto"`` (on where they can run: CUDA, gradient
   checkpointing, no activation offloading, no INT4 unpacker cache), ``"on"`` (an error where they cannot), ``"off"``.
@@ -53,15 +54,16 @@ from int4lora_train.modeling.int4_linear import Int4Linear
 from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
-from int4lora_train.speed.fused_rope import disable_fused_rope, enable_fused_rope
-from int4lora_train.speed.layer_graphs import CUDA_GRAPH_CHOICES, set_layer_graphs
+from int4lora_train.speed.fused_rope import AUTO_MIN_TOKENS, disable_fused_rope, enable_fused_rope
+from int4lora_train.speed.layer_graphs import set_layer_graphs
 from int4lora_train.speed.lean_recompute import set_lean_recompute
 from int4lora_train.speed.projection_groups import find_projection_groups
 from int4lora_train.speed.varlen_attention import PACKED_ATTENTION_CHOICES, set_packed_attention
 
 logger = logging.getLogger(__name__)
 
-FUSED_KERNEL_CHOICES = ("auto", "on", "off", True, False)
+AUTO_CHOICES = ("auto", "on", "off", True, False)
+"""What ``fused_kernels``, ``fused_rope`` and ``cuda_graphs`` take."""
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ class SpeedConfig:
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
-    fused_rope: bool = False  # off until measured on a GPU (ROPE_BRANCH.md)
+    fused_rope: bool | str = "auto"  # "auto", "on" / True, "off" / False
     packed_attention: str = "auto"  # "auto", "varlen", "mask"
     cuda_graphs: bool | str = "auto"  # "auto", "on" / True, "off" / False
 
@@ -133,7 +135,9 @@ def apply(
             report.update(enable_fused_kernels(model, min_elements="auto" if choice == "auto" else 0))
     if "fused_rope" in features:
         disable_fused_rope(model)
-        report["fused_rope"] = len(enable_fused_rope(model)) if features["fused_rope"] else 0
+        choice = {True: "on", False: "off"}.get(features["fused_rope"], features["fused_rope"])
+        min_tokens = AUTO_MIN_TOKENS if choice == "auto" else 0
+        report["fused_rope"] = len(enable_fused_rope(model, min_tokens)) if choice != "off" else 0
     if "packed_attention" in features:
         report["packed_attention"] = set_packed_attention(
             model, features["packed_attention"], packed=packed, device=device, dtype=dtype
@@ -152,7 +156,6 @@ def _check(features: dict[str, Any]) -> None:
         "lean_recompute",
         "group_projections",
         "chunked_loss",
-        "fused_rope",
     ):
         if name in features and not isinstance(features[name], bool):
             raise ConfigError(f"{name} must be true or false, got {features[name]!r}")
@@ -161,14 +164,10 @@ def _check(features: dict[str, Any]) -> None:
         raise ConfigError(f"loss_chunk_size must be a positive integer or null (auto), got {chunk!r}")
     if chunk is not None and "chunked_loss" not in features:
         raise ConfigError("loss_chunk_size is set with chunked_loss: pass chunked_loss=True too")
-    if "fused_kernels" in features:
-        value = features["fused_kernels"]
-        if not isinstance(value, bool | str) or value not in FUSED_KERNEL_CHOICES:
-            raise ConfigError(f"fused_kernels must be one of 'auto', 'on', 'off', true, false; got {value!r}")
-    if "cuda_graphs" in features:
-        value = features["cuda_graphs"]
-        if not isinstance(value, bool | str) or value not in CUDA_GRAPH_CHOICES:
-            raise ConfigError(f"cuda_graphs must be one of 'auto', 'on', 'off', true, false; got {value!r}")
+    for name in ("fused_kernels", "fused_rope", "cuda_graphs"):
+        value = features.get(name, "auto")
+        if not isinstance(value, bool | str) or value not in AUTO_CHOICES:
+            raise ConfigError(f"{name} must be one of 'auto', 'on', 'off', true, false; got {value!r}")
     if "packed_attention" in features and features["packed_attention"] not in PACKED_ATTENTION_CHOICES:
         raise ConfigError(
             f"packed_attention must be one of {', '.join(PACKED_ATTENTION_CHOICES)}; got {features['packed_attention']!r}"

@@ -58,7 +58,10 @@ MAX_CAPTURES = 4
 MIN_SEGMENT_CAPACITY = 16
 """The smallest segment capacity of a capture (varlen attention)."""
 
-CUDA_GRAPH_CHOICES = ("auto", "on", "off", True, False)
+AUTO_MAX_TOKENS = 4096
+"""``cuda_graphs: auto`` replays graphs for micro-batches of at most this many tokens (batch x sequence), where the
+step is bound by the host: on an H200 graphs made the product's step 15% faster at 1 x 2048 tokens, 4% at 2 x 2048,
+and nothing at 4 x 2048, where they held 2.6 GiB more (BENCHMARKS.md). Larger micro-batches run eagerly."""
 _STATE_ATTR = "_int4lora_layer_graphs"
 
 
@@ -182,7 +185,15 @@ class LayerGraphs:
     """The graphs of a model's checkpointed decoder layers (see the module docstring); :func:`enable_layer_graphs`
     makes one. ``stats`` counts captures (of the whole set), graphed and eager layer calls."""
 
-    def __init__(self, model: nn.Module, layers: list[nn.Module], device: torch.device, capture: Any = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        layers: list[nn.Module],
+        device: torch.device,
+        capture: Any = None,
+        max_tokens: int | None = None,
+    ) -> None:
+        self.max_tokens = max_tokens
         self.model_config = getattr(model, "config", None)
         self.device = _device_with_index(device)
         self.capture_factory = capture or CudaGraphCapture
@@ -232,6 +243,8 @@ class LayerGraphs:
         hidden = args[0]
         if not isinstance(hidden, torch.Tensor) or hidden.device != self.device:
             return "hidden states not a tensor on the graphs' device"
+        if self.max_tokens is not None and hidden.shape[:-1].numel() > self.max_tokens:
+            return f"micro-batches of more than {self.max_tokens} tokens: the step is bound by the GPU (auto)"
         signature = self._signature(hidden, function.keywords)
         if signature is None:
             return "an argument that is neither a tensor nor a plain value (a KV cache?)"
@@ -533,7 +546,8 @@ def set_layer_graphs(
 ) -> bool:
     """Switch layer graphs on ``model`` (``speed.apply``'s ``cuda_graphs``): ``"auto"`` where
     :func:`graph_blockers` finds nothing, ``"on"`` (ConfigError naming the blockers otherwise), ``"off"``. Returns
-    whether they are on. ``device``: where the model computes (default: its first parameter's device)."""
+    whether they are on. ``device``: where the model computes (default: its first parameter's device). Under ``auto``
+    micro-batches of more than :data:`AUTO_MAX_TOKENS` tokens run eagerly."""
     disable_layer_graphs(model)
     choice = {True: "on", False: "off"}.get(choice, choice)
     if choice == "off":
@@ -550,13 +564,16 @@ def set_layer_graphs(
             )
         logger.info("CUDA graphs of the decoder layers not used: %s", "; ".join(blockers))
         return False
-    enable_layer_graphs(model, device, capture=capture)
+    enable_layer_graphs(model, device, capture=capture, max_tokens=AUTO_MAX_TOKENS if choice == "auto" else None)
     return True
 
 
-def enable_layer_graphs(model: nn.Module, device: torch.device | str, capture: Any = None) -> LayerGraphs:
-    """Graph ``model``'s checkpointed decoder layers (see the module docstring); returns the :class:`LayerGraphs`
-    (``stats``). Replaces an earlier call's; :func:`disable_layer_graphs` undoes it.
+def enable_layer_graphs(
+    model: nn.Module, device: torch.device | str, capture: Any = None, max_tokens: int | None = None
+) -> LayerGraphs:
+    """Graph ``model``'s checkpointed decoder layers (see the module docstring) for micro-batches of at most
+    ``max_tokens`` tokens (None: any); returns the :class:`LayerGraphs` (``stats``). Replaces an earlier call's;
+    :func:`disable_layer_graphs` undoes it.
 
     Raises:
         ValueError: ``model`` has no checkpointed layer (enable gradient checkpointing first).
@@ -567,7 +584,7 @@ def enable_layer_graphs(model: nn.Module, device: torch.device | str, capture: A
     layers = checkpointed_layers(model)
     if not layers:
         raise ValueError("layer graphs need gradient checkpointing: no checkpointed decoder layer found")
-    graphs = LayerGraphs(model, layers, device, capture)
+    graphs = LayerGraphs(model, layers, device, capture, max_tokens)
     for layer in graphs.layers:
         layer.module._gradient_checkpointing_func = graphs.checkpoint_function(layer)
     model.__dict__[_STATE_ATTR] = graphs

@@ -204,11 +204,12 @@ class SpeedConfig:
     fused_kernels: Literal["auto", "on", "off"] = _opt(
         "auto", "Triton RMSNorm and SwiGLU: `auto` uses them on large inputs (GPU-bound steps), `on`, `off`."
     )
-    fused_rope: bool = _opt(
-        False,
+    fused_rope: Literal["auto", "on", "off"] = _opt(
+        "auto",
         "Rotary position embedding (transformers' `apply_rotary_pos_emb`) as one Triton kernel for q and k each way, "
-        "bit-identical (CUDA; Llama-like architectures whose function is the standard one; elsewhere unchanged). "
-        "Off until measured on a GPU.",
+        "bit-identical (CUDA; Llama-like architectures whose function is the standard one; elsewhere unchanged): "
+        "`auto` = on for calls of at least 8192 tokens (micro batch x sequence; measured faster there, slower at "
+        "2048), `on`, `off`.",
     )
     packed_attention: Literal["auto", "varlen", "mask"] = _opt(
         "auto",
@@ -222,8 +223,8 @@ class SpeedConfig:
         "auto",
         "Each checkpointed decoder layer's forward and recompute + backward captured once as CUDA graphs and "
         "replayed (bit-identical; saves the host time of ~200 launches per layer and step): `auto` = on for "
-        "single-process CUDA runs with gradient checkpointing and no activation offloading, `on` (an error where "
-        "it cannot run), `off`.",
+        "single-process CUDA runs with gradient checkpointing and no activation offloading, for micro-batches of at "
+        "most 4096 tokens (host-bound steps), `on` (any size; an error where it cannot run), `off`.",
     )
 
 

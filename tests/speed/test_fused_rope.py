@@ -20,6 +20,7 @@ from int4lora_train.speed import SpeedConfig, fused_rope
 from int4lora_train.speed.fused_rope import disable_fused_rope, enable_fused_rope, fused_rope_modules
 
 LLAMA = "transformers.models.llama.modeling_llama"
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernels: compiled on CUDA, interpreted on the CPU
 ORIGINAL = modeling_llama.apply_rotary_pos_emb
 
 
@@ -57,14 +58,14 @@ def _int4_lora_model(dtype: torch.dtype):
         if "lora_B" in name:
             param.data.normal_(0, 0.1, generator=torch.Generator().manual_seed(sum(map(ord, name))))
     prepare_for_training(peft_model, gradient_checkpointing=True, use_reentrant=False)
-    return peft_model
+    return peft_model.to(DEVICE)
 
 
 def _loss_and_grads(peft_model, rope: bool):
     report = speed.apply(peft_model, SpeedConfig(fused_rope=rope))  # q/k/v grouped: q and k are column slices
     assert report["fused_rope"] == int(rope)
     peft_model.train()
-    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1))  # odd length
+    tokens = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(1)).to(DEVICE)  # odd length
     try:
         loss = peft_model(input_ids=tokens, labels=tokens, use_cache=False).loss
         loss.backward()
@@ -122,17 +123,18 @@ def test_patches_are_reference_counted_over_models():
     assert modeling_llama.apply_rotary_pos_emb is ORIGINAL
 
 
-def _rope_inputs(dtype=torch.bfloat16, dim=32):
+def _rope_inputs(dtype=torch.bfloat16, dim=32, device=DEVICE):
     gen = torch.Generator().manual_seed(0)
-    q = torch.randn(2, 5, 4, dim, generator=gen).to(dtype).transpose(1, 2)
-    k = torch.randn(2, 5, 2, dim, generator=gen).to(dtype).transpose(1, 2)
-    cos, sin = torch.randn(2, 5, dim, generator=gen).to(dtype), torch.randn(2, 5, dim, generator=gen).to(dtype)
+    q = torch.randn(2, 5, 4, dim, generator=gen).to(dtype).to(device).transpose(1, 2)
+    k = torch.randn(2, 5, 2, dim, generator=gen).to(dtype).to(device).transpose(1, 2)
+    cos = torch.randn(2, 5, dim, generator=gen).to(dtype).to(device)
+    sin = torch.randn(2, 5, dim, generator=gen).to(dtype).to(device)
     return q, k, cos, sin
 
 
 def test_inputs_it_does_not_handle_go_to_the_original(kernels_on_this_device, fused_calls):
     model = build_tiny_model("llama", seed=0)
-    enable_fused_rope(model)
+    enable_fused_rope(model, min_tokens=8)  # the inputs below: 2 x 5 tokens
     try:
         fused = modeling_llama.apply_rotary_pos_emb
         q, k, cos, sin = _rope_inputs()
@@ -144,6 +146,7 @@ def test_inputs_it_does_not_handle_go_to_the_original(kernels_on_this_device, fu
             (q[..., :31], k[..., :31], cos[..., :31], sin[..., :31], 1),  # odd head dim
             (q, k, cos.clone().requires_grad_(True), sin, 1),  # a gradient for cos
             (*_rope_inputs(torch.float64), 1),  # a dtype without a kernel
+            (q[:, :, :2], k[:, :, :2], cos[:, :2], sin[:, :2], 1),  # 2 x 2 tokens: fewer than the minimum
             (q[:1], k, cos, sin, 1),  # batch sizes that differ
         ]
         for case in unhandled:
@@ -159,7 +162,7 @@ def test_cpu_without_the_interpreter_keeps_the_original(fused_calls):
     model = build_tiny_model("llama", seed=0)
     enable_fused_rope(model)
     try:
-        q, k, cos, sin = _rope_inputs()
+        q, k, cos, sin = _rope_inputs(device="cpu")
         got = modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)
         assert all(torch.equal(a, b) for a, b in zip(got, ORIGINAL(q, k, cos, sin)))
         assert fused_calls == []  # use_triton: no Triton for CPU tensors
@@ -171,7 +174,11 @@ def test_speed_apply_switches_it_and_checks_the_value():
     model = build_tiny_model("llama", seed=0)
     assert speed.apply(model, fused_rope=True)["fused_rope"] == 1
     assert speed.apply(model, fused_rope=True)["fused_rope"] == 1  # again: still one reference
-    assert speed.apply(model, SpeedConfig())["fused_rope"] == 0  # the default is off
+    assert speed.apply(model, fused_rope="off")["fused_rope"] == 0
     assert modeling_llama.apply_rotary_pos_emb is ORIGINAL
-    with pytest.raises(ConfigError, match="fused_rope must be true or false"):
-        speed.apply(model, fused_rope="on")
+    assert speed.apply(model, SpeedConfig())["fused_rope"] == 1  # the default: auto, from AUTO_MIN_TOKENS tokens
+    assert fused_rope._PATCHES[LLAMA].min_tokens == fused_rope.AUTO_MIN_TOKENS
+    assert speed.apply(model, fused_rope="on")["fused_rope"] == 1 and fused_rope._PATCHES[LLAMA].min_tokens == 0
+    disable_fused_rope(model)
+    with pytest.raises(ConfigError, match="fused_rope must be one of 'auto', 'on', 'off'"):
+        speed.apply(model, fused_rope="sometimes")

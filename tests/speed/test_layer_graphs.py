@@ -224,3 +224,17 @@ def test_the_trainer_graphs_the_layers_last_and_on_fails_clearly_without_cuda(tm
     module = LoraModule(tiny_int4_lora_model("llama"), config)
     with pytest.raises(ConfigError, match="cuda_graphs: on cannot work here: CUDA graphs need a CUDA device"):
         trainer.prepare_model(module, [], 1)
+
+
+def test_auto_leaves_large_micro_batches_eager(caplog):
+    """``max_tokens`` (``auto``: AUTO_MAX_TOKENS): a bigger micro-batch runs under torch's checkpoint, captures
+    nothing, and trains the same."""
+    batches = [_batch(0, True, rows=1), _batch(1, True, rows=2)]  # 16 tokens, then 32
+    reference = _train(_model(0.1, True, graphs=False)[0], batches)
+    model = _model(0.1, True, graphs=False)[0]
+    graphs = lg.enable_layer_graphs(model, DEVICE, capture=CAPTURE, max_tokens=16)
+    with caplog.at_level(logging.INFO, logger=lg.__name__):
+        _assert_same(reference, _train(model, batches))
+    assert graphs.stats == {"captures": 1, "graphed_calls": LAYERS, "eager_calls": LAYERS}
+    assert "micro-batches of more than 16 tokens" in caplog.text
+    assert lg.AUTO_MAX_TOKENS == 4096
