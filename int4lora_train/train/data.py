@@ -432,12 +432,13 @@ def _concat(parts: list[Sample]) -> Sample:
     )
 
 
-def collate(samples: Sequence[Sample], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad to the longest row: ``input_ids``, ``labels``, ``position_ids``, all int64 ``[B, T]``.
+def collate(samples: Sequence[Sample], pad_token_id: int, width: int | None = None) -> dict[str, torch.Tensor]:
+    """Right-pad to the longest row (or to ``width`` tokens, when the rows are not longer): ``input_ids``,
+    ``labels``, ``position_ids``, all int64 ``[B, T]``.
 
     Padding restarts ``position_ids`` at 0, so it forms its own attention segment and never touches real tokens.
     """
-    width = max(len(s) for s in samples)
+    width = max(max(len(s) for s in samples), width or 0)
     batch = len(samples)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     labels = torch.full((batch, width), IGNORE_INDEX, dtype=torch.long)

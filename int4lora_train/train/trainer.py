@@ -149,6 +149,7 @@ class Trainer:
         self.memory_plan: MemoryPlan | None = None  # chosen by prepare_model (_apply_memory_options)
         self._clip_parameters: list[torch.Tensor] | None = None  # set by prepare_model; None: listed each step
         self._reuse_adapters = False  # set by prepare_model
+        self._pad_to: int | None = None  # set by prepare_model: every training batch padded to this many tokens
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         report_to = config.report_to
         if report_to is None:  # the default: TensorBoard where it is installed
@@ -360,7 +361,9 @@ class Trainer:
             prepare_for_training(module.unwrapped_model, gradient_checkpointing=True, use_reentrant=reentrant)
         self._apply_speed_options(module, train_data)
         self.memory_plan = self._apply_memory_options(module, train_data)
-        self._apply_layer_graphs(module)  # last: it replaces the checkpoint function the memory plan may wrap
+        self._apply_layer_graphs(
+            module, train_data
+        )  # last: it replaces the checkpoint function the memory plan may wrap
         optimizer, scheduler = module.configure_optimizers(max_steps, optimizer_class(self.memory_plan))
         module.model, optimizer = self.strategy.prepare(module.model, optimizer)
         self.strategy.report(module.unwrapped_model, self.run_dir / SHARDING_FILE)
@@ -397,7 +400,7 @@ class Trainer:
         with record_function("int4lora/data"):
             # Counted on the host before the batches move: one process needs no device round trip for them.
             rows = [[train_data[i] for i in r] for r in plan.micro_batches(step, acc.process_index)]
-            cpu_batches = [collate(r, self.pad_token_id) for r in rows]
+            cpu_batches = [collate(r, self.pad_token_id, self._pad_to) for r in rows]
             counts = [sum(num_targets(b) for b in cpu_batches), sum(len(s) for r in rows for s in r)]
             if plan.world_size > 1:
                 counts = acc.reduce(torch.tensor(counts, device=acc.device), reduction="sum").tolist()
@@ -670,11 +673,16 @@ class Trainer:
             speed.packed_attention,
         )
 
-    def _apply_layer_graphs(self, module: LoraModule) -> None:
+    def _apply_layer_graphs(self, module: LoraModule, train_data: Sequence[Sample]) -> None:
         """``train.speed.cuda_graphs``: graph the checkpointed decoder layers (after the memory plan, which may
         offload their inputs: then ``auto`` leaves them eager). Single process only: under DDP / FSDP ``auto`` is
-        off and ``on`` an error."""
+        off and ``on`` an error.
+
+        A graph replays one shape, and a batch is as long as its longest row: with graphs on, every training batch
+        is padded to the longest row of the data set (``_pad_to``; padding is a segment of its own and carries no
+        loss), so that one capture serves every step."""
         from .. import speed as training_speed
+        from ..speed.layer_graphs import layer_graphs
 
         choice = self.config.speed.cuda_graphs
         if self.accelerator.num_processes > 1:
@@ -685,7 +693,16 @@ class Trainer:
                 )
             choice = "off"
         on = training_speed.apply(module.unwrapped_model, cuda_graphs=choice, device=self.device)["cuda_graphs"]
-        logger.info("CUDA graphs of the decoder layers: %s (train.speed.cuda_graphs: %s)", on, choice)
+        longest = max((len(sample) for sample in train_data), default=0)
+        graphs = layer_graphs(module.unwrapped_model)
+        if on and (graphs.max_tokens is None or self.config.micro_batch_size * longest <= graphs.max_tokens):
+            self._pad_to = longest
+        logger.info(
+            "CUDA graphs of the decoder layers: %s (train.speed.cuda_graphs: %s)%s",
+            on,
+            choice,
+            f"; batches padded to {self._pad_to} tokens per row" if self._pad_to else "",
+        )
 
     def _apply_memory_options(self, module: LoraModule, train_data: Sequence[Sample]):
         """Plan and switch the device-memory features of ``train.memory`` (after the speed options, before DDP /

@@ -384,3 +384,34 @@ def test_every_training_forward_runs_with_every_module_in_training_mode(tmp_path
     assert any(not m.training for m in module.model.modules())  # the fixture's base model is in eval mode
     trainer.fit(module, data.train, data.validation)
     assert len(module.not_training) == 8 * 2 and not any(module.not_training)  # 8 steps x 2 micro-batches
+
+
+def test_the_trainer_pads_batches_to_one_shape_and_replays_every_step(tmp_path, monkeypatch):
+    """Through ``Trainer.fit`` with graphs forced on the CPU (:class:`EagerReplay`): batches are padded to the longest
+    row of the data, so one capture serves every step; the losses equal a run without graphs (the padding is a
+    segment of its own without targets)."""
+    from int4lora_train.speed import layer_graphs as lg
+
+    monkeypatch.setattr(lg, "graph_blockers", lambda model, device, need_cuda=True: [])
+    monkeypatch.setattr(lg, "CudaGraphCapture", lg.EagerReplay)
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
+
+    def fit(run: str, graphs: str):
+        overrides = [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "data.packing=false",
+                     "train.max_steps=5", "train.micro_batch_size=2", "train.log_every=1", "train.save_every=null",
+                     "train.gradient_checkpointing=true", f"train.speed.cuda_graphs={graphs}",
+                     f"output.dir={tmp_path / run}"]  # fmt: skip
+        config = load_config(None, overrides)
+        datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
+        trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
+        module = LoraModule(tiny_peft_model(dropout=0.1), config.train)
+        trainer.fit(module, datasets.train, [])
+        losses = [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m]
+        return losses, trainer, lg.layer_graphs(module.unwrapped_model), max(len(s) for s in datasets.train)
+
+    reference, plain, none, _ = fit("eager", "off")
+    losses, trainer, graphs, longest = fit("graphs", "on")
+    assert none is None and plain._pad_to is None
+    assert trainer._pad_to == longest and graphs.stats["captures"] == 1 and graphs.stats["eager_calls"] == 0
+    assert graphs.stats["graphed_calls"] == 5 * len(graphs.layers)
+    assert losses == pytest.approx(reference, rel=1e-5)
