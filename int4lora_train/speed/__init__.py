@@ -25,9 +25,8 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
   :data:`~int4lora_train.speed.fused_ops.AUTO_MIN_ELEMENTS` elements, where the step is GPU-bound.
 - ``fused_rope``: transformers' ``apply_rotary_pos_emb`` as one Triton kernel for q and k each way
-  (:mod:`.fused_rope`; bit-identical): ``"auto"`` for calls of at least
-  :data:`~int4lora_train.speed.fused_rope.AUTO_MIN_TOKENS` tokens (where it measured faster), ``"on"``, ``"off"``;
-  patches the modeling module's function, reference-counted per model.
+  (:mod:`.fused_rope`; bit-identical). Off by default: the product's step on an H200 was no faster with it (0.703
+  against 0.704 s at 4 x 2048 tokens); patches the modeling module's function, reference-counted per model.
 - ``cuda_graphs``: each checkpointed decoder layer's forward and recompute + backward captured once as CUDA graphs
   and replayed (:mod:`.layer_graphs`; bit-identical): ``"auto"`` (on where they can run: CUDA, gradient
   checkpointing, no activation offloading, no INT4 unpacker cache), ``"on"`` (an error where they cannot), ``"off"``.
@@ -54,7 +53,7 @@ from int4lora_train.modeling.int4_linear import Int4Linear
 from int4lora_train.modeling.lora_layer import Int4LoraLinear
 from int4lora_train.speed.chunked_loss import disable_chunked_loss, enable_chunked_loss
 from int4lora_train.speed.fused_ops import disable_fused_kernels, enable_fused_kernels
-from int4lora_train.speed.fused_rope import AUTO_MIN_TOKENS, disable_fused_rope, enable_fused_rope
+from int4lora_train.speed.fused_rope import disable_fused_rope, enable_fused_rope
 from int4lora_train.speed.layer_graphs import set_layer_graphs
 from int4lora_train.speed.lean_recompute import set_lean_recompute
 from int4lora_train.speed.projection_groups import find_projection_groups
@@ -63,7 +62,7 @@ from int4lora_train.speed.varlen_attention import PACKED_ATTENTION_CHOICES, set_
 logger = logging.getLogger(__name__)
 
 AUTO_CHOICES = ("auto", "on", "off", True, False)
-"""What ``fused_kernels``, ``fused_rope`` and ``cuda_graphs`` take."""
+"""What ``fused_kernels`` and ``cuda_graphs`` take."""
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,7 @@ class SpeedConfig:
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
-    fused_rope: bool | str = "auto"  # "auto", "on" / True, "off" / False
+    fused_rope: bool = False  # measured no faster on an H200 (BENCHMARKS.md)
     packed_attention: str = "auto"  # "auto", "varlen", "mask"
     cuda_graphs: bool | str = "auto"  # "auto", "on" / True, "off" / False
 
@@ -135,9 +134,7 @@ def apply(
             report.update(enable_fused_kernels(model, min_elements="auto" if choice == "auto" else 0))
     if "fused_rope" in features:
         disable_fused_rope(model)
-        choice = {True: "on", False: "off"}.get(features["fused_rope"], features["fused_rope"])
-        min_tokens = AUTO_MIN_TOKENS if choice == "auto" else 0
-        report["fused_rope"] = len(enable_fused_rope(model, min_tokens)) if choice != "off" else 0
+        report["fused_rope"] = len(enable_fused_rope(model)) if features["fused_rope"] else 0
     if "packed_attention" in features:
         report["packed_attention"] = set_packed_attention(
             model, features["packed_attention"], packed=packed, device=device, dtype=dtype
@@ -156,6 +153,7 @@ def _check(features: dict[str, Any]) -> None:
         "lean_recompute",
         "group_projections",
         "chunked_loss",
+        "fused_rope",
     ):
         if name in features and not isinstance(features[name], bool):
             raise ConfigError(f"{name} must be true or false, got {features[name]!r}")
@@ -164,7 +162,7 @@ def _check(features: dict[str, Any]) -> None:
         raise ConfigError(f"loss_chunk_size must be a positive integer or null (auto), got {chunk!r}")
     if chunk is not None and "chunked_loss" not in features:
         raise ConfigError("loss_chunk_size is set with chunked_loss: pass chunked_loss=True too")
-    for name in ("fused_kernels", "fused_rope", "cuda_graphs"):
+    for name in ("fused_kernels", "cuda_graphs"):
         value = features.get(name, "auto")
         if not isinstance(value, bool | str) or value not in AUTO_CHOICES:
             raise ConfigError(f"{name} must be one of 'auto', 'on', 'off', true, false; got {value!r}")

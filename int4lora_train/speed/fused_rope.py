@@ -63,10 +63,6 @@ def rotate_half(x):
 
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
-AUTO_MIN_TOKENS = 8192
-"""``fused_rope: auto`` uses the kernel for calls of at least this many tokens (batch x sequence): on an H200 it made
-the product's step 8% faster at 4 x 2048 tokens and 10% slower at 1 x 2048 (BENCHMARKS.md)."""
-
 
 # ------------------------------------------------------------------------------------------------ autograd
 
@@ -114,13 +110,12 @@ def fused_rope_handles(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin:
     return use_triton(q.device)
 
 
-def _fused_version_of(original: Callable, patch: _Patch) -> Callable:
-    """The replacement for ``original`` (a standard ``apply_rotary_pos_emb``), same signature; calls of fewer than
-    ``patch.min_tokens`` tokens go to ``original``."""
+def _fused_version_of(original: Callable) -> Callable:
+    """The replacement for ``original`` (a standard ``apply_rotary_pos_emb``), same signature."""
 
     @functools.wraps(original)
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
-        if unsqueeze_dim != 1 or not fused_rope_handles(q, k, cos, sin) or q.shape[0] * q.shape[2] < patch.min_tokens:
+        if unsqueeze_dim != 1 or not fused_rope_handles(q, k, cos, sin):
             return original(q, k, cos, sin, unsqueeze_dim)
         return RotaryEmbeddingFunction.apply(q, k, cos, sin)
 
@@ -136,9 +131,8 @@ class _Patch:
 
     module: types.ModuleType
     original: Callable
-    fused: Callable | None = None
+    fused: Callable
     users: int = 0
-    min_tokens: int = 0  # the last enable call's
 
 
 _PATCHES: dict[str, _Patch] = {}
@@ -183,16 +177,13 @@ def _modeling_modules(model: nn.Module) -> list[types.ModuleType]:
     return [m for m in modules if m is not None and hasattr(m, "apply_rotary_pos_emb")]
 
 
-def enable_fused_rope(model: nn.Module, min_tokens: int = 0) -> list[str]:
+def enable_fused_rope(model: nn.Module) -> list[str]:
     """Route ``model``'s (plain or PEFT-wrapped) rotary embedding through the fused kernel: patch
-    ``apply_rotary_pos_emb`` in each of its modeling modules that has the standard one, for calls of at least
-    ``min_tokens`` tokens (``batch x sequence``; a module's patch takes the last call's value). Returns the names of
-    the modules patched for it (empty when none qualifies); enabling a model twice adds no reference.
+    ``apply_rotary_pos_emb`` in each of its modeling modules that has the standard one. Returns the names of the
+    modules patched for it (empty when none qualifies); enabling a model twice changes nothing.
     :func:`disable_fused_rope` undoes it."""
     key = id(model)
     if key in _ENABLED:
-        for name in _ENABLED[key][0]:
-            _PATCHES[name].min_tokens = min_tokens
         return list(_ENABLED[key][0])
     patched = []
     for module in _modeling_modules(model):
@@ -203,10 +194,8 @@ def enable_fused_rope(model: nn.Module, min_tokens: int = 0) -> list[str]:
                 logger.info("fused RoPE: %s.apply_rotary_pos_emb is not the standard one; left alone", name)
                 continue
             original = module.apply_rotary_pos_emb
-            patch = _PATCHES[name] = _Patch(module, original)
-            patch.fused = _fused_version_of(original, patch)
+            patch = _PATCHES[name] = _Patch(module, original, _fused_version_of(original))
             module.apply_rotary_pos_emb = patch.fused
-        patch.min_tokens = min_tokens
         patch.users += 1
         patched.append(name)
     _ENABLED[key] = tuple(patched), weakref.finalize(model, _release, key, tuple(patched))

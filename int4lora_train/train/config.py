@@ -204,12 +204,11 @@ class SpeedConfig:
     fused_kernels: Literal["auto", "on", "off"] = _opt(
         "auto", "Triton RMSNorm and SwiGLU: `auto` uses them on large inputs (GPU-bound steps), `on`, `off`."
     )
-    fused_rope: Literal["auto", "on", "off"] = _opt(
-        "auto",
+    fused_rope: bool = _opt(
+        False,
         "Rotary position embedding (transformers' `apply_rotary_pos_emb`) as one Triton kernel for q and k each way, "
-        "bit-identical (CUDA; Llama-like architectures whose function is the standard one; elsewhere unchanged): "
-        "`auto` = on for calls of at least 8192 tokens (micro batch x sequence; measured faster there, slower at "
-        "2048), `on`, `off`.",
+        "bit-identical (CUDA; Llama-like architectures whose function is the standard one; elsewhere unchanged). "
+        "Off: on an H200 the step was no faster with it.",
     )
     packed_attention: Literal["auto", "varlen", "mask"] = _opt(
         "auto",
@@ -222,9 +221,11 @@ class SpeedConfig:
     cuda_graphs: Literal["auto", "on", "off"] = _opt(
         "auto",
         "Each checkpointed decoder layer's forward and recompute + backward captured once as CUDA graphs and "
-        "replayed (bit-identical; saves the host time of ~200 launches per layer and step): `auto` = on for "
-        "single-process CUDA runs with gradient checkpointing and no activation offloading, for micro-batches of at "
-        "most 4096 tokens (host-bound steps), `on` (any size; an error where it cannot run), `off`.",
+        "replayed, batches padded to the longest row of the data (same losses up to rounding; removes the host "
+        "time of ~200 launches per layer and step: 2x faster steps at micro batch 1 x 2048 on an H200). `auto` = "
+        "on for single-process CUDA runs with gradient checkpointing and no activation offloading, for "
+        "micro-batches of at most 4096 tokens (at 4 x 2048 the step is GPU-bound and gains nothing); `on` (any "
+        "size; an error where it cannot run); `off`.",
     )
 
 

@@ -135,7 +135,7 @@ def _rope_inputs(dtype=torch.bfloat16, dim=32, device=DEVICE):
 
 def test_inputs_it_does_not_handle_go_to_the_original(kernels_on_this_device, fused_calls):
     model = build_tiny_model("llama", seed=0)
-    enable_fused_rope(model, min_tokens=8)  # the inputs below: 2 x 5 tokens
+    enable_fused_rope(model)
     try:
         fused = modeling_llama.apply_rotary_pos_emb
         q, k, cos, sin = _rope_inputs()
@@ -147,7 +147,6 @@ def test_inputs_it_does_not_handle_go_to_the_original(kernels_on_this_device, fu
             (q[..., :31], k[..., :31], cos[..., :31], sin[..., :31], 1),  # odd head dim
             (q, k, cos.clone().requires_grad_(True), sin, 1),  # a gradient for cos
             (*_rope_inputs(torch.float64), 1),  # a dtype without a kernel
-            (q[:, :, :2], k[:, :, :2], cos[:, :2], sin[:, :2], 1),  # 2 x 2 tokens: fewer than the minimum
             (q[:1], k, cos, sin, 1),  # batch sizes that differ
         ]
         for case in unhandled:
@@ -175,11 +174,7 @@ def test_speed_apply_switches_it_and_checks_the_value():
     model = build_tiny_model("llama", seed=0)
     assert speed.apply(model, fused_rope=True)["fused_rope"] == 1
     assert speed.apply(model, fused_rope=True)["fused_rope"] == 1  # again: still one reference
-    assert speed.apply(model, fused_rope="off")["fused_rope"] == 0
+    assert speed.apply(model, SpeedConfig())["fused_rope"] == 0  # the default is off
     assert modeling_llama.apply_rotary_pos_emb is ORIGINAL
-    assert speed.apply(model, SpeedConfig())["fused_rope"] == 1  # the default: auto, from AUTO_MIN_TOKENS tokens
-    assert fused_rope._PATCHES[LLAMA].min_tokens == fused_rope.AUTO_MIN_TOKENS
-    assert speed.apply(model, fused_rope="on")["fused_rope"] == 1 and fused_rope._PATCHES[LLAMA].min_tokens == 0
-    disable_fused_rope(model)
-    with pytest.raises(ConfigError, match="fused_rope must be one of 'auto', 'on', 'off'"):
-        speed.apply(model, fused_rope="sometimes")
+    with pytest.raises(ConfigError, match="fused_rope must be true or false"):
+        speed.apply(model, fused_rope="on")
