@@ -386,32 +386,51 @@ def test_every_training_forward_runs_with_every_module_in_training_mode(tmp_path
     assert len(module.not_training) == 8 * 2 and not any(module.not_training)  # 8 steps x 2 micro-batches
 
 
-def test_the_trainer_pads_batches_to_one_shape_and_replays_every_step(tmp_path, monkeypatch):
-    """Through ``Trainer.fit`` with graphs forced on the CPU (:class:`EagerReplay`): batches are padded to the longest
-    row of the data, so one capture serves every step; the losses equal a run without graphs (the padding is a
-    segment of its own without targets)."""
+def _graphs_fit(tmp_path, monkeypatch, run: str, graphs: str, *overrides: str):
+    """A 5-step fit of the tiny Llama (dropout 0.1, checkpointing) with ``train.speed.cuda_graphs=graphs``, graphs
+    forced possible on the CPU (:class:`EagerReplay`); returns the logged losses, the trainer, the layer graphs
+    and the longest training row."""
     from int4lora_train.speed import layer_graphs as lg
 
     monkeypatch.setattr(lg, "graph_blockers", lambda model, device, need_cuda=True: [])
     monkeypatch.setattr(lg, "CudaGraphCapture", lg.EagerReplay)
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
+    config = load_config(
+        None,
+        [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "data.packing=false",
+         "train.max_steps=5", "train.micro_batch_size=2", "train.log_every=1", "train.save_every=null",
+         "train.gradient_checkpointing=true", f"train.speed.cuda_graphs={graphs}", f"output.dir={tmp_path / run}",
+         *overrides],
+    )  # fmt: skip
+    datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
+    trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
+    module = LoraModule(tiny_peft_model(dropout=0.1), config.train)
+    trainer.fit(module, datasets.train, [])
+    losses = [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m]
+    return losses, trainer, lg.layer_graphs(module.unwrapped_model), max(len(s) for s in datasets.train)
 
-    def fit(run: str, graphs: str):
-        overrides = [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "data.packing=false",
-                     "train.max_steps=5", "train.micro_batch_size=2", "train.log_every=1", "train.save_every=null",
-                     "train.gradient_checkpointing=true", f"train.speed.cuda_graphs={graphs}",
-                     f"output.dir={tmp_path / run}"]  # fmt: skip
-        config = load_config(None, overrides)
-        datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
-        trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
-        module = LoraModule(tiny_peft_model(dropout=0.1), config.train)
-        trainer.fit(module, datasets.train, [])
-        losses = [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m]
-        return losses, trainer, lg.layer_graphs(module.unwrapped_model), max(len(s) for s in datasets.train)
 
-    reference, plain, none, _ = fit("eager", "off")
-    losses, trainer, graphs, longest = fit("graphs", "on")
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_the_trainer_pads_batches_to_one_shape_and_replays_every_step(tmp_path, monkeypatch, accumulation):
+    """With graphs on, batches are padded to the longest row of the data, so one capture serves every micro-batch;
+    the losses equal a run without graphs (the padding is a segment of its own without targets)."""
+    accumulate = f"train.gradient_accumulation_steps={accumulation}"
+    reference, plain, none, _ = _graphs_fit(tmp_path, monkeypatch, "eager", "off", accumulate)
+    losses, trainer, graphs, longest = _graphs_fit(tmp_path, monkeypatch, "graphs", "on", accumulate)
     assert none is None and plain._pad_to is None
     assert trainer._pad_to == longest and graphs.stats["captures"] == 1 and graphs.stats["eager_calls"] == 0
-    assert graphs.stats["graphed_calls"] == 5 * len(graphs.layers)
+    assert graphs.stats["graphed_calls"] == 5 * accumulation * len(graphs.layers)
     assert losses == pytest.approx(reference, rel=1e-5)
+
+
+def test_auto_leaves_short_unpacked_rows_eager(tmp_path, monkeypatch, caplog):
+    """``auto`` does not pad rows that average less than GRAPH_MIN_ROW_FILL of the longest (it would multiply the
+    work): no graphs, no padding, and the log says why and what to do."""
+    from int4lora_train.train import trainer as trainer_module
+
+    monkeypatch.setattr(trainer_module, "GRAPH_MIN_ROW_FILL", 1.01)  # the arithmetic rows are all close in length
+    with caplog.at_level("INFO", logger="int4lora_train.train.trainer"):
+        _, trainer, graphs, _ = _graphs_fit(tmp_path, monkeypatch, "auto", "auto")
+    assert graphs is None and trainer._pad_to is None
+    assert "CUDA graphs of the decoder layers: off (auto): rows average" in caplog.text
+    assert "data.packing: true" in caplog.text
