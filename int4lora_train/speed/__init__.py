@@ -96,8 +96,9 @@ def apply(
     """Switch the features of ``config`` (default ``SpeedConfig()`` when no keyword is given) on ``model``, with
     ``features`` (keywords named like :class:`SpeedConfig`'s fields) overriding them; without ``config`` only the
     features named change. Returns what was done, for logging: the LoRA and INT4 layer counts, plus ``groups``,
-    ``lean_recompute`` (down projections marked), ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``fused_rope`` (modeling modules
-    patched for the model), ``packed_attention`` (``"varlen"`` or ``"mask"``) for the features that were set.
+    ``lean_recompute`` (down projections marked), ``chunked_loss``, ``rmsnorm`` / ``swiglu``, ``fused_rope`` (modeling
+    modules patched for the model), ``packed_attention`` (``"varlen"`` or ``"mask"``), ``cuda_graphs`` (whether the
+    layers are graphed) for the features that were set.
 
     ``packed``, ``device``, ``dtype`` inform ``packed_attention="auto"``: whether the batches hold several segments
     per row, and where and in which dtype the model computes (default: its first parameter's device, its dtype).

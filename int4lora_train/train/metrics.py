@@ -159,6 +159,8 @@ class FitResult:
     best_step: int | None
     best_val_loss: float | None
     memory: dict[str, Any] | None  # the device-memory plan (train.memory): its log line, choices and estimate
+    cuda_graphs: dict[str, Any] | None  # train.speed.cuda_graphs when on: captures, graphed and eager layer
+    # calls, the padded row length
 
 
 @dataclass
@@ -195,6 +197,13 @@ class RunSummary(FitResult):
             lines.append(f"  val loss    {start}{num(self.val_loss)}   (perplexity {num(self.val_ppl, '.2f')})")
         if self.resumed_from:
             lines.append(f"  resumed from {self.resumed_from}")
+        graphs = self.cuda_graphs
+        if graphs:
+            calls = graphs["graphed_calls"] + graphs["eager_calls"]
+            lines.append(
+                f"  CUDA graphs {graphs['graphed_calls']:,} of {calls:,} layer calls replayed, "
+                f"{graphs['captures']} capture(s), rows padded to {graphs['padded_to']} tokens"
+            )
         lines.append(f"  adapter     {self.adapter_dir or 'not exported'}")
         lines.append(f"  metrics     {self.metrics_file}")
         if self.loss_plot:

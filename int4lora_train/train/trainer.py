@@ -342,7 +342,15 @@ class Trainer:
             best_step=state.best_step,
             best_val_loss=state.best_val_loss,
             memory={"summary": self.memory_plan.summary(), **self.memory_plan.to_dict()},
+            cuda_graphs=self._graph_stats(module),
         )
+
+    def _graph_stats(self, module: LoraModule) -> dict[str, Any] | None:
+        """What the layer graphs did (``summary.json``'s ``cuda_graphs``), or None when they are off."""
+        from ..speed.layer_graphs import layer_graphs
+
+        graphs = layer_graphs(module.unwrapped_model)
+        return None if graphs is None else {**graphs.stats, "padded_to": self._pad_to}
 
     def prepare_model(
         self, module: LoraModule, train_data: Sequence[Sample], max_steps: int

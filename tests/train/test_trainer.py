@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import sys
+from dataclasses import asdict
 
 import pytest
 import torch
@@ -15,7 +16,7 @@ from int4lora_train.modeling.tiny_models import build_tokenizer
 from int4lora_train.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from int4lora_train.train.config import load_config
 from int4lora_train.train.data import load_datasets
-from int4lora_train.train.metrics import read_metrics
+from int4lora_train.train.metrics import RunSummary, read_metrics
 from int4lora_train.train.module import LoraModule
 from int4lora_train.train.trainer import BatchPlan, Trainer
 
@@ -405,9 +406,11 @@ def _graphs_fit(tmp_path, monkeypatch, run: str, graphs: str, *overrides: str):
     datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
     trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
     module = LoraModule(tiny_peft_model(dropout=0.1), config.train)
-    trainer.fit(module, datasets.train, [])
+    result = trainer.last_result = trainer.fit(module, datasets.train, [])
+    graphs = lg.layer_graphs(module.unwrapped_model)
+    assert result.cuda_graphs == (None if graphs is None else {**graphs.stats, "padded_to": trainer._pad_to})
     losses = [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m]
-    return losses, trainer, lg.layer_graphs(module.unwrapped_model), max(len(s) for s in datasets.train)
+    return losses, trainer, graphs, max(len(s) for s in datasets.train)
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -419,8 +422,14 @@ def test_the_trainer_pads_batches_to_one_shape_and_replays_every_step(tmp_path, 
     losses, trainer, graphs, longest = _graphs_fit(tmp_path, monkeypatch, "graphs", "on", accumulate)
     assert none is None and plain._pad_to is None
     assert trainer._pad_to == longest and graphs.stats["captures"] == 1 and graphs.stats["eager_calls"] == 0
-    assert graphs.stats["graphed_calls"] == 5 * accumulation * len(graphs.layers)
+    calls = 5 * accumulation * len(graphs.layers)
+    assert graphs.stats["graphed_calls"] == calls
     assert losses == pytest.approx(reference, rel=1e-5)
+    paths = {"run_dir": "run", "adapter_dir": None, "metrics_file": "m", "tensorboard_dir": None, "loss_plot": None}
+    summary = RunSummary(**paths, **asdict(trainer.last_result))
+    assert f"CUDA graphs {calls} of {calls} layer calls replayed, 1 capture(s), rows padded to {longest}" in (
+        summary.format()
+    )
 
 
 def test_auto_leaves_short_unpacked_rows_eager(tmp_path, monkeypatch, caplog):
