@@ -87,14 +87,17 @@ class Segments:
         return self.masks[window]
 
 
-def segment_lengths(position_ids: torch.Tensor) -> list[int]:
-    """Lengths of the segments of ``position_ids`` (``[B, T]`` or ``[T]``), row after row.
+def segment_lengths(position_ids: torch.Tensor, batch: int | None = None) -> list[int]:
+    """Lengths of the segments of ``position_ids`` (``[B, T]``, or ``[1, T]`` / ``[T]`` broadcast to ``batch``
+    rows), row after row.
 
     A segment starts at each row's first token and wherever a position is not the previous one plus 1.
     """
     pos = position_ids.detach().to("cpu", torch.long)
     if pos.ndim == 1:
         pos = pos[None]
+    if batch is not None and pos.shape[0] != batch:
+        pos = pos.expand(batch, -1)
     starts = torch.ones(pos.shape, dtype=torch.bool)
     starts[:, 1:] = pos[:, 1:] != pos[:, :-1] + 1
     boundaries = torch.cat([starts.flatten().nonzero().flatten(), torch.tensor([pos.numel()])])
@@ -110,13 +113,19 @@ def compute_segments(position_ids: torch.Tensor, batch: int | None = None) -> Se
             f"varlen attention reads segments from 2-D position_ids, got shape {tuple(position_ids.shape)}; "
             "use train.speed.packed_attention: mask"
         )
-    if batch is not None and position_ids.shape[0] != batch:
-        position_ids = position_ids.expand(batch, -1)
-    lengths = segment_lengths(position_ids)
-    cu = torch.zeros(len(lengths) + 1, dtype=torch.int32)
-    cu[1:] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-    rows, width = position_ids.shape
+    lengths = segment_lengths(position_ids, batch)
+    rows, width = batch or position_ids.shape[0], position_ids.shape[1]
+    cu = cu_seqlens(lengths)
     return Segments(cu.to(position_ids.device, non_blocking=True), max(lengths), tuple(lengths), rows, width)
+
+
+def cu_seqlens(lengths: list[int], capacity: int | None = None) -> torch.Tensor:
+    """The segment boundaries of ``lengths`` (int32 ``[N + 1]`` on the host, from 0), or ``[capacity + 1]`` with the
+    last boundary repeated (empty segments after the real ones)."""
+    cu = torch.full((len(lengths) + 1 if capacity is None else capacity + 1,), sum(lengths), dtype=torch.int32)
+    cu[0] = 0
+    cu[1 : len(lengths) + 1] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
+    return cu
 
 
 @dataclass
