@@ -389,8 +389,8 @@ def test_every_training_forward_runs_with_every_module_in_training_mode(tmp_path
 
 def _graphs_fit(tmp_path, monkeypatch, run: str, graphs: str, *overrides: str):
     """A 5-step fit of the tiny Llama (dropout 0.1, checkpointing) with ``train.speed.cuda_graphs=graphs``, graphs
-    forced possible on the CPU (:class:`EagerReplay`); returns the logged losses, the trainer, the layer graphs
-    and the longest training row."""
+    forced possible on the CPU (:class:`EagerReplay`); returns the logged losses, the trainer, the layer graphs,
+    the longest training row and the fit's result."""
     from int4lora_train.speed import layer_graphs as lg
 
     monkeypatch.setattr(lg, "graph_blockers", lambda model, device, need_cuda=True: [])
@@ -406,11 +406,11 @@ def _graphs_fit(tmp_path, monkeypatch, run: str, graphs: str, *overrides: str):
     datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
     trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
     module = LoraModule(tiny_peft_model(dropout=0.1), config.train)
-    result = trainer.last_result = trainer.fit(module, datasets.train, [])
+    result = trainer.fit(module, datasets.train, [])
     graphs = lg.layer_graphs(module.unwrapped_model)
     assert result.cuda_graphs == (None if graphs is None else {**graphs.stats, "padded_to": trainer._pad_to})
     losses = [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m]
-    return losses, trainer, graphs, max(len(s) for s in datasets.train)
+    return losses, trainer, graphs, max(len(s) for s in datasets.train), result
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -418,15 +418,15 @@ def test_the_trainer_pads_batches_to_one_shape_and_replays_every_step(tmp_path, 
     """With graphs on, batches are padded to the longest row of the data, so one capture serves every micro-batch;
     the losses equal a run without graphs (the padding is a segment of its own without targets)."""
     accumulate = f"train.gradient_accumulation_steps={accumulation}"
-    reference, plain, none, _ = _graphs_fit(tmp_path, monkeypatch, "eager", "off", accumulate)
-    losses, trainer, graphs, longest = _graphs_fit(tmp_path, monkeypatch, "graphs", "on", accumulate)
+    reference, plain, none, _, _ = _graphs_fit(tmp_path, monkeypatch, "eager", "off", accumulate)
+    losses, trainer, graphs, longest, result = _graphs_fit(tmp_path, monkeypatch, "graphs", "on", accumulate)
     assert none is None and plain._pad_to is None
     assert trainer._pad_to == longest and graphs.stats["captures"] == 1 and graphs.stats["eager_calls"] == 0
     calls = 5 * accumulation * len(graphs.layers)
     assert graphs.stats["graphed_calls"] == calls
     assert losses == pytest.approx(reference, rel=1e-5)
     paths = {"run_dir": "run", "adapter_dir": None, "metrics_file": "m", "tensorboard_dir": None, "loss_plot": None}
-    summary = RunSummary(**paths, **asdict(trainer.last_result))
+    summary = RunSummary(**paths, **asdict(result))
     assert f"CUDA graphs {calls} of {calls} layer calls replayed, 1 capture(s), rows padded to {longest}" in (
         summary.format()
     )
@@ -439,7 +439,7 @@ def test_auto_leaves_short_unpacked_rows_eager(tmp_path, monkeypatch, caplog):
 
     monkeypatch.setattr(trainer_module, "GRAPH_MIN_ROW_FILL", 1.01)  # the arithmetic rows are all close in length
     with caplog.at_level("INFO", logger="int4lora_train.train.trainer"):
-        _, trainer, graphs, _ = _graphs_fit(tmp_path, monkeypatch, "auto", "auto")
+        _, trainer, graphs, _, _ = _graphs_fit(tmp_path, monkeypatch, "auto", "auto")
     assert graphs is None and trainer._pad_to is None
     assert "CUDA graphs of the decoder layers: off (auto): rows average" in caplog.text
     assert "data.packing: true" in caplog.text
