@@ -259,6 +259,8 @@ class LayerGraphs:
             return "hidden states not a tensor on the graphs' device"
         if self.max_tokens is not None and hidden.shape[:-1].numel() > self.max_tokens:
             return f"micro-batches of more than {self.max_tokens} tokens: the step is bound by the GPU (auto)"
+        if self._same_arguments(hidden, function.keywords):
+            return None  # the layers after the first of a forward: the buffers already hold these arguments
         signature = self._signature(hidden, function.keywords)
         if signature is None:
             return "an argument that is neither a tensor nor a plain value (a KV cache?)"
@@ -268,6 +270,18 @@ class LayerGraphs:
             self._new_capture(signature, hidden, function.keywords)
         self._fill_arguments(function.keywords)
         return None
+
+    def _same_arguments(self, hidden: torch.Tensor, kwargs: dict) -> bool:
+        """Whether this call passes the very argument objects copied into the buffers last, hidden states of the
+        captured shape and the captured autocast state (then its signature is the captured one)."""
+        captured = self.captured
+        if captured is None or len(kwargs) != len(captured.seen):
+            return False
+        if any(captured.seen.get(name) is not value for name, value in kwargs.items()):
+            return False
+        device_type = self.device.type
+        autocast = (torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type))
+        return _tensor_key(hidden) == captured.signature[0] and autocast == captured.signature[1:3]
 
     def _signature(self, hidden: torch.Tensor, kwargs: dict) -> tuple | None:
         """What the graphs depend on besides tensor contents; None when an argument cannot be held in a buffer."""
@@ -311,9 +325,7 @@ class LayerGraphs:
     def _lengths(self, position_ids: torch.Tensor, batch: int) -> list[int]:
         """The segment lengths of this forward's rows (computed once per ``position_ids`` tensor: a host copy)."""
         if self._lengths_for[0] is not position_ids:
-            pos = position_ids if position_ids.ndim == 2 else position_ids[None]
-            pos = pos.expand(batch, -1) if pos.shape[0] != batch else pos
-            self._lengths_for = (position_ids, varlen_attention.segment_lengths(pos))
+            self._lengths_for = (position_ids, varlen_attention.segment_lengths(position_ids, batch))
         return self._lengths_for[1]
 
     def _new_capture(self, signature: tuple, hidden: torch.Tensor, kwargs: dict) -> None:
@@ -332,7 +344,7 @@ class LayerGraphs:
         for layer in self.layers:
             layer.forget()
         self.last_output = None
-        capacity = dict(p for p in signature[3:]).get("segment_capacity")
+        capacity = signature[-1][1]  # _signature's last part: ("segment_capacity", capacity or None)
         if capacity is not None:
             cu = torch.zeros(capacity + 1, dtype=torch.int32, device=self.device)
             rows, width = hidden.shape[0], buffers["position_ids"].shape[-1]
@@ -359,10 +371,7 @@ class LayerGraphs:
         """The boundaries of this forward's segments into ``cu_seqlens``, the last one repeated up to the capacity
         (empty segments); ``lengths`` are the real ones (the CPU's masked path reads them)."""
         lengths = self._lengths(position_ids, segments.batch)
-        cu = torch.full((segments.cu_seqlens.numel(),), sum(lengths), dtype=torch.int32)
-        cu[0] = 0
-        cu[1 : len(lengths) + 1] = torch.tensor(lengths, dtype=torch.int32).cumsum(0)
-        segments.cu_seqlens.copy_(cu)
+        segments.cu_seqlens.copy_(varlen_attention.cu_seqlens(lengths, segments.cu_seqlens.numel() - 1))
         segments.lengths = tuple(lengths)
         segments.masks.clear()
 
