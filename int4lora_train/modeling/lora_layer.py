@@ -50,7 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -60,6 +60,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.kernels.backend import use_triton
 from int4lora_train.modeling.int4_linear import (
     Int4Linear,
     _WeightSpec,
@@ -228,6 +229,46 @@ def dropped(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tenso
     if mask is None:
         return t
     return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
+
+
+def add_dropped_lora_grad_x_torch(
+    grad_x: torch.Tensor,
+    gs: torch.Tensor,
+    a_cat: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    scale: float,
+) -> torch.Tensor:
+    """``grad_x += sum_i dropout_backward(gs_i @ a_i, masks[i]) * scale`` in place, member by member, with torch
+    ops (each product, dropout and sum rounded to the dtype): the reference of
+    :func:`int4lora_train.kernels.lora_dropout.add_dropped_lora_grad_x` and the path without it."""
+    for gs_i, a_i, mask in zip(gs.split(list(ranks), dim=1), a_cat.split(list(ranks)), masks):
+        grad_x.add_(torch.ops.aten.native_dropout_backward(gs_i @ a_i, mask, scale))
+    return grad_x
+
+
+def dropped_lora_grad_a_torch(
+    x2: torch.Tensor, gs: torch.Tensor, masks: Sequence[torch.Tensor], ranks: Sequence[int], scale: float
+) -> list[torch.Tensor]:
+    """``[gs_i.T @ dropout(x2, masks[i]) for each member]`` with torch ops, in ``x2``'s dtype (a dropped copy of
+    ``x2`` per member, rounded): the reference of :func:`int4lora_train.kernels.lora_dropout.dropped_lora_grad_a`
+    (which returns fp32) and the path without it."""
+    return [
+        gs_i.t() @ torch.ops.aten.native_dropout_backward(x2, mask, scale)
+        for gs_i, mask in zip(gs.split(list(ranks), dim=1), masks)
+    ]
+
+
+def dropout_backward_kernels(fused: bool, device: torch.device) -> tuple[Callable, Callable]:
+    """``(add_dropped_lora_grad_x, dropped_lora_grad_a)``: the Triton kernels of
+    :mod:`int4lora_train.kernels.lora_dropout` when ``fused`` (``fused_dropout_backward`` on the layer) and
+    :func:`~int4lora_train.kernels.backend.use_triton` says so for ``device``; else the torch references (today's
+    arithmetic, bit for bit)."""
+    if fused and use_triton(device):
+        from int4lora_train.kernels import lora_dropout
+
+        return lora_dropout.add_dropped_lora_grad_x, lora_dropout.dropped_lora_grad_a
+    return add_dropped_lora_grad_x_torch, dropped_lora_grad_a_torch
 
 
 _reused: dict | None = None
