@@ -28,7 +28,8 @@ Both accumulate in fp32 and round once (``grad_x`` on its store; ``grad_A`` is r
 bit-identical to the torch path, which rounds each product, the dropout and the sum to the compute dtype (and
 ``grad_A`` to it before the cast to the adapter's dtype). With fp32 tensors the products run in IEEE fp32, not
 TF32 (in the CPU interpreter, whose ``tl.dot`` misreads bf16, every dtype's products run so: bf16 and fp16
-products are exact in fp32, so the sums are the same). Up to :data:`MAX_MEMBERS` members run in one launch (larger groups in several).
+products are exact in fp32, so the sums are the same). Up to :data:`MAX_MEMBERS` members run in one launch
+(larger groups in several).
 
 Kernels are written for the CPU interpreter too (the tests): loop trip counts are compile-time constants (the
 token-slice length of :func:`dropped_lora_grad_a` is a power of two of tiles, so only a few variants compile).
@@ -259,7 +260,8 @@ def add_dropped_lora_grad_x(
         raise ValueError("grad_x is updated in place and must be contiguous")
     if a_cat.shape != (sum(ranks), cols) or gs.dtype != grad_x.dtype or a_cat.dtype != grad_x.dtype:
         raise ValueError(
-            f"a_cat {a_cat.dtype} {tuple(a_cat.shape)} / gs {gs.dtype}: expected [{sum(ranks)}, {cols}] in {grad_x.dtype}"
+            f"a_cat {a_cat.dtype} {tuple(a_cat.shape)} / gs {gs.dtype}: "
+            f"expected [{sum(ranks)}, {cols}] in {grad_x.dtype}"
         )
     if grad_x.numel() == 0:
         return grad_x

@@ -82,8 +82,9 @@ class Int4LoraLinear(nn.Module, LoraLayer):
     on the layer, or ``int4lora_train.speed.apply(model, fused_lora=False)``, switches it off); otherwise PEFT's
     generic path. ``fused_dropout_backward``: with LoRA dropout, the fused nodes' backward runs the dropout part
     through the one-pass Triton kernels of :mod:`int4lora_train.kernels.lora_dropout` (CUDA; off by default until
-    measured; ``int4lora_train.speed.apply(model, fused_dropout_backward=True)``). ``lora_group``: an object whose ``forward_member(layer, x, call)`` computes this layer's output
-    together with its siblings' (or returns None); :mod:`int4lora_train.speed.projection_groups` sets it.
+    measured; ``int4lora_train.speed.apply(model, fused_dropout_backward=True)``). ``lora_group``: an object whose
+    ``forward_member(layer, x, call)`` computes this layer's output together with its siblings' (or returns None);
+    :mod:`int4lora_train.speed.projection_groups` sets it.
     """
 
     fused_lora: bool = True

@@ -82,7 +82,10 @@ class Int4LoraGroupFunction(torch.autograd.Function):
 
     One base matmul instead of n (and fewer host launches); the values and gradients are those of the n separate
     projections, dropout masks included: each member draws its mask from the global RNG in member order, as the
-    separate projections, called in that order, would.
+    separate projections, called in that order, would. With dropout the backward's dropout part (every member's
+    input gradient and ``A`` gradient) runs through :mod:`int4lora_train.kernels.lora_dropout` when the members'
+    ``fused_dropout_backward`` is on and Triton runs on the device (one launch for up to three members), else
+    through the torch ops.
     """
 
     @staticmethod
