@@ -112,3 +112,17 @@ def test_without_dropout_the_switch_is_not_passed_on(kernel_calls):
     tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
     model(input_ids=tokens, labels=tokens).loss.backward()
     assert kernel_calls == {"grad_x": [], "grad_a": []}
+
+
+@pytest.mark.parametrize("on", [False, True])
+def test_the_trainer_passes_train_speed_fused_dropout_backward(tmp_path, on):
+    from int4lora_train.train.config import SpeedConfig, TrainConfig
+    from int4lora_train.train.module import LoraModule
+    from int4lora_train.train.trainer import Trainer
+
+    config = TrainConfig(micro_batch_size=1, max_steps=1, speed=SpeedConfig(fused_dropout_backward=on))
+    trainer = Trainer(config, run_dir=tmp_path / "run", device="cpu", tensorboard=False, progress_bar=False)
+    module = LoraModule(tiny_int4_lora_model("llama", lora_dropout=0.1), config)
+    trainer.prepare_model(module, [], 1)
+    layers = [m for m in module.unwrapped_model.modules() if isinstance(m, Int4LoraLinear)]
+    assert len(layers) == 14 and all(m.fused_dropout_backward is on for m in layers)
