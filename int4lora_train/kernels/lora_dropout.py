@@ -177,9 +177,11 @@ def _grad_a_kernel(
     cols = tl.program_id(0) * BIN + tl.arange(0, BIN)
     part = tl.program_id(1).to(tl.int64)
     first = part * (TILES * BT)
-    acc0 = tl.full([RP0, BIN], 0.0, tl.float32)  # tl.full: tl.zeros is jit'd, not for the interpreter
-    acc1 = tl.full([RP1, BIN], 0.0, tl.float32)  # tl.full: tl.zeros is jit'd, not for the interpreter
-    acc2 = tl.full([RP2, BIN], 0.0, tl.float32)  # tl.full: tl.zeros is jit'd, not for the interpreter
+    # tl.full, not tl.zeros: tl.zeros is itself a jit function, which a kernel interpreted after Triton was
+    # imported compiled cannot call
+    acc0 = tl.full([RP0, BIN], 0.0, tl.float32)
+    acc1 = tl.full([RP1, BIN], 0.0, tl.float32)
+    acc2 = tl.full([RP2, BIN], 0.0, tl.float32)
     for tile in range(TILES):
         rows = first + tile * BT + tl.arange(0, BT)
         rows = tl.where(rows < n_rows, rows, -1)
