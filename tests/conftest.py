@@ -14,13 +14,13 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-TRITON_MODULES = ("dequant", "norm_mlp", "cross_entropy", "rope")  # in int4lora_train.kernels
+TRITON_MODULES = ("dequant", "norm_mlp", "cross_entropy", "rope", "lora_dropout")  # in int4lora_train.kernels
 
 
 @pytest.fixture(scope="session")
 def triton_kernels() -> SimpleNamespace:
     """The Triton kernel modules of :mod:`int4lora_train.kernels` (``.dequant``, ``.norm_mlp``, ``.cross_entropy``,
-    ``.rope``): compiled on CUDA; without CUDA built for Triton's CPU interpreter.
+    ``.rope``, ``.lora_dropout``): compiled on CUDA; without CUDA built for Triton's CPU interpreter.
 
     ``triton.jit`` reads ``TRITON_INTERPRET`` when it decorates a kernel, so a module that an earlier test imported
     compiled is reloaded with it set (in place: code that imports the module, not its functions, sees the new ones).

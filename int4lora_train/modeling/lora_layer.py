@@ -25,7 +25,8 @@ and dropout fused, fewer passes over memory)::
     saved:    x (the input itself, no copy), xa [T, r], the bool mask, A, B, and the packed weight (or the dense W
               inside a checkpoint recompute, see ``int4_linear.dense_save_is_transient``)
     backward: gs = s * (g @ B_c)                             [T, r]
-              grad_x = g @ W + gs @ A_c    (dropout: + (gs @ A_c) * mask / (1 - p))
+              grad_x = g @ W + gs @ A_c    (dropout: + (gs @ A_c) * mask / (1 - p); with
+                                            fused_dropout_backward one Triton pass, kernels/lora_dropout.py)
               grad_A = gs.T @ xd                             [r, in]   in A's dtype (fp32 adapters stay fp32)
               grad_B = s * g.T @ xa                          [out, r]  in B's dtype
 
@@ -50,7 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, NamedTuple
 
 import torch
@@ -60,6 +61,7 @@ from peft.tuners.lora.layer import LoraLayer
 from torch import nn
 
 from int4lora_train.errors import UnsupportedFormatError
+from int4lora_train.kernels.backend import use_triton
 from int4lora_train.modeling.int4_linear import (
     Int4Linear,
     _WeightSpec,
@@ -78,11 +80,15 @@ class Int4LoraLinear(nn.Module, LoraLayer):
 
     With one active adapter the forward is one fused autograd node (:class:`Int4LoraFunction`; ``fused_lora = False``
     on the layer, or ``int4lora_train.speed.apply(model, fused_lora=False)``, switches it off); otherwise PEFT's
-    generic path. ``lora_group``: an object whose ``forward_member(layer, x, call)`` computes this layer's output
-    together with its siblings' (or returns None); :mod:`int4lora_train.speed.projection_groups` sets it.
+    generic path. ``fused_dropout_backward``: with LoRA dropout, the fused nodes' backward runs the dropout part
+    through the one-pass Triton kernels of :mod:`int4lora_train.kernels.lora_dropout` (CUDA; off by default until
+    measured; ``int4lora_train.speed.apply(model, fused_dropout_backward=True)``). ``lora_group``: an object whose
+    ``forward_member(layer, x, call)`` computes this layer's output together with its siblings' (or returns None);
+    :mod:`int4lora_train.speed.projection_groups` sets it.
     """
 
     fused_lora: bool = True
+    fused_dropout_backward: bool = False
     lora_group = None
 
     def __init__(
@@ -230,6 +236,46 @@ def dropped(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tenso
     return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
 
 
+def add_dropped_lora_grad_x_torch(
+    grad_x: torch.Tensor,
+    gs: torch.Tensor,
+    a_cat: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    scale: float,
+) -> torch.Tensor:
+    """``grad_x += sum_i dropout_backward(gs_i @ a_i, masks[i]) * scale`` in place, member by member, with torch
+    ops (each product, dropout and sum rounded to the dtype): the reference of
+    :func:`int4lora_train.kernels.lora_dropout.add_dropped_lora_grad_x` and the path without it."""
+    for gs_i, a_i, mask in zip(gs.split(list(ranks), dim=1), a_cat.split(list(ranks)), masks):
+        grad_x.add_(torch.ops.aten.native_dropout_backward(gs_i @ a_i, mask, scale))
+    return grad_x
+
+
+def dropped_lora_grad_a_torch(
+    x2: torch.Tensor, gs: torch.Tensor, masks: Sequence[torch.Tensor], ranks: Sequence[int], scale: float
+) -> list[torch.Tensor]:
+    """``[gs_i.T @ dropout(x2, masks[i]) for each member]`` with torch ops, in ``x2``'s dtype (a dropped copy of
+    ``x2`` per member, rounded): the reference of :func:`int4lora_train.kernels.lora_dropout.dropped_lora_grad_a`
+    (which returns fp32) and the path without it."""
+    return [
+        gs_i.t() @ torch.ops.aten.native_dropout_backward(x2, mask, scale)
+        for gs_i, mask in zip(gs.split(list(ranks), dim=1), masks)
+    ]
+
+
+def dropout_backward_kernels(fused: bool, device: torch.device) -> tuple[Callable, Callable]:
+    """``(add_dropped_lora_grad_x, dropped_lora_grad_a)``: the Triton kernels of
+    :mod:`int4lora_train.kernels.lora_dropout` when ``fused`` (``fused_dropout_backward`` on the layer) and
+    :func:`~int4lora_train.kernels.backend.use_triton` says so for ``device``; else the torch references (today's
+    arithmetic, bit for bit)."""
+    if fused and use_triton(device):
+        from int4lora_train.kernels import lora_dropout
+
+        return lora_dropout.add_dropped_lora_grad_x, lora_dropout.dropped_lora_grad_a
+    return add_dropped_lora_grad_x_torch, dropped_lora_grad_a_torch
+
+
 _reused: dict | None = None
 """While :func:`reuse_adapter_weights` runs: ``key -> (the sources' storages, their _version, derived value)``."""
 
@@ -319,7 +365,21 @@ class Int4LoraFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, lora_a, lora_b, bias, packed, scales, zero_points, g_idx, spec: _WeightSpec, scaling, p):
+    def forward(
+        ctx,
+        x,
+        lora_a,
+        lora_b,
+        bias,
+        packed,
+        scales,
+        zero_points,
+        g_idx,
+        spec: _WeightSpec,
+        scaling,
+        p,
+        fused_dropout=False,
+    ):
         dtype = spec.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
         x2 = x.reshape(-1, in_features)  # [T, in], a view for contiguous inputs
@@ -334,7 +394,7 @@ class Int4LoraFunction(torch.autograd.Function):
         if not skip:
             y.addmm_(xa, b_c.t(), alpha=scaling)
         save_weight_tensors(ctx, weight, buffers, spec, needs[0], x2, xa, mask, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
+        ctx.scaling, ctx.p, ctx.x_shape, ctx.fused_dropout = scaling, p, x.shape, fused_dropout
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -348,20 +408,26 @@ class Int4LoraFunction(torch.autograd.Function):
         if need_x or need_a:
             a_c, b_c = adapter_in(lora_a, dtype), adapter_in(lora_b, dtype)
             gs = (g @ b_c).mul_(s)  # [T, r]
+            if mask is not None:
+                add_grad_x, grad_a_of = dropout_backward_kernels(ctx.fused_dropout, x2.device)
+                ranks, scale = [a_c.shape[0]], 1.0 / (1.0 - p)
             if need_x:
                 grad_x = g @ saved_dense_weight(ctx, saved)  # [T, in]
                 if mask is None:
                     grad_x.addmm_(gs, a_c)
                 else:
-                    grad_x.add_(dropped(gs @ a_c, mask, p))
+                    add_grad_x(grad_x, gs, a_c, [mask], ranks, scale)
                 grad_x = grad_x.reshape(ctx.x_shape)
             if need_a:
-                grad_a = (gs.t() @ dropped(x2, mask, p)).to(lora_a.dtype)  # [r, in]
+                if mask is None:
+                    grad_a = (gs.t() @ x2).to(lora_a.dtype)  # [r, in]
+                else:
+                    grad_a = grad_a_of(x2, gs, [mask], ranks, scale)[0].to(lora_a.dtype)
         if need_b:
             grad_b = (g.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None, None
 
 
 class FusedCall(NamedTuple):
@@ -379,6 +445,7 @@ class FusedCall(NamedTuple):
     dtype: torch.dtype
     autocast: bool
     scaling: float
+    fused_dropout_backward: bool = False
 
 
 def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> FusedCall | None:
@@ -417,7 +484,8 @@ def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
     # Outside autocast PEFT runs the adapter in its own dtype and the base in the layer's: fuse only when they agree.
     if not autocast and (dtype != a.dtype or x.dtype != dtype):
         return None
-    return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]))
+    fused_dropout = p > 0 and layer.fused_dropout_backward
+    return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]), fused_dropout)
 
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor:
@@ -432,5 +500,6 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Te
         base.weight_spec(dtype),
         call.scaling,
         call.p,
+        call.fused_dropout_backward,
     )
     return out if call.autocast else in_dtype(out, x.dtype)

@@ -20,6 +20,11 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
 - ``lean_recompute``: a checkpoint recompute skips the MLP down projection's output, which nothing it keeps reads
   (Llama-like layers; :mod:`.lean_recompute`).
 - ``group_projections``: q/k/v and gate/up as one node each (:mod:`.projection_groups`); needs ``fused_lora``.
+- ``fused_dropout_backward``: with LoRA dropout, the fused nodes' backward computes the dropout's part of the input
+  and ``A`` gradients in one pass over the ``[T, in]`` tensors each (Triton, CUDA:
+  :mod:`int4lora_train.kernels.lora_dropout`; ``Int4LoraLinear.fused_dropout_backward``). fp32 accumulation with
+  one rounding, so not bit-identical to the torch ops it replaces (it rounds less). Off by default: not yet
+  measured on a GPU. Elsewhere (the CPU) the torch ops run as without it.
 - ``chunked_loss`` / ``loss_chunk_size``: the loss without full fp32 logits (:mod:`.chunked_loss`); models it does
   not support keep their own loss (logged).
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
@@ -73,6 +78,7 @@ class SpeedConfig:
     keep_dense_for_backward: bool = True
     lean_recompute: bool = True
     group_projections: bool = True
+    fused_dropout_backward: bool = False  # off until measured on a GPU
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
@@ -118,6 +124,8 @@ def apply(
         if isinstance(module, Int4LoraLinear):
             if "fused_lora" in features:
                 module.fused_lora = features["fused_lora"]
+            if "fused_dropout_backward" in features:
+                module.fused_dropout_backward = features["fused_dropout_backward"]
             report["lora_layers"] += 1
         elif isinstance(module, Int4Linear):
             if "keep_dense_for_backward" in features:
@@ -153,6 +161,7 @@ def _check(features: dict[str, Any]) -> None:
         "keep_dense_for_backward",
         "lean_recompute",
         "group_projections",
+        "fused_dropout_backward",
         "chunked_loss",
         "fused_rope",
     ):

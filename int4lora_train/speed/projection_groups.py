@@ -22,8 +22,8 @@ from int4lora_train.modeling.lora_layer import (
     FusedCall,
     Int4LoraLinear,
     derived_adapter_weight,
+    dropout_backward_kernels,
     dropout_with_mask,
-    dropped,
     fused_lora_applies,
 )
 
@@ -43,6 +43,7 @@ class _GroupSpec:
     ranks: tuple[int, ...]
     scalings: tuple[float, ...]
     p: float  # LoRA dropout, the same for every member (each draws its own mask)
+    fused_dropout: bool = False  # the dropout's backward through kernels/lora_dropout.py (fused_dropout_backward)
 
     @property
     def keep_dense(self) -> bool:
@@ -81,7 +82,10 @@ class Int4LoraGroupFunction(torch.autograd.Function):
 
     One base matmul instead of n (and fewer host launches); the values and gradients are those of the n separate
     projections, dropout masks included: each member draws its mask from the global RNG in member order, as the
-    separate projections, called in that order, would.
+    separate projections, called in that order, would. With dropout the backward's dropout part (every member's
+    input gradient and ``A`` gradient) runs through :mod:`int4lora_train.kernels.lora_dropout` when the members'
+    ``fused_dropout_backward`` is on and Triton runs on the device (one launch for up to three members), else
+    through the torch ops.
     """
 
     @staticmethod
@@ -133,18 +137,19 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         gs = g @ bs  # [T, R], the scalings included
         tensors = saved[ctx.num_extra :]
         grad_x = None
+        if masks:  # per member: the Triton kernels (fused_dropout_backward, CUDA) or the torch ops
+            add_grad_x, grad_a_of = dropout_backward_kernels(group.fused_dropout, x2.device)
+            scale = 1.0 / (1.0 - group.p)
         if ctx.needs_input_grad[0]:
             weight = tensors[0] if ctx.dense_saved else group.dense(tensors, x2.device)
             grad_x = g @ weight
             if masks:
-                parts = zip(gs.split(list(group.ranks), dim=1), a_cat.split(list(group.ranks)), masks)
-                for gs_i, a_i, mask in parts:
-                    grad_x.add_(dropped(gs_i @ a_i, mask, group.p))
+                add_grad_x(grad_x, gs, a_cat, masks, group.ranks, scale)
             else:
                 grad_x.addmm_(gs, a_cat)
             grad_x = grad_x.reshape(ctx.x_shape)
         if masks:
-            grad_a = [gs_i.t() @ dropped(x2, m, group.p) for gs_i, m in zip(gs.split(list(group.ranks), dim=1), masks)]
+            grad_a = grad_a_of(x2, gs, masks, group.ranks, scale)
         else:
             grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
         gb = g.t() @ xa  # [O, R]: the diagonal blocks are the members' gradients
@@ -210,6 +215,7 @@ class ProjectionGroup:
                 c is None
                 or c.adapter != first.adapter
                 or c.p != first.p
+                or c.fused_dropout_backward != first.fused_dropout_backward
                 or c.dtype != first.dtype
                 or c.base._parameters.get("bias") is not None
                 or c.base.cache is not None
@@ -225,6 +231,7 @@ class ProjectionGroup:
             tuple(c.lora_a.shape[0] for c in calls),
             tuple(c.scaling for c in calls),
             first.p,
+            first.fused_dropout_backward,
         )
 
 

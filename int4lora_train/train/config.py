@@ -199,6 +199,12 @@ class SpeedConfig:
         "gradients unchanged).",
     )
     group_projections: bool = _opt(True, "q/k/v and gate/up as one node each (needs `fused_lora`).")
+    fused_dropout_backward: bool = _opt(
+        False,
+        "With `lora.dropout` > 0, the LoRA dropout's part of the input and A gradients in one Triton pass each over "
+        "the [tokens, in] tensors (CUDA; fp32 accumulation, one rounding: not bit-identical to the torch ops). Off "
+        "until measured on a GPU.",
+    )
     chunked_loss: bool = _opt(True, "Cross-entropy in chunks of tokens: the full fp32 logits are never held.")
     loss_chunk_size: int | None = _opt(None, "Tokens per loss chunk; null = chosen from the vocabulary size.", min=1)
     fused_kernels: Literal["auto", "on", "off"] = _opt(

@@ -663,6 +663,7 @@ class Trainer:
                 keep_dense_for_backward=speed.keep_dense_for_backward,
                 lean_recompute=speed.lean_recompute,
                 group_projections=speed.group_projections and speed.fused_lora,
+                fused_dropout_backward=speed.fused_dropout_backward,
                 chunked_loss=speed.chunked_loss,
                 loss_chunk_size=speed.loss_chunk_size,
                 fused_kernels=speed.fused_kernels,
