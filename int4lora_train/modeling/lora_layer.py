@@ -81,8 +81,8 @@ class Int4LoraLinear(nn.Module, LoraLayer):
     With one active adapter the forward is one fused autograd node (:class:`Int4LoraFunction`; ``fused_lora = False``
     on the layer, or ``int4lora_train.speed.apply(model, fused_lora=False)``, switches it off); otherwise PEFT's
     generic path. ``fused_dropout_backward``: with LoRA dropout, the fused nodes' backward runs the dropout part
-    through the one-pass Triton kernels of :mod:`int4lora_train.kernels.lora_dropout` (CUDA; off by default until
-    measured; ``int4lora_train.speed.apply(model, fused_dropout_backward=True)``). ``lora_group``: an object whose
+    through the one-pass Triton kernels of :mod:`int4lora_train.kernels.lora_dropout` (CUDA; set by
+    ``int4lora_train.speed.apply``, on by default there; False on a layer it has not seen). ``lora_group``: an object whose
     ``forward_member(layer, x, call)`` computes this layer's output together with its siblings' (or returns None);
     :mod:`int4lora_train.speed.projection_groups` sets it.
     """

@@ -94,11 +94,15 @@ def test_the_kernels_are_chosen_only_when_on_and_triton_runs(monkeypatch):
     assert lora_layer.dropout_backward_kernels(True, cpu)[0].__name__ == "add_dropped_lora_grad_x"
 
 
-def test_speed_config_default_is_off_and_the_value_is_checked():
-    assert speed.SpeedConfig().fused_dropout_backward is False
+def test_speed_config_default_is_on_and_the_value_is_checked():
+    assert speed.SpeedConfig().fused_dropout_backward is True
     model = tiny_int4_lora_model("llama", lora_dropout=0.1)
+    layers = [m for m in model.modules() if isinstance(m, Int4LoraLinear)]
+    assert layers and not any(m.fused_dropout_backward for m in layers)  # a layer speed.apply has not seen
     speed.apply(model)
-    assert not any(m.fused_dropout_backward for m in model.modules() if isinstance(m, Int4LoraLinear))
+    assert all(m.fused_dropout_backward for m in layers)
+    speed.apply(model, fused_dropout_backward=False)
+    assert not any(m.fused_dropout_backward for m in layers)
     with pytest.raises(ConfigError, match="fused_dropout_backward"):
         speed.apply(model, fused_dropout_backward="on")
 

@@ -174,7 +174,8 @@ def test_speed_apply_switches_it_and_checks_the_value():
     model = build_tiny_model("llama", seed=0)
     assert speed.apply(model, fused_rope=True)["fused_rope"] == 1
     assert speed.apply(model, fused_rope=True)["fused_rope"] == 1  # again: still one reference
-    assert speed.apply(model, SpeedConfig())["fused_rope"] == 0  # the default is off
+    assert speed.apply(model, SpeedConfig())["fused_rope"] == 1  # the default is on
+    assert speed.apply(model, fused_rope=False)["fused_rope"] == 0
     assert modeling_llama.apply_rotary_pos_emb is ORIGINAL
     with pytest.raises(ConfigError, match="fused_rope must be true or false"):
         speed.apply(model, fused_rope="on")
