@@ -79,6 +79,8 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         xa = [d_1(x) @ A_1.T, ..., d_n(x) @ A_n.T] [T, R]   d_i: member i's dropout (its own mask), or x @ A.T
                                                             with A = [A_1; ...; A_n] [R, in] without dropout
         outputs: y's column slices, one per member
+        backward: grad_x = sum_i g_i @ W_i + (dropped) gs @ A, gs_i = g_i @ (s_i B_i), grad_B_i = s_i g_i.T @ xa_i,
+                  member by member on the members' own gradients (never joined into one [T, O] copy)
 
     One base matmul instead of n (and fewer host launches); the values and gradients are those of the n separate
     projections, dropout masks included: each member draws its mask from the global RNG in member order, as the
@@ -125,16 +127,12 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         group = ctx.group
         n, dtype = len(group.outs), group.dtype
         masks = saved[4 : ctx.num_extra]  # one per member with dropout, else none
-        g = torch.cat(
-            [
-                torch.zeros(x2.shape[0], rows, dtype=dtype, device=x2.device)
-                if grad is None
-                else grad.reshape(-1, rows).to(dtype)
-                for grad, rows in zip(grads, group.outs)
-            ],
-            dim=1,
-        )  # [T, O]
-        gs = g @ bs  # [T, R], the scalings included
+        # Member by member: the members' gradients arrive as separate [T, out_i] tensors (autograd materializes an
+        # unused output's as zeros), and joining them into one [T, O] copy (470 MB per gate/up of the 8B shape at
+        # 8192 tokens) costs more than the split matmuls.
+        members = list(_member_blocks(group))  # (rows, cols) slices of the [O, R] block diagonal
+        g = [grad.reshape(-1, rows.stop - rows.start).to(dtype) for grad, (rows, _) in zip(grads, members)]
+        gs = torch.cat([g_i @ bs[rows, cols] for g_i, (rows, cols) in zip(g, members)], dim=1)  # [T, R], scaled
         tensors = saved[ctx.num_extra :]
         grad_x = None
         if masks:  # per member: the Triton kernels (fused_dropout_backward, CUDA) or the torch ops
@@ -142,7 +140,9 @@ class Int4LoraGroupFunction(torch.autograd.Function):
             scale = 1.0 / (1.0 - group.p)
         if ctx.needs_input_grad[0]:
             weight = tensors[0] if ctx.dense_saved else group.dense(tensors, x2.device)
-            grad_x = g @ weight
+            grad_x = g[0] @ weight[members[0][0]]  # [T, in]
+            for g_i, (rows, _) in zip(g[1:], members[1:]):
+                grad_x.addmm_(g_i, weight[rows])
             if masks:
                 add_grad_x(grad_x, gs, a_cat, masks, group.ranks, scale)
             else:
@@ -152,13 +152,20 @@ class Int4LoraGroupFunction(torch.autograd.Function):
             grad_a = grad_a_of(x2, gs, masks, group.ranks, scale)
         else:
             grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
-        gb = g.t() @ xa  # [O, R]: the diagonal blocks are the members' gradients
-        grads_a, grads_b, row, col = [], [], 0, 0
-        for i, (rows, rank, s) in enumerate(zip(group.outs, group.ranks, group.scalings)):
+        grads_a, grads_b = [], []
+        for i, (g_i, (_, cols), s) in enumerate(zip(g, members, group.scalings)):
             grads_a.append(grad_a[i].to(ctx.param_dtypes[i]))
-            grads_b.append(gb[row : row + rows, col : col + rank].to(ctx.param_dtypes[n + i]).mul_(s))
-            row, col = row + rows, col + rank
+            grads_b.append((g_i.t() @ xa[:, cols]).to(ctx.param_dtypes[n + i]).mul_(s))  # [out_i, r_i]
         return (grad_x, None, *grads_a, *grads_b, *([None] * (4 * n)))
+
+
+def _member_blocks(group: _GroupSpec):
+    """Each member's ``(rows, cols)`` slices: its rows of the stacked weight / output, its columns of ``xa`` (its
+    block of the ``[O, R]`` block diagonal ``Bs``)."""
+    row = col = 0
+    for rows, rank in zip(group.outs, group.ranks):
+        yield slice(row, row + rows), slice(col, col + rank)
+        row, col = row + rows, col + rank
 
 
 class ProjectionGroup:
