@@ -69,11 +69,12 @@ MAX_CAPTURES = 4
 MIN_SEGMENT_CAPACITY = 16
 """The smallest segment capacity of a capture (varlen attention)."""
 
-AUTO_MAX_TOKENS = 4096
+AUTO_MAX_TOKENS = 2048
 """``cuda_graphs: auto`` replays graphs for micro-batches of at most this many tokens (batch x sequence), where the
 step is bound by the host. Measured through the product on an H200 (BENCHMARKS.md): at 1 x 2048 tokens the step took
-0.256 s with graphs against 0.513 s without; at 4 x 2048, 0.714 against 0.712 s (GPU-bound; graphs held 0.17 GiB
-more). 2 x 2048 lies between and is not measured. Larger micro-batches run eagerly."""
+0.256 s with graphs against 0.513 s without; at 2 x 2048, 0.418 against 0.406 s, and at 4 x 2048 0.651 against
+0.623 s with 0.5 GiB more (GPU-bound: the replays' input copies and stand-in gradients cost more than the launches
+they save). Larger micro-batches run eagerly."""
 
 _STATE_ATTR = "_int4lora_layer_graphs"
 

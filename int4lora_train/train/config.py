@@ -230,8 +230,9 @@ class SpeedConfig:
         "replayed, batches padded to the longest row of the data (same losses up to rounding; removes the host "
         "time of ~200 launches per layer and step: 2x faster steps at micro batch 1 x 2048 on an H200). `auto` = "
         "on for single-process CUDA runs with gradient checkpointing and no activation offloading, for "
-        "micro-batches of at most 4096 tokens (at 4 x 2048 the step is GPU-bound and gains nothing) of rows that "
-        "average at least 75% of the longest (packed data); `on` (any size; an error where it cannot run); `off`.",
+        "micro-batches of at most 2048 tokens (from 2 x 2048 the step is GPU-bound and graphs were 3% slower) of "
+        "rows that average at least 75% of the longest (packed data); `on` (any size; an error where it cannot run); "
+        "`off`.",
     )
 
 

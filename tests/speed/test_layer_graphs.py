@@ -237,4 +237,4 @@ def test_auto_leaves_large_micro_batches_eager(caplog):
         _assert_same(reference, _train(model, batches))
     assert graphs.stats == {"captures": 1, "graphed_calls": LAYERS, "eager_calls": LAYERS}
     assert "micro-batches of more than 16 tokens" in caplog.text
-    assert lg.AUTO_MAX_TOKENS == 4096
+    assert lg.AUTO_MAX_TOKENS == 2048
