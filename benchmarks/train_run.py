@@ -143,7 +143,7 @@ def run_config(args, base: str, model_dir: Path, data: Path, out_dir: Path) -> d
                     "speed": {
                         "chunked_loss": False,
                         "fused_kernels": "off",
-                        "fused_rope": "off",
+                        "fused_rope": False,
                         "packed_attention": "mask",
                         "cuda_graphs": "off",
                     }

@@ -200,9 +200,10 @@ class RunSummary(FitResult):
         graphs = self.cuda_graphs
         if graphs:
             calls = graphs["graphed_calls"] + graphs["eager_calls"]
+            padded = f", rows padded to {graphs['padded_to']} tokens" if graphs["padded_to"] else ""
             lines.append(
                 f"  CUDA graphs {graphs['graphed_calls']:,} of {calls:,} layer calls replayed, "
-                f"{graphs['captures']} capture(s), rows padded to {graphs['padded_to']} tokens"
+                f"{graphs['captures']} capture(s){padded}"
             )
         lines.append(f"  adapter     {self.adapter_dir or 'not exported'}")
         lines.append(f"  metrics     {self.metrics_file}")
