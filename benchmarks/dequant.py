@@ -9,6 +9,8 @@ BENCHMARKS.md records the results and the exact commands.
 Bandwidth counts bytes read plus bytes written, for every row of the table:
 
 * copy: ``dst.copy_(src)`` of a bf16 ``[out, in]`` tensor: reads and writes ``out * in * 2`` bytes each;
+* fill: ``dst.fill_(1.0)`` of the output: writes its bytes and reads nothing: a lower bound on the time of any kernel
+  that writes the same output ("fill / fused" = fill time / kernel time);
 * fused kernel: reads the packed bytes, the scales (and zero points), writes the ``[out, in]`` output;
 * prototype: the same useful bytes as the fused kernel (its extra traffic is its own cost).
 
@@ -309,12 +311,16 @@ def measure_shape(
     def copy(dst, src):
         return dst.copy_(src)
 
+    def fill(dst):  # the output's writes alone: a lower bound for any kernel writing it
+        return dst.fill_(1.0)
+
     row = dict(out=out_features, inp=in_features, bytes_moved=moved, rotating_sets=len(weights), fused={})
     row["auto_config"] = config_name(config_for(first))
     for label, fn, arg_sets in [("copy", copy, copy_sets), ("prototype", prototype, [(w,) for w in weights])]:
         row[f"{label}_us"] = steady_state_us(fn, arg_sets)
         row[f"{label}_cold_us"] = cold_us(fn, arg_sets[0])
     row["copy_gbs"] = 2 * out_bytes / row["copy_us"] / 1e3
+    row["fill_us"] = steady_state_us(fill, [(o,) for o in outs])
     row["prototype_peak_x_out"] = peak_bytes(lambda: prototype(first)) / out_bytes
     row["prototype_bit_exact"] = torch.equal(bits(prototype(first)), bits(dequantize_torch(first, dtype)))
     for config in configs:
@@ -329,6 +335,7 @@ def measure_shape(
             again_us=steady_state_us(fused, list(zip(weights, outs))),
             gbs=moved / us / 1e3,
             pct_of_copy=100 * (moved / us) / (2 * out_bytes / row["copy_us"]),
+            pct_of_fill=100 * row["fill_us"] / us,
             speedup=row["prototype_us"] / us,
             cold_us=fused_cold_us,
             cold_pct_of_copy=100 * (moved / fused_cold_us) / (2 * out_bytes / row["copy_cold_us"]),
@@ -349,15 +356,16 @@ def table(group_size: int, dtype: torch.dtype, configs: list[LaunchConfig]) -> l
         print(f"\nconfig {key}; group {group_size}; {dtype} out; symmetric bf16 scales")
         print("steady state (rotating buffers, CUDA graph):")
         print(
-            "| shape (out x in) | copy us | copy GB/s | fused us | fused GB/s | % of copy | prototype us | speedup "
-            "| prototype peak / out |"
+            "| shape (out x in) | copy us | copy GB/s | fused us | fused GB/s | % of copy | fill us | fill / fused "
+            "| prototype us | speedup | prototype peak / out |"
         )
-        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
         for r in rows:
             f = r["fused"][key]
             print(
                 f"| {r['shape']} {r['out']}x{r['inp']} | {r['copy_us']:.1f} | {r['copy_gbs']:.0f} | {f['us']:.1f} "
-                f"| {f['gbs']:.0f} | {f['pct_of_copy']:.1f}% | {r['prototype_us']:.1f} | {f['speedup']:.1f}x "
+                f"| {f['gbs']:.0f} | {f['pct_of_copy']:.1f}% | {r['fill_us']:.1f} | {f['pct_of_fill']:.1f}% "
+                f"| {r['prototype_us']:.1f} | {f['speedup']:.1f}x "
                 f"| {r['prototype_peak_x_out']:.2f}x |"
             )
         print("single launch, cold L2 (do_bench):")
