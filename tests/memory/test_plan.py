@@ -169,8 +169,11 @@ def test_the_trainer_plans_once_logs_one_line_and_records_it(tmp_path, caplog):
     assert "offload_activations=on (set;" in lines[0] and "mlp_chunk_tokens=7 (set)" in lines[0]
     assert result.memory["embeddings_on_cpu"] and result.memory["estimate"]["tokens_per_micro_batch"] > 0
     assert result.memory["optimizer_on_cpu"] and "optimizer_on_cpu=on (set; no effect on cpu)" in lines[0]
-    for name in plain_lora:  # the same training, up to the chunked MLP's summation order
-        torch.testing.assert_close(lora[name], plain_lora[name], rtol=1e-4, atol=1e-6, msg=name)
+    # The same training, up to the chunked MLP's summation order. AdamW's second step (the first moves no lora_A:
+    # lora_B starts at zero) turns gradients that differ in their last bits into updates that differ by a small part
+    # of lr where a gradient is near zero (1e-5 seen, against ~3.7e-3 per step at lr 5e-3): allow 1% of lr.
+    for name in plain_lora:
+        torch.testing.assert_close(lora[name], plain_lora[name], rtol=1e-4, atol=1e-2 * 5e-3, msg=name)
 
 
 def test_planning_again_after_apply_decides_the_same(fake_gpu):
