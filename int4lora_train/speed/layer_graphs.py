@@ -324,9 +324,10 @@ class LayerGraphs:
         return capacity
 
     def _lengths(self, position_ids: torch.Tensor, batch: int) -> list[int]:
-        """The segment lengths of this forward's rows (computed once per ``position_ids`` tensor: a host copy)."""
+        """The segment lengths of this forward's rows (once per ``position_ids`` tensor: those the trainer preset from
+        the batch's host copy, else a device-to-host copy)."""
         if self._lengths_for[0] is not position_ids:
-            self._lengths_for = (position_ids, varlen_attention.segment_lengths(position_ids, batch))
+            self._lengths_for = (position_ids, list(varlen_attention.segments_for(position_ids, batch).lengths))
         return self._lengths_for[1]
 
     def _new_capture(self, signature: tuple, hidden: torch.Tensor, kwargs: dict) -> None:

@@ -104,8 +104,12 @@ def segment_lengths(position_ids: torch.Tensor, batch: int | None = None) -> lis
     return boundaries.diff().tolist()
 
 
-def compute_segments(position_ids: torch.Tensor, batch: int | None = None) -> Segments:
-    """:class:`Segments` of ``position_ids`` (``[B, T]``, or ``[1, T]`` / ``[T]`` broadcast to ``batch`` rows)."""
+def compute_segments(
+    position_ids: torch.Tensor, batch: int | None = None, device: torch.device | str | None = None
+) -> Segments:
+    """:class:`Segments` of ``position_ids`` (``[B, T]``, or ``[1, T]`` / ``[T]`` broadcast to ``batch`` rows), with
+    ``cu_seqlens`` on ``device`` (default: ``position_ids``'). From host ``position_ids`` nothing waits for the
+    device (:func:`preset_segments` then hands them to the forward of their device copy)."""
     if position_ids.ndim == 1:
         position_ids = position_ids[None]
     if position_ids.ndim != 2:
@@ -116,7 +120,8 @@ def compute_segments(position_ids: torch.Tensor, batch: int | None = None) -> Se
     lengths = segment_lengths(position_ids, batch)
     rows, width = batch or position_ids.shape[0], position_ids.shape[1]
     cu = cu_seqlens(lengths)
-    return Segments(cu.to(position_ids.device, non_blocking=True), max(lengths), tuple(lengths), rows, width)
+    target = position_ids.device if device is None else device
+    return Segments(cu.to(target, non_blocking=True), max(lengths), tuple(lengths), rows, width)
 
 
 def cu_seqlens(lengths: list[int], capacity: int | None = None) -> torch.Tensor:
@@ -162,8 +167,10 @@ def segments_for(position_ids: torch.Tensor, batch: int) -> Segments:
 
 
 def preset_segments(position_ids: torch.Tensor, segments: Segments) -> None:
-    """Make :func:`segments_for` return ``segments`` for ``position_ids`` as it is now (a caller that knows them,
-    :mod:`.layer_graphs`, whose graphs cannot read them from the device)."""
+    """Make :func:`segments_for` return ``segments`` for ``position_ids`` as it is now, for a caller that knows them:
+    the trainer, from the batch's host copy (else the first attention of each forward waits for a device-to-host copy
+    of the position ids, and the GPU's queue drains), and :mod:`.layer_graphs`, whose graphs cannot read them from
+    the device."""
     global _last
     _last = _Cached(position_ids, position_ids._version, segments.batch, segments)
 

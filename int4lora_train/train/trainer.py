@@ -34,6 +34,7 @@ from torch.profiler import record_function
 from ..errors import CheckpointError, ConfigError, TrainingError, TrainingInterrupted
 from ..memory import MemoryPlan, optimizer_class
 from ..modeling.lora_layer import reuse_adapter_weights
+from ..speed import varlen_attention
 from . import checkpoint as ckpt
 from .config import TrainConfig
 from .data import Sample, collate, fingerprint, num_targets
@@ -150,6 +151,7 @@ class Trainer:
         self._clip_parameters: list[torch.Tensor] | None = None  # set by prepare_model; None: listed each step
         self._reuse_adapters = False  # set by prepare_model
         self._pad_to: int | None = None  # set by prepare_model: every training batch padded to this many tokens
+        self._varlen = False  # set by prepare_model: the model's attention is varlen_attention's
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         report_to = config.report_to
         if report_to is None:  # the default: TensorBoard where it is installed
@@ -420,8 +422,11 @@ class Trainer:
         step_loss = torch.zeros((), device=acc.device)
         # The adapters do not change until the optimizer step: cast them once for all passes (prepare_model decides).
         with reuse_adapter_weights() if self._reuse_adapters else contextlib.nullcontext():
-            for k, batch in enumerate(batches):
+            for k, (batch, cpu_batch) in enumerate(zip(batches, cpu_batches)):
                 batch[LOSS_NORMALIZER] = normalizer
+                if self._varlen:  # the segments from the host copy: the forward need not wait to read them back
+                    segments = varlen_attention.compute_segments(cpu_batch["position_ids"], device=self.device)
+                    varlen_attention.preset_segments(batch["position_ids"], segments)
                 sync = k == len(batches) - 1
                 with contextlib.nullcontext() if sync else acc.no_sync(module.model):
                     with record_function("int4lora/forward"):
@@ -675,6 +680,7 @@ class Trainer:
             device=self.device,
             dtype=autocast,
         )
+        self._varlen = report["packed_attention"] == "varlen"
         logger.info(
             "attention over packed rows: %s (train.speed.packed_attention: %s)",
             report["packed_attention"],

@@ -443,3 +443,38 @@ def test_auto_leaves_short_unpacked_rows_eager(tmp_path, monkeypatch, caplog):
     assert graphs is None and trainer._pad_to is None
     assert "CUDA graphs of the decoder layers: off (auto): rows average" in caplog.text
     assert "data.packing: true" in caplog.text
+
+
+def test_the_trainer_hands_varlen_attention_the_segments_of_the_host_batch(tmp_path, monkeypatch):
+    """With varlen attention the trainer computes each micro-batch's segments from its host copy and presets them:
+    no forward (nor its checkpoint recompute) reads the position ids back from the device, a copy that drains the
+    GPU's queue at the first attention of every forward. Training is the same as without the preset."""
+    from int4lora_train.speed import varlen_attention as va
+
+    def fit(run: str, preset: bool):
+        va.clear_cache()
+        calls = []
+        compute = va.compute_segments
+        monkeypatch.setattr(va, "compute_segments", lambda *a, **k: calls.append("device" in k) or compute(*a, **k))
+        if not preset:
+            monkeypatch.setattr(va, "preset_segments", lambda position_ids, segments: None)
+        data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
+        config = load_config(
+            None,
+            [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "data.packing=true",
+             "train.max_steps=3", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2",
+             "train.log_every=1", "train.save_every=null", "train.gradient_checkpointing=true",
+             "train.speed.packed_attention=varlen", f"output.dir={tmp_path / run}"],
+        )  # fmt: skip
+        datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
+        trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
+        trainer.fit(LoraModule(tiny_peft_model(dropout=0.1), config.train), datasets.train, [])
+        monkeypatch.undo()
+        assert trainer._varlen
+        return [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m], calls
+
+    losses, calls = fit("preset", preset=True)
+    reference, reference_calls = fit("plain", preset=False)
+    assert losses == reference and len(losses) == 3
+    assert calls == [True] * 6  # 3 steps x 2 micro-batches, all by the trainer from the host batch
+    assert reference_calls == [True, False] * 6  # the preset dropped: each forward computes them again
