@@ -1,4 +1,6 @@
-"""The LoRA dropout's backward in the fused LoRA nodes, one pass over the ``[T, in]`` tensors each.
+"""The LoRA dropout in the fused LoRA nodes, one pass over the ``[T, in]`` tensors each: its backward
+(``train.speed.fused_dropout_backward``) and, optionally, its forward with the ``A`` projection
+(``fused_dropout_forward``).
 
 With LoRA dropout ``p > 0`` each member ``i`` of a fused node (one for
 :class:`~int4lora_train.modeling.lora_layer.Int4LoraFunction`, several sharing the input ``x`` for
@@ -8,6 +10,7 @@ output's gradient times the scaling); ``scale = 1 / (1 - p)``::
 
     grad_x   += sum_i where(m_i, gs_i @ A_i, 0) * scale            (add_dropped_lora_grad_x, in place)
     grad_A_i  = gs_i.T @ where(m_i, x, 0) * scale                  (dropped_lora_grad_a, fp32)
+    m_i, xa_i = Philox masks, where(m_i, x, 0) @ A_i.T * scale     (dropped_lora_projection, the forward)
 
 The torch path (:func:`~int4lora_train.modeling.lora_layer.add_dropped_lora_grad_x_torch` /
 :func:`~int4lora_train.modeling.lora_layer.dropped_lora_grad_a_torch`, importable without Triton) runs per member
@@ -30,6 +33,14 @@ bit-identical to the torch path, which rounds each product, the dropout and the 
 TF32 (in the CPU interpreter, whose ``tl.dot`` misreads bf16, every dtype's products run so: bf16 and fp16
 products are exact in fp32, so the sums are the same). Up to :data:`MAX_MEMBERS` members run in one launch
 (larger groups in several).
+
+:func:`dropped_lora_projection` replaces, per member, ``native_dropout`` (reads ``x``, writes the dropped copy and
+the mask: 5 bytes per element in bf16) and the matmul that reads the copy again (2 more): one program per ``BT``
+rows reads ``x`` once for up to three members, draws each member's mask from a Philox4x32-10 stream (one call per
+element of ``in``'s first quarter gives the words of all four quarters, as ``curand_uniform4`` does for torch's
+dropout), writes the masks and accumulates ``xa`` in fp32: ``2 + n`` bytes per element for n members. The masks
+are not torch's (another stream); a checkpoint's recompute redraws them alike, since the seed is drawn from the
+device's default generator, which the checkpoint restores.
 
 Kernels are written for the CPU interpreter too (the tests): loop trip counts are compile-time constants (the
 token-slice length of :func:`dropped_lora_grad_a` is a power of two of tiles, so only a few variants compile).
@@ -61,6 +72,10 @@ H200), when the input has enough token tiles."""
 
 MAX_SLICE_TILES = 64
 """The most token tiles one program of :func:`dropped_lora_grad_a` walks (a power of two)."""
+
+PROJECT_BLOCK = (16, 64)
+"""``(BT, BQ)``: rows of one program of :func:`dropped_lora_projection`, and the columns of each quarter of ``in``
+it takes per step (four tiles of ``BT x BQ``, one per quarter, share one Philox call per element)."""
 
 _NUM_WARPS = 4
 
@@ -201,8 +216,134 @@ def _grad_a_kernel(
         _store_grad_a(out_ptr + (R0 + R1) * n_cols, acc2, cols, n_cols, scale, R2, RP2)
 
 
+_PHILOX_ROUND_A: tl.constexpr = tl.constexpr(0xD2511F53)
+_PHILOX_ROUND_B: tl.constexpr = tl.constexpr(0xCD9E8D57)
+_PHILOX_KEY_A: tl.constexpr = tl.constexpr(0x9E3779B9)
+_PHILOX_KEY_B: tl.constexpr = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _philox(seed, c0, c1, c2, c3):
+    """Philox4x32-10 (Salmon et al., SC 2011, the generator behind torch's CUDA dropout) of the uint32 counter
+    ``(c0, c1, c2, c3)`` under the 64-bit key ``seed``: four independent uint32 words per counter. Written here, not
+    taken from ``tl``: a ``tl`` jit function cannot be called from a kernel interpreted after Triton was imported
+    compiled (the tests' CPU interpreter)."""
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        hi_a, lo_a = tl.umulhi(c0, _PHILOX_ROUND_A), c0 * _PHILOX_ROUND_A
+        hi_b, lo_b = tl.umulhi(c2, _PHILOX_ROUND_B), c2 * _PHILOX_ROUND_B
+        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
+        k0 = k0 + _PHILOX_KEY_A
+        k1 = k1 + _PHILOX_KEY_B
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _quarter_project(acc, x, keep, a_ptr, m_ptr, rows, cols, col_ok, tile_ok, n_cols, R: tl.constexpr,
+                     RP: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """Store ``keep`` (this member's mask) on the tile ``rows x cols``; return ``acc + where(keep, x, 0) @ A.T`` over
+    its columns, fp32 ``[BT, RP]``."""
+    tl.store(m_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.uint8), mask=tile_ok)
+    k = tl.arange(0, RP)
+    a_t = tl.load(a_ptr + k[None, :] * n_cols + cols[:, None], mask=(k[None, :] < R) & col_ok[:, None], other=0.0)
+    xd = tl.where(keep, x, 0.0).to(x.dtype)
+    if IEEE:
+        return acc + tl.dot(xd.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
+    return acc + tl.dot(xd, a_t)
+
+
+@triton.jit
+def _member_project(acc, x0, x1, x2, x3, seed, c_lo, c_hi, member, a_ptr, m_ptr, rows, j, quarter, n_cols, col_ok,
+                    tile_ok, threshold, R: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr):  # fmt: skip
+    """One member's masks and ``where(mask, x, 0) @ A.T`` on the four quarter tiles ``x0..x3`` (columns ``q * quarter
+    + j``): one Philox call per counter gives the four quarters' random words."""
+    zero = c_lo * 0
+    r0, r1, r2, r3 = _philox(seed, c_lo, c_hi, zero + member, zero)
+    # keep with probability 1 - threshold / 2^31: the top 31 bits of the word against the threshold
+    acc = _quarter_project(acc, x0, (r0 >> 1).to(tl.int32) >= threshold, a_ptr, m_ptr, rows, j, col_ok, tile_ok,
+                           n_cols, R, RP, IEEE)  # fmt: skip
+    acc = _quarter_project(acc, x1, (r1 >> 1).to(tl.int32) >= threshold, a_ptr, m_ptr, rows, quarter + j, col_ok,
+                           tile_ok, n_cols, R, RP, IEEE)  # fmt: skip
+    acc = _quarter_project(acc, x2, (r2 >> 1).to(tl.int32) >= threshold, a_ptr, m_ptr, rows, 2 * quarter + j, col_ok,
+                           tile_ok, n_cols, R, RP, IEEE)  # fmt: skip
+    acc = _quarter_project(acc, x3, (r3 >> 1).to(tl.int32) >= threshold, a_ptr, m_ptr, rows, 3 * quarter + j, col_ok,
+                           tile_ok, n_cols, R, RP, IEEE)  # fmt: skip
+    return acc
+
+
+@triton.jit
+def _store_projection(xa_ptr, acc, rows, row_ok, xa_stride, scale, R: tl.constexpr, RP: tl.constexpr):
+    k = tl.arange(0, RP)
+    tl.store(xa_ptr + rows[:, None] * xa_stride + k[None, :], (acc * scale).to(xa_ptr.dtype.element_ty),
+             mask=row_ok[:, None] & (k[None, :] < R))  # fmt: skip
+
+
+@triton.jit
+def _project_kernel(
+    x_ptr,
+    seed_ptr,
+    a0_ptr,
+    a1_ptr,
+    a2_ptr,
+    m0_ptr,
+    m1_ptr,
+    m2_ptr,
+    xa_ptr,
+    n_rows,
+    n_cols,
+    quarter,
+    xa_stride,
+    first_member,
+    threshold,
+    scale,
+    R0: tl.constexpr,
+    R1: tl.constexpr,
+    R2: tl.constexpr,
+    RP0: tl.constexpr,
+    RP1: tl.constexpr,
+    RP2: tl.constexpr,
+    STEPS: tl.constexpr,
+    BT: tl.constexpr,
+    BQ: tl.constexpr,
+    IEEE: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BT + tl.arange(0, BT)
+    row_ok = rows < n_rows
+    seed = tl.load(seed_ptr)
+    acc0 = tl.full([BT, RP0], 0.0, tl.float32)
+    acc1 = tl.full([BT, RP1], 0.0, tl.float32)
+    acc2 = tl.full([BT, RP2], 0.0, tl.float32)
+    for step in range(STEPS):  # a compile-time trip count: cdiv(quarter, BQ) (the interpreter needs one)
+        j = step * BQ + tl.arange(0, BQ)
+        col_ok = j < quarter
+        tile_ok = row_ok[:, None] & col_ok[None, :]
+        counter = rows[:, None] * quarter + j[None, :]  # one Philox counter per row and column of a quarter
+        c_lo = (counter & 0xFFFFFFFF).to(tl.uint32)
+        c_hi = (counter >> 32).to(tl.uint32)
+        base = x_ptr + rows[:, None] * n_cols + j[None, :]
+        x0 = tl.load(base, mask=tile_ok, other=0.0)
+        x1 = tl.load(base + quarter, mask=tile_ok, other=0.0)
+        x2 = tl.load(base + 2 * quarter, mask=tile_ok, other=0.0)
+        x3 = tl.load(base + 3 * quarter, mask=tile_ok, other=0.0)
+        acc0 = _member_project(acc0, x0, x1, x2, x3, seed, c_lo, c_hi, first_member, a0_ptr, m0_ptr, rows, j, quarter,
+                               n_cols, col_ok, tile_ok, threshold, R0, RP0, IEEE)  # fmt: skip
+        if R1 > 0:
+            acc1 = _member_project(acc1, x0, x1, x2, x3, seed, c_lo, c_hi, first_member + 1, a1_ptr, m1_ptr, rows, j,
+                                   quarter, n_cols, col_ok, tile_ok, threshold, R1, RP1, IEEE)  # fmt: skip
+        if R2 > 0:
+            acc2 = _member_project(acc2, x0, x1, x2, x3, seed, c_lo, c_hi, first_member + 2, a2_ptr, m2_ptr, rows, j,
+                                   quarter, n_cols, col_ok, tile_ok, threshold, R2, RP2, IEEE)  # fmt: skip
+    _store_projection(xa_ptr, acc0, rows, row_ok, xa_stride, scale, R0, RP0)
+    if R1 > 0:
+        _store_projection(xa_ptr + R0, acc1, rows, row_ok, xa_stride, scale, R1, RP1)
+    if R2 > 0:
+        _store_projection(xa_ptr + R0 + R1, acc2, rows, row_ok, xa_stride, scale, R2, RP2)
+
+
 _launch_grad_x = DirectLauncher(_grad_x_kernel)
 _launch_grad_a = DirectLauncher(_grad_a_kernel)
+_launch_project = DirectLauncher(_project_kernel)
 
 
 # ------------------------------------------------------------------------------------------------ host side
@@ -359,3 +500,67 @@ def dropped_lora_grad_a(
 
 INTERPRETED = built_for_interpreter(_grad_x_kernel)
 """The kernels run in Triton's CPU interpreter (``TRITON_INTERPRET=1`` when this module was imported)."""
+
+
+def dropout_threshold(p: float) -> int:
+    """:func:`dropped_lora_projection` keeps an element when the top 31 bits of its random word are at least this:
+    with probability ``1 - threshold / 2**31`` (``1 - p`` to within ``2**-32``)."""
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout probability must be in [0, 1), got {p}")
+    return round(p * 2**31)
+
+
+def dropped_lora_projection(
+    x2: torch.Tensor, a_cat: torch.Tensor, ranks: Sequence[int], p: float
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(xa, masks)`` of the LoRA dropout and ``A`` projection of each member, ``x2`` ``[T, in]`` read once:
+
+    ``masks[i]``: member ``i``'s bool keep mask ``[T, in]`` (each element kept with probability ``1 - p``), and
+    ``xa[:, cols_i] = where(masks[i], x2, 0) @ A_i.T / (1 - p)``, ``[T, R]`` in ``x2``'s dtype, fp32 accumulation
+    (``a_cat`` ``[R, in]`` in ``x2``'s dtype holds the members' ``A`` by rows).
+
+    The masks come from a Philox stream (counter: row and column of ``in``'s first quarter; the four words of one
+    call serve the four quarters; member index as the third counter word) keyed by a seed drawn from the default
+    generator of ``x2``'s device. So a checkpoint's recompute, which restores that generator, draws the same masks,
+    as it does for ``torch.native_dropout``; they are not ``native_dropout``'s masks. ``in`` must be a multiple of 4.
+    """
+    rows, cols = x2.shape
+    if cols % 4:
+        raise ValueError(f"dropped_lora_projection needs in_features divisible by 4, got {cols}")
+    if a_cat.shape != (sum(ranks), cols) or a_cat.dtype != x2.dtype:
+        raise ValueError(f"a_cat is {a_cat.dtype} {tuple(a_cat.shape)}, expected {x2.dtype} {(sum(ranks), cols)}")
+    threshold, scale = dropout_threshold(p), 1.0 / (1.0 - p)
+    seed = torch.randint(0, 2**62, (1,), dtype=torch.int64, device=x2.device)
+    masks = [torch.empty(rows, cols, dtype=torch.bool, device=x2.device) for _ in ranks]
+    xa = torch.empty(rows, sum(ranks), dtype=x2.dtype, device=x2.device)
+    if rows == 0 or cols == 0:
+        return xa.zero_(), [m.fill_(True) for m in masks]
+    x2, a_cat = x2.contiguous(), a_cat.contiguous()
+    bt, bq = PROJECT_BLOCK
+    ieee = x2.dtype == torch.float32 or INTERPRETED
+    for start, col, part in _chunks(ranks):
+        offsets = [col + sum(part[:j]) for j in range(len(part))]
+        a_parts, consts = _member_args([a_cat[o:] for o in offsets], part)
+        m_parts, _ = _member_args([m.view(torch.uint8) for m in masks[start : start + len(part)]], part)
+        _launch_project(
+            (triton.cdiv(rows, bt),),
+            x2,
+            seed,
+            *a_parts,
+            *m_parts,
+            xa[:, col:],
+            rows,
+            cols,
+            cols // 4,
+            xa.stride(0),
+            start,
+            threshold,
+            float(scale),
+            **consts,
+            STEPS=triton.cdiv(cols // 4, bq),
+            BT=bt,
+            BQ=bq,
+            IEEE=ieee,
+            num_warps=_NUM_WARPS,
+        )
+    return xa, masks

@@ -89,6 +89,7 @@ class Int4LoraLinear(nn.Module, LoraLayer):
 
     fused_lora: bool = True
     fused_dropout_backward: bool = False
+    fused_dropout_forward: bool = False
     lora_group = None
 
     def __init__(
@@ -226,6 +227,34 @@ def dropout_with_mask(x2: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.T
     if p <= 0:
         return x2, None
     return torch.native_dropout(x2, p, True)
+
+
+def dropped_projection(
+    x2: torch.Tensor, a_cat: torch.Tensor, ranks: Sequence[int], p: float, fused: bool = False
+) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """``(xa, masks)``: each member's LoRA dropout of ``x2`` ``[T, in]`` and its ``A`` projection, ``xa = [dropout_i(x2)
+    @ A_i.T, ...]`` ``[T, R]`` (``a_cat`` ``[R, in]``: the members' ``A`` by rows, ranks ``ranks``), and the members'
+    bool keep masks (none without dropout).
+
+    The torch path draws each member's mask with :func:`dropout_with_mask` in member order (as separate projections
+    called in that order would) and multiplies the dropped copy. With ``fused`` (``fused_dropout_forward`` on the
+    layer), where :func:`~int4lora_train.kernels.backend.use_triton` allows it and ``in`` is a multiple of 4, one
+    Triton pass (:func:`int4lora_train.kernels.lora_dropout.dropped_lora_projection`) reads ``x2`` once for all
+    members, writes the masks and accumulates the products, with no dropped copy: its masks come from its own
+    Philox stream (redrawn alike by a checkpoint's recompute), not ``native_dropout``'s."""
+    if p <= 0:
+        return x2 @ a_cat.t(), []
+    if fused and x2.shape[-1] % 4 == 0 and use_triton(x2.device):
+        from int4lora_train.kernels import lora_dropout
+
+        return lora_dropout.dropped_lora_projection(x2, a_cat, ranks, p)
+    masks, parts = [], []
+    for a in a_cat.split(list(ranks)):
+        xd, mask = dropout_with_mask(x2, p)
+        masks.append(mask)
+        parts.append(xd @ a.t())
+        del xd  # recomputed from x2 and the mask in backward
+    return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), masks
 
 
 def dropped(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
@@ -379,6 +408,7 @@ class Int4LoraFunction(torch.autograd.Function):
         scaling,
         p,
         fused_dropout=False,
+        fused_dropout_forward=False,
     ):
         dtype = spec.dtype
         in_features, out_features = lora_a.shape[1], lora_b.shape[0]
@@ -388,9 +418,8 @@ class Int4LoraFunction(torch.autograd.Function):
         a_c, b_c = adapter_in(lora_a, dtype), adapter_in(lora_b, dtype)
         # A recompute's output that nothing reads stays uncomputed; what backward needs (x2, xa, mask) is not.
         y = x2.new_empty(x2.shape[0], out_features) if skip else F.linear(x2, weight, bias)  # [T, out]
-        xd, mask = dropout_with_mask(x2, p)
-        xa = xd @ a_c.t()  # [T, r]
-        del xd  # recomputed from x2 and the mask in backward
+        xa, masks = dropped_projection(x2, a_c, (a_c.shape[0],), p, fused_dropout_forward)  # [T, r]
+        mask = masks[0] if masks else None
         if not skip:
             y.addmm_(xa, b_c.t(), alpha=scaling)
         save_weight_tensors(ctx, weight, buffers, spec, needs[0], x2, xa, mask, lora_a, lora_b)
@@ -427,7 +456,7 @@ class Int4LoraFunction(torch.autograd.Function):
             grad_b = (g.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
         if need_bias:
             grad_bias = g.sum(0)
-        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None, None
+        return grad_x, grad_a, grad_b, grad_bias, None, None, None, None, None, None, None, None, None
 
 
 class FusedCall(NamedTuple):
@@ -446,6 +475,7 @@ class FusedCall(NamedTuple):
     autocast: bool
     scaling: float
     fused_dropout_backward: bool = False
+    fused_dropout_forward: bool = False
 
 
 def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -> FusedCall | None:
@@ -484,8 +514,8 @@ def fused_lora_applies(layer: Any, x: torch.Tensor, args: tuple, kwargs: dict) -
     # Outside autocast PEFT runs the adapter in its own dtype and the base in the layer's: fuse only when they agree.
     if not autocast and (dtype != a.dtype or x.dtype != dtype):
         return None
-    fused_dropout = p > 0 and layer.fused_dropout_backward
-    return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]), fused_dropout)
+    fused_backward, fused_forward = p > 0 and layer.fused_dropout_backward, p > 0 and layer.fused_dropout_forward
+    return FusedCall(name, base, a, b, p, dtype, autocast, float(layer.scaling[name]), fused_backward, fused_forward)
 
 
 def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Tensor:
@@ -501,5 +531,6 @@ def fused_lora_forward(layer: Any, x: torch.Tensor, call: FusedCall) -> torch.Te
         call.scaling,
         call.p,
         call.fused_dropout_backward,
+        call.fused_dropout_forward,
     )
     return out if call.autocast else in_dtype(out, x.dtype)

@@ -26,6 +26,11 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
   one rounding, so not bit-identical to the torch ops it replaces (it rounds less). On by default: the product's
   step on an H200 went from 0.707 to 0.686 s at 4 x 2048 tokens, 0.37 GiB less peak memory (BENCHMARKS.md).
   Elsewhere (the CPU) the torch ops run as without it.
+- ``fused_dropout_forward``: with LoRA dropout, the fused nodes draw the members' masks and compute their ``A``
+  projections in one Triton pass that reads the input once (:func:`~int4lora_train.modeling.lora_layer.dropped_projection`;
+  CUDA, ``in_features`` a multiple of 4), instead of one ``native_dropout`` copy per member and a matmul over it.
+  The masks come from the kernel's own Philox stream (a checkpoint's recompute redraws them alike), so a run draws
+  other masks than with it off. Off by default: not yet measured on a GPU.
 - ``chunked_loss`` / ``loss_chunk_size``: the loss without full fp32 logits (:mod:`.chunked_loss`); models it does
   not support keep their own loss (logged).
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
@@ -81,6 +86,7 @@ class SpeedConfig:
     lean_recompute: bool = True
     group_projections: bool = True
     fused_dropout_backward: bool = True
+    fused_dropout_forward: bool = False  # not yet measured on a GPU
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False
@@ -128,6 +134,8 @@ def apply(
                 module.fused_lora = features["fused_lora"]
             if "fused_dropout_backward" in features:
                 module.fused_dropout_backward = features["fused_dropout_backward"]
+            if "fused_dropout_forward" in features:
+                module.fused_dropout_forward = features["fused_dropout_forward"]
             report["lora_layers"] += 1
         elif isinstance(module, Int4Linear):
             if "keep_dense_for_backward" in features:
@@ -164,6 +172,7 @@ def _check(features: dict[str, Any]) -> None:
         "lean_recompute",
         "group_projections",
         "fused_dropout_backward",
+        "fused_dropout_forward",
         "chunked_loss",
         "fused_rope",
     ):

@@ -23,7 +23,7 @@ from int4lora_train.modeling.lora_layer import (
     Int4LoraLinear,
     derived_adapter_weight,
     dropout_backward_kernels,
-    dropout_with_mask,
+    dropped_projection,
     fused_lora_applies,
 )
 
@@ -44,6 +44,7 @@ class _GroupSpec:
     scalings: tuple[float, ...]
     p: float  # LoRA dropout, the same for every member (each draws its own mask)
     fused_dropout: bool = False  # the dropout's backward through kernels/lora_dropout.py (fused_dropout_backward)
+    fused_dropout_forward: bool = False  # the dropout and A projection in one pass (fused_dropout_forward)
 
     @property
     def keep_dense(self) -> bool:
@@ -98,17 +99,7 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         weight = group.dense(buffers, x.device)  # [O, in]
         a_cat, bs = group.lora_weights(lora_a, lora_b)  # [R, in], [O, R]
         y = F.linear(x2, weight)  # [T, O]
-        if group.p > 0:
-            masks, parts = [], []
-            for a in a_cat.split(list(group.ranks)):
-                xd, mask = dropout_with_mask(x2, group.p)
-                masks.append(mask)
-                parts.append(xd @ a.t())
-            xa = torch.cat(parts, dim=1)  # [T, R]
-            del xd
-        else:
-            masks = []
-            xa = x2 @ a_cat.t()  # [T, R]
+        xa, masks = dropped_projection(x2, a_cat, group.ranks, group.p, group.fused_dropout_forward)  # [T, R]
         y.addmm_(xa, bs.t())
         spec = _WeightSpec(dtype, None, keep_dense=group.keep_dense)  # only keep_dense matters to the policy
         save_weight_tensors(ctx, weight, buffers, spec, ctx.needs_input_grad[0], x2, xa, a_cat, bs, *masks)
@@ -223,6 +214,7 @@ class ProjectionGroup:
                 or c.adapter != first.adapter
                 or c.p != first.p
                 or c.fused_dropout_backward != first.fused_dropout_backward
+                or c.fused_dropout_forward != first.fused_dropout_forward
                 or c.dtype != first.dtype
                 or c.base._parameters.get("bias") is not None
                 or c.base.cache is not None
@@ -239,6 +231,7 @@ class ProjectionGroup:
             tuple(c.scaling for c in calls),
             first.p,
             first.fused_dropout_backward,
+            first.fused_dropout_forward,
         )
 
 

@@ -205,6 +205,12 @@ class SpeedConfig:
         "the [tokens, in] tensors (CUDA; fp32 accumulation, one rounding: not bit-identical to the torch ops; 3% "
         "off an 8B step at 4 x 2048 tokens on an H200).",
     )
+    fused_dropout_forward: bool = _opt(
+        False,
+        "With `lora.dropout` > 0, the LoRA dropout masks and A projections in one Triton pass that reads the input "
+        "once, without a dropped copy per projection (CUDA, in_features divisible by 4; the masks come from the "
+        "kernel's own Philox stream, not torch's). Off until measured on a GPU.",
+    )
     chunked_loss: bool = _opt(True, "Cross-entropy in chunks of tokens: the full fp32 logits are never held.")
     loss_chunk_size: int | None = _opt(None, "Tokens per loss chunk; null = chosen from the vocabulary size.", min=1)
     fused_kernels: Literal["auto", "on", "off"] = _opt(

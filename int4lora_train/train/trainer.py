@@ -669,6 +669,7 @@ class Trainer:
                 lean_recompute=speed.lean_recompute,
                 group_projections=speed.group_projections and speed.fused_lora,
                 fused_dropout_backward=speed.fused_dropout_backward,
+                fused_dropout_forward=speed.fused_dropout_forward,
                 chunked_loss=speed.chunked_loss,
                 loss_chunk_size=speed.loss_chunk_size,
                 fused_kernels=speed.fused_kernels,

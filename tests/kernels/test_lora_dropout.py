@@ -154,3 +154,59 @@ def test_torch_references_are_the_ops_they_replace(dtype):
     grads = dropped_lora_grad_a_torch(x2, gs, masks, ranks, SCALE)
     for grad, gs_i, mask in zip(grads, gs.split(list(ranks), 1), masks):
         assert torch.equal(grad, gs_i.t() @ dropped(x2, mask, P))
+
+
+# ------------------------------------------------------------------------------------------------ the forward
+
+PROJECTION_CASES = [  # tokens, input width (a multiple of 4), member ranks
+    pytest.param(40, 96, (4,), id="one-r4"),
+    pytest.param(70, 200, (16, 8), id="two-unequal-ragged"),
+    pytest.param(33, 520, (3, 24, 7), id="three-unequal-two-steps"),
+    pytest.param(20, 48, (2, 5, 3, 9), id="four-two-launches"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("tokens", "width", "ranks"), PROJECTION_CASES)
+def test_projection_kernel_matches_the_float64_math_of_its_masks(kernels, tokens, width, ranks, dtype):
+    _, _, a_cat, x2, _ = _case(tokens, width, ranks, dtype)
+    torch.manual_seed(3)
+    xa, masks = kernels.dropped_lora_projection(x2, a_cat, ranks, P)
+    assert xa.shape == (tokens, sum(ranks)) and xa.dtype == dtype
+    assert len(masks) == len(ranks) and all(m.dtype == torch.bool and m.shape == x2.shape for m in masks)
+    reference = torch.cat(
+        [(x2.double() * m) @ a.double().t() * SCALE for m, a in zip(masks, a_cat.split(list(ranks)))], dim=1
+    )
+    torch.testing.assert_close(xa.double(), reference, **_tolerances(dtype, reference))
+    # every member draws its own mask (the member index is part of the Philox counter)
+    assert all(not torch.equal(masks[0], m) for m in masks[1:])
+
+
+def test_projection_masks_keep_one_minus_p_and_follow_the_generator(kernels):
+    x2 = torch.randn(64, 1024, device=DEVICE)
+    a_cat = torch.randn(16, 1024, device=DEVICE)
+    for p in (0.05, 0.5):
+        _, (mask,) = kernels.dropped_lora_projection(x2, a_cat, (16,), p)
+        kept, n = mask.float().mean().item(), mask.numel()
+        assert abs(kept - (1 - p)) < 6 * (p * (1 - p) / n) ** 0.5, (p, kept)
+        quarters = mask.view(64, 4, 256).float()
+        agree = (quarters[:, 0] == quarters[:, 1]).float().mean().item()  # independent: p^2 + (1-p)^2
+        assert abs(agree - (p * p + (1 - p) ** 2)) < 0.02, (p, agree)
+    torch.manual_seed(11)
+    first = kernels.dropped_lora_projection(x2, a_cat, (8, 8), 0.25)
+    torch.manual_seed(11)
+    again = kernels.dropped_lora_projection(x2, a_cat, (8, 8), 0.25)  # the generator as before: the same masks
+    later = kernels.dropped_lora_projection(x2, a_cat, (8, 8), 0.25)  # the generator moved on: other masks
+    assert torch.equal(first[0], again[0]) and all(torch.equal(a, b) for a, b in zip(first[1], again[1]))
+    assert not torch.equal(first[1][0], later[1][0])
+    assert kernels.dropout_threshold(0.0) == 0 and kernels.dropout_threshold(0.5) == 2**30
+
+
+def test_projection_refuses_what_it_cannot_take(kernels):
+    x2 = torch.randn(8, 30, device=DEVICE)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        kernels.dropped_lora_projection(x2, torch.randn(4, 30, device=DEVICE), (4,), P)
+    with pytest.raises(ValueError, match="a_cat"):
+        kernels.dropped_lora_projection(x2[:, :28], torch.randn(4, 28, device=DEVICE).double(), (4,), P)
+    with pytest.raises(ValueError, match="dropout probability"):
+        kernels.dropout_threshold(1.0)

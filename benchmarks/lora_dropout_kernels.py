@@ -1,21 +1,24 @@
-"""GPU benchmark of the LoRA dropout backward: the torch ops of the fused nodes against the one-pass Triton kernels
-of :mod:`int4lora_train.kernels.lora_dropout` (``train.speed.fused_dropout_backward``).
+"""GPU benchmark of the LoRA dropout in the fused nodes: the torch ops against the one-pass Triton kernels of
+:mod:`int4lora_train.kernels.lora_dropout` (``train.speed.fused_dropout_backward`` and ``fused_dropout_forward``).
 
 ::
 
-    PYTHONPATH=. python3 benchmarks/lora_dropout_backward.py                 # the table (bf16, r 16)
-    PYTHONPATH=. python3 benchmarks/lora_dropout_backward.py --sweep         # + block shapes / programs per launch
-    PYTHONPATH=. python3 benchmarks/lora_dropout_backward.py --json out.json
+    PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py                 # the table (bf16, r 16)
+    PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py --sweep         # + block shapes / programs per launch
+    PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py --json out.json
 
 Per shape (tokens T, input width ``in``, members n of rank r; one bool keep mask per member, p = 0.05):
 
 * ``grad_x``: torch ``grad_x.add_(dropped(gs_i @ A_i, mask_i))`` per member (add_dropped_lora_grad_x_torch) vs
   :func:`~int4lora_train.kernels.lora_dropout.add_dropped_lora_grad_x` (in place on a copy of the same grad_x);
 * ``grad_A``: torch ``gs_i.T @ dropped(x, mask_i)`` per member then ``.float()`` (the adapters' dtype) vs
-  :func:`~int4lora_train.kernels.lora_dropout.dropped_lora_grad_a` (fp32 already).
+  :func:`~int4lora_train.kernels.lora_dropout.dropped_lora_grad_a` (fp32 already);
+* ``forward``: torch ``native_dropout`` per member and ``xd @ A_i.T`` (``dropped_projection`` without the kernel) vs
+  :func:`~int4lora_train.kernels.lora_dropout.dropped_lora_projection` (masks drawn inside, x read once).
 
 Times are medians of ``triton.testing.do_bench`` (ms; it clears the L2 before each repetition). ``GB/s`` counts the
-fused kernel's own bytes (grad_x: read grad_x, n masks, write grad_x; grad_A: read x and n masks). ``err`` is the
+fused kernel's own bytes (grad_x: read grad_x, n masks, write grad_x; grad_A: read x and n masks; forward: read x,
+write n masks). ``err`` is the
 largest difference of each path from a float64 computation of the same math, relative to its largest value (the
 kernels round once, the torch ops at every step).
 """
@@ -31,7 +34,11 @@ import torch
 import triton.testing
 
 from int4lora_train.kernels import lora_dropout
-from int4lora_train.modeling.lora_layer import add_dropped_lora_grad_x_torch, dropped_lora_grad_a_torch
+from int4lora_train.modeling.lora_layer import (
+    add_dropped_lora_grad_x_torch,
+    dropped_lora_grad_a_torch,
+    dropped_projection,
+)
 
 P = 0.05
 DEVICE = "cuda"
@@ -84,10 +91,13 @@ def measure(tokens: int, width: int, members: int, rank: int, dtype: torch.dtype
     row["x_fused_ms"] = median_ms(lambda: lora_dropout.add_dropped_lora_grad_x(work, gs, a_cat, masks, ranks, scale))
     row["a_torch_ms"] = median_ms(lambda: [g.float() for g in dropped_lora_grad_a_torch(x2, gs, masks, ranks, scale)])
     row["a_fused_ms"] = median_ms(lambda: lora_dropout.dropped_lora_grad_a(x2, gs, masks, ranks, scale))
+    row["f_torch_ms"] = median_ms(lambda: dropped_projection(x2, a_cat, ranks, P, fused=False))
+    row["f_fused_ms"] = median_ms(lambda: lora_dropout.dropped_lora_projection(x2, a_cat, ranks, P))
     elem = tokens * width
     size = grad_x.element_size()
     row["x_fused_GBs"] = elem * (2 * size + members) / row["x_fused_ms"] / 1e6
     row["a_fused_GBs"] = elem * (size + members) / row["a_fused_ms"] / 1e6
+    row["f_fused_GBs"] = elem * (size + members) / row["f_fused_ms"] / 1e6
     row["slices"] = lora_dropout.token_slices(tokens, width)
     if check:
         row.update(errors(grad_x, gs, a_cat, x2, masks, ranks, scale))
@@ -97,7 +107,8 @@ def measure(tokens: int, width: int, members: int, rank: int, dtype: torch.dtype
 def print_rows(rows: list[dict]) -> None:
     head = (
         f"{'T':>6} {'in':>6} {'n':>2} | {'grad_x torch':>12} {'fused':>8} {'x':>5} {'GB/s':>6} | "
-        f"{'grad_A torch':>12} {'fused':>8} {'x':>5} {'GB/s':>6} | {'both x':>6} | errors x t/f, A t/f"
+        f"{'grad_A torch':>12} {'fused':>8} {'x':>5} {'GB/s':>6} | {'both x':>6} | "
+        f"{'fwd torch':>9} {'fused':>8} {'x':>5} {'GB/s':>6} | errors x t/f, A t/f"
     )
     print(head)
     for r in rows:
@@ -109,7 +120,8 @@ def print_rows(rows: list[dict]) -> None:
             f"{r['tokens']:>6} {r['in']:>6} {r['members']:>2} | {r['x_torch_ms']:>12.3f} {r['x_fused_ms']:>8.3f} "
             f"{r['x_torch_ms'] / r['x_fused_ms']:>5.2f} {r['x_fused_GBs']:>6.0f} | {r['a_torch_ms']:>12.3f} "
             f"{r['a_fused_ms']:>8.3f} {r['a_torch_ms'] / r['a_fused_ms']:>5.2f} {r['a_fused_GBs']:>6.0f} | "
-            f"{both:>6.2f} | {errs}"
+            f"{both:>6.2f} | {r['f_torch_ms']:>9.3f} {r['f_fused_ms']:>8.3f} "
+            f"{r['f_torch_ms'] / r['f_fused_ms']:>5.2f} {r['f_fused_GBs']:>6.0f} | {errs}"
         )
 
 
