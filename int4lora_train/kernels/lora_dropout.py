@@ -354,14 +354,21 @@ def _padded_rank(rank: int) -> int:
     return max(16, triton.next_power_of_2(rank))
 
 
-def _chunks(ranks: Sequence[int]) -> list[tuple[int, int, tuple[int, ...]]]:
-    """``(first member, first column of gs, ranks)`` of each launch's members, at most :data:`MAX_MEMBERS` each."""
+def _chunks(ranks: Sequence[int]) -> list[tuple[int, list[int], tuple[int, ...]]]:
+    """``(first member, each member's first column of gs / row of a_cat, ranks)`` of each launch's members, at most
+    :data:`MAX_MEMBERS` each."""
     chunks, col = [], 0
     for start in range(0, len(ranks), MAX_MEMBERS):
         part = tuple(int(r) for r in ranks[start : start + MAX_MEMBERS])
-        chunks.append((start, col, part))
+        chunks.append((start, [col + sum(part[:j]) for j in range(len(part))], part))
         col += sum(part)
     return chunks
+
+
+def _ieee(dtype: torch.dtype) -> bool:
+    """Whether ``tl.dot`` runs in IEEE fp32: for fp32 tensors (no TF32), and in the interpreter, whose ``tl.dot``
+    misreads bf16 (bf16 and fp16 products are exact in fp32, so the sums are the same)."""
+    return dtype == torch.float32 or INTERPRETED
 
 
 def _member_args(tensors: list, rank_list: tuple[int, ...]) -> tuple[list, dict]:
@@ -412,9 +419,7 @@ def add_dropped_lora_grad_x(
     a_cat = a_cat.contiguous()
     bt, bin_ = GRAD_X_BLOCK
     grid = (triton.cdiv(rows, bt), triton.cdiv(cols, bin_))
-    ieee = grad_x.dtype == torch.float32 or INTERPRETED
-    for start, col, part in _chunks(ranks):
-        offsets = [col + sum(part[:j]) for j in range(len(part))]
+    for start, offsets, part in _chunks(ranks):
         gs_parts, consts = _member_args([gs[:, o:] for o in offsets], part)
         a_parts, _ = _member_args([a_cat[o:] for o in offsets], part)
         m_parts, _ = _member_args([m.contiguous() for m in masks[start : start + len(part)]], part)
@@ -431,7 +436,7 @@ def add_dropped_lora_grad_x(
             **consts,
             BT=bt,
             BIN=bin_,
-            IEEE=ieee,
+            IEEE=_ieee(grad_x.dtype),
             num_warps=_NUM_WARPS,
         )
     return grad_x
@@ -469,10 +474,8 @@ def dropped_lora_grad_a(
     bt, bin_ = GRAD_A_BLOCK
     per_slice, slices = token_slices(rows, cols)
     grid = (triton.cdiv(cols, bin_), slices)
-    ieee = x2.dtype == torch.float32 or INTERPRETED
     grads = []
-    for start, col, part in _chunks(ranks):
-        offsets = [col + sum(part[:j]) for j in range(len(part))]
+    for start, offsets, part in _chunks(ranks):
         gs_parts, consts = _member_args([gs[:, o:] for o in offsets], part)
         m_parts, _ = _member_args([m.contiguous() for m in masks[start : start + len(part)]], part)
         partial = torch.empty(slices, sum(part), cols, dtype=torch.float32, device=x2.device)
@@ -490,7 +493,7 @@ def dropped_lora_grad_a(
             TILES=per_slice,
             BT=bt,
             BIN=bin_,
-            IEEE=ieee,
+            IEEE=_ieee(x2.dtype),
             num_warps=_NUM_WARPS,
         )
         total = partial[0] if slices == 1 else partial.sum(0)
@@ -537,9 +540,7 @@ def dropped_lora_projection(
         return xa.zero_(), [m.fill_(True) for m in masks]
     x2, a_cat = x2.contiguous(), a_cat.contiguous()
     bt, bq = PROJECT_BLOCK
-    ieee = x2.dtype == torch.float32 or INTERPRETED
-    for start, col, part in _chunks(ranks):
-        offsets = [col + sum(part[:j]) for j in range(len(part))]
+    for start, offsets, part in _chunks(ranks):
         a_parts, consts = _member_args([a_cat[o:] for o in offsets], part)
         m_parts, _ = _member_args([m.view(torch.uint8) for m in masks[start : start + len(part)]], part)
         _launch_project(
@@ -548,7 +549,7 @@ def dropped_lora_projection(
             seed,
             *a_parts,
             *m_parts,
-            xa[:, col:],
+            xa[:, offsets[0] :],
             rows,
             cols,
             cols // 4,
@@ -560,7 +561,7 @@ def dropped_lora_projection(
             STEPS=triton.cdiv(cols // 4, bq),
             BT=bt,
             BQ=bq,
-            IEEE=ieee,
+            IEEE=_ieee(x2.dtype),
             num_warps=_NUM_WARPS,
         )
     return xa, masks

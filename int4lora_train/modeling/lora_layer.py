@@ -20,7 +20,8 @@ and dropout fused, fewer passes over memory)::
     forward:  W  = dequantize(packed)                       [out, in]  temporary in the compute dtype c
               y  = x @ W.T (+ bias)                          [T, out]
               xd = x * mask / (1 - p)                        only with dropout (mask: bool, drawn here)
-              xa = xd @ A_c.T                                [T, r]
+              xa = xd @ A_c.T                                [T, r]   (fused_dropout_forward: mask and xa in one
+                                                                      Triton pass, no xd; dropped_projection)
               y += s * xa @ B_c.T                            in place (addmm): one rounding, no [T, out] temporaries
     saved:    x (the input itself, no copy), xa [T, r], the bool mask, A, B, and the packed weight (or the dense W
               inside a checkpoint recompute, see ``int4_linear.dense_save_is_transient``)
@@ -80,9 +81,10 @@ class Int4LoraLinear(nn.Module, LoraLayer):
 
     With one active adapter the forward is one fused autograd node (:class:`Int4LoraFunction`; ``fused_lora = False``
     on the layer, or ``int4lora_train.speed.apply(model, fused_lora=False)``, switches it off); otherwise PEFT's
-    generic path. ``fused_dropout_backward``: with LoRA dropout, the fused nodes' backward runs the dropout part
-    through the one-pass Triton kernels of :mod:`int4lora_train.kernels.lora_dropout` (CUDA; set by
-    ``int4lora_train.speed.apply``, on by default there; False on a layer it has not seen). ``lora_group``: an object whose
+    generic path. ``fused_dropout_backward`` / ``fused_dropout_forward``: with LoRA dropout, the fused nodes run the
+    dropout's backward / its forward with the ``A`` projection through the one-pass Triton kernels of
+    :mod:`int4lora_train.kernels.lora_dropout` (CUDA; set by ``int4lora_train.speed.apply``, which turns the backward
+    on and the forward off by default; False on a layer it has not seen). ``lora_group``: an object whose
     ``forward_member(layer, x, call)`` computes this layer's output together with its siblings' (or returns None);
     :mod:`int4lora_train.speed.projection_groups` sets it.
     """
@@ -257,14 +259,6 @@ def dropped_projection(
     return (parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)), masks
 
 
-def dropped(t: torch.Tensor, mask: torch.Tensor | None, p: float) -> torch.Tensor:
-    """``t * mask / (1 - p)`` in one kernel (the dropout of a saved ``mask``, or its backward), or ``t`` itself
-    without dropout."""
-    if mask is None:
-        return t
-    return torch.ops.aten.native_dropout_backward(t, mask, 1.0 / (1.0 - p))
-
-
 def add_dropped_lora_grad_x_torch(
     grad_x: torch.Tensor,
     gs: torch.Tensor,
@@ -407,7 +401,7 @@ class Int4LoraFunction(torch.autograd.Function):
         spec: _WeightSpec,
         scaling,
         p,
-        fused_dropout=False,
+        fused_dropout_backward=False,
         fused_dropout_forward=False,
     ):
         dtype = spec.dtype
@@ -423,7 +417,8 @@ class Int4LoraFunction(torch.autograd.Function):
         if not skip:
             y.addmm_(xa, b_c.t(), alpha=scaling)
         save_weight_tensors(ctx, weight, buffers, spec, needs[0], x2, xa, mask, lora_a, lora_b)
-        ctx.scaling, ctx.p, ctx.x_shape, ctx.fused_dropout = scaling, p, x.shape, fused_dropout
+        ctx.scaling, ctx.p, ctx.x_shape = scaling, p, x.shape
+        ctx.fused_dropout_backward = fused_dropout_backward
         return y.reshape(*x.shape[:-1], out_features)
 
     @staticmethod
@@ -438,7 +433,7 @@ class Int4LoraFunction(torch.autograd.Function):
             a_c, b_c = adapter_in(lora_a, dtype), adapter_in(lora_b, dtype)
             gs = (g @ b_c).mul_(s)  # [T, r]
             if mask is not None:
-                add_grad_x, grad_a_of = dropout_backward_kernels(ctx.fused_dropout, x2.device)
+                add_grad_x, grad_a_of = dropout_backward_kernels(ctx.fused_dropout_backward, x2.device)
                 ranks, scale = [a_c.shape[0]], 1.0 / (1.0 - p)
             if need_x:
                 grad_x = g @ saved_dense_weight(ctx, saved)  # [T, in]

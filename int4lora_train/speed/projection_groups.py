@@ -9,6 +9,7 @@ by 9% (BENCHMARKS.md). Members reach their group through ``Int4LoraLinear.lora_g
 
 from __future__ import annotations
 
+import itertools
 import weakref
 from dataclasses import dataclass
 from typing import Any
@@ -43,21 +44,29 @@ class _GroupSpec:
     ranks: tuple[int, ...]
     scalings: tuple[float, ...]
     p: float  # LoRA dropout, the same for every member (each draws its own mask)
-    fused_dropout: bool = False  # the dropout's backward through kernels/lora_dropout.py (fused_dropout_backward)
-    fused_dropout_forward: bool = False  # the dropout and A projection in one pass (fused_dropout_forward)
+    fused_dropout_backward: bool = False  # the dropout's backward through kernels/lora_dropout.py
+    fused_dropout_forward: bool = False  # the dropout and A projection in one Triton pass
 
     @property
     def keep_dense(self) -> bool:
         """Whether the stacked dense weight may be saved for backward: when every member's may."""
         return all(spec.keep_dense for spec in self.specs)
 
+    @property
+    def blocks(self) -> tuple[tuple[slice, slice], ...]:
+        """Each member's ``(rows, cols)``: its rows of the stacked weight and output columns ``[O]``, and its columns
+        of ``xa`` ``[R]`` (its block of the ``[O, R]`` block diagonal ``Bs``)."""
+        ends_o, ends_r = list(itertools.accumulate(self.outs)), list(itertools.accumulate(self.ranks))
+        return tuple(
+            (slice(end_o - out, end_o), slice(end_r - rank, end_r))
+            for out, rank, end_o, end_r in zip(self.outs, self.ranks, ends_o, ends_r)
+        )
+
     def dense(self, buffers: tuple, device: torch.device) -> torch.Tensor:
         """The members' dense weights stacked along the output axis, ``[sum(outs), in]``, one row slice each."""
         weight = torch.empty(sum(self.outs), self.in_features, dtype=self.dtype, device=device)
-        start = 0
-        for i, (spec, rows) in enumerate(zip(self.specs, self.outs)):
-            spec.dense(*buffers[4 * i : 4 * i + 4], out=weight[start : start + rows])
-            start += rows
+        for i, (spec, (rows, _)) in enumerate(zip(self.specs, self.blocks)):
+            spec.dense(*buffers[4 * i : 4 * i + 4], out=weight[rows])
         return weight
 
     def lora_weights(self, lora_a: tuple, lora_b: tuple) -> tuple[torch.Tensor, torch.Tensor]:
@@ -85,7 +94,8 @@ class Int4LoraGroupFunction(torch.autograd.Function):
 
     One base matmul instead of n (and fewer host launches); the values and gradients are those of the n separate
     projections, dropout masks included: each member draws its mask from the global RNG in member order, as the
-    separate projections, called in that order, would. With dropout the backward's dropout part (every member's
+    separate projections, called in that order, would (with ``fused_dropout_forward`` the kernel draws them from its
+    own stream, one per member index, so grouped and separate projections draw different masks). With dropout the backward's dropout part (every member's
     input gradient and ``A`` gradient) runs through :mod:`int4lora_train.kernels.lora_dropout` when the members'
     ``fused_dropout_backward`` is on and Triton runs on the device (one launch for up to three members), else
     through the torch ops.
@@ -105,11 +115,7 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         save_weight_tensors(ctx, weight, buffers, spec, ctx.needs_input_grad[0], x2, xa, a_cat, bs, *masks)
         ctx.group, ctx.x_shape = group, x.shape
         ctx.param_dtypes = tuple(t.dtype for t in tensors[: 2 * n])
-        outputs, start = [], 0
-        for rows in group.outs:
-            outputs.append(y[:, start : start + rows].view(*x.shape[:-1], rows))
-            start += rows
-        return tuple(outputs)
+        return tuple(y[:, rows].view(*x.shape[:-1], out) for out, (rows, _) in zip(group.outs, group.blocks))
 
     @staticmethod
     def backward(ctx, *grads):
@@ -121,13 +127,13 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         # Member by member: the members' gradients arrive as separate [T, out_i] tensors (autograd materializes an
         # unused output's as zeros), and joining them into one [T, O] copy (470 MB per gate/up of the 8B shape at
         # 8192 tokens) costs more than the split matmuls.
-        members = list(_member_blocks(group))  # (rows, cols) slices of the [O, R] block diagonal
-        g = [grad.reshape(-1, rows.stop - rows.start).to(dtype) for grad, (rows, _) in zip(grads, members)]
+        members = group.blocks  # (rows, cols) slices of the [O, R] block diagonal
+        g = [grad.reshape(-1, out).to(dtype) for grad, out in zip(grads, group.outs)]
         gs = torch.cat([g_i @ bs[rows, cols] for g_i, (rows, cols) in zip(g, members)], dim=1)  # [T, R], scaled
         tensors = saved[ctx.num_extra :]
         grad_x = None
         if masks:  # per member: the Triton kernels (fused_dropout_backward, CUDA) or the torch ops
-            add_grad_x, grad_a_of = dropout_backward_kernels(group.fused_dropout, x2.device)
+            add_grad_x, grad_a_of = dropout_backward_kernels(group.fused_dropout_backward, x2.device)
             scale = 1.0 / (1.0 - group.p)
         if ctx.needs_input_grad[0]:
             weight = tensors[0] if ctx.dense_saved else group.dense(tensors, x2.device)
@@ -148,15 +154,6 @@ class Int4LoraGroupFunction(torch.autograd.Function):
             grads_a.append(grad_a[i].to(ctx.param_dtypes[i]))
             grads_b.append((g_i.t() @ xa[:, cols]).to(ctx.param_dtypes[n + i]).mul_(s))  # [out_i, r_i]
         return (grad_x, None, *grads_a, *grads_b, *([None] * (4 * n)))
-
-
-def _member_blocks(group: _GroupSpec):
-    """Each member's ``(rows, cols)`` slices: its rows of the stacked weight / output, its columns of ``xa`` (its
-    block of the ``[O, R]`` block diagonal ``Bs``)."""
-    row = col = 0
-    for rows, rank in zip(group.outs, group.ranks):
-        yield slice(row, row + rows), slice(col, col + rank)
-        row, col = row + rows, col + rank
 
 
 class ProjectionGroup:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from int4lora_train.modeling.lora_layer import add_dropped_lora_grad_x_torch, dropped, dropped_lora_grad_a_torch
+from int4lora_train.modeling.lora_layer import add_dropped_lora_grad_x_torch, dropped_lora_grad_a_torch
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 P = 0.25
@@ -143,17 +143,21 @@ def test_bad_arguments_are_refused(kernels):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_torch_references_are_the_ops_they_replace(dtype):
-    """Bit for bit what the fused nodes' backward ran before the kernels: per member ``dropped(gs_i @ a_i)`` added
-    into grad_x, and ``gs_i.T @ dropped(x2)``."""
+    """Bit for bit what the fused nodes' backward ran before the kernels: per member the dropout backward of
+    ``gs_i @ a_i`` with its saved mask added into grad_x, and ``gs_i.T @`` the dropout of ``x2``."""
+
+    def dropped(t, mask):
+        return torch.ops.aten.native_dropout_backward(t, mask, SCALE)
+
     ranks = (4, 16, 8)
     grad_x, gs, a_cat, x2, masks = _case(36, 80, ranks, dtype)
     expected = grad_x.clone()
     for gs_i, a_i, mask in zip(gs.split(list(ranks), 1), a_cat.split(list(ranks)), masks):
-        expected.add_(dropped(gs_i @ a_i, mask, P))
+        expected.add_(dropped(gs_i @ a_i, mask))
     assert torch.equal(add_dropped_lora_grad_x_torch(grad_x.clone(), gs, a_cat, masks, ranks, SCALE), expected)
     grads = dropped_lora_grad_a_torch(x2, gs, masks, ranks, SCALE)
     for grad, gs_i, mask in zip(grads, gs.split(list(ranks), 1), masks):
-        assert torch.equal(grad, gs_i.t() @ dropped(x2, mask, P))
+        assert torch.equal(grad, gs_i.t() @ dropped(x2, mask))
 
 
 # ------------------------------------------------------------------------------------------------ the forward
