@@ -663,19 +663,12 @@ class Trainer:
         autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.config.mixed_precision)
         report = training_speed.apply(  # logs what it switched on
             module.unwrapped_model,
-            training_speed.SpeedConfig(
-                fused_lora=speed.fused_lora,
-                keep_dense_for_backward=speed.keep_dense_for_backward,
-                lean_recompute=speed.lean_recompute,
-                group_projections=speed.group_projections and speed.fused_lora,
-                fused_dropout_backward=speed.fused_dropout_backward,
-                fused_dropout_forward=speed.fused_dropout_forward,
-                chunked_loss=speed.chunked_loss,
-                loss_chunk_size=speed.loss_chunk_size,
-                fused_kernels=speed.fused_kernels,
-                fused_rope=speed.fused_rope,
-                packed_attention=speed.packed_attention,
-                cuda_graphs="off",  # decided after the memory plan (_apply_layer_graphs)
+            training_speed.SpeedConfig(  # train.speed's fields are the library's
+                **{
+                    **asdict(speed),
+                    "group_projections": speed.group_projections and speed.fused_lora,
+                    "cuda_graphs": "off",  # decided after the memory plan (_apply_layer_graphs)
+                }
             ),
             packed=packed,
             device=self.device,
