@@ -395,22 +395,31 @@ def _graphs_fit(tmp_path, monkeypatch, run: str, graphs: str, *overrides: str):
 
     monkeypatch.setattr(lg, "graph_blockers", lambda model, device, need_cuda=True: [])
     monkeypatch.setattr(lg, "CudaGraphCapture", lg.EagerReplay)
+    losses, trainer, module, train_rows, result = _checkpointed_fit(
+        tmp_path, run, "data.packing=false", "train.max_steps=5", f"train.speed.cuda_graphs={graphs}", *overrides
+    )
+    graphs = lg.layer_graphs(module.unwrapped_model)
+    assert result.cuda_graphs == (None if graphs is None else {**graphs.stats, "padded_to": trainer._pad_to})
+    return losses, trainer, graphs, max(len(s) for s in train_rows), result
+
+
+def _checkpointed_fit(tmp_path, run: str, *overrides: str):
+    """A fit of the tiny Llama (dropout 0.1, gradient checkpointing, micro-batch 2, no evaluation) on 40 arithmetic
+    records with ``overrides``; returns the logged losses, the trainer, the module, the training rows and the fit's
+    result."""
     data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
     config = load_config(
         None,
-        [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "data.packing=false",
-         "train.max_steps=5", "train.micro_batch_size=2", "train.log_every=1", "train.save_every=null",
-         "train.gradient_checkpointing=true", f"train.speed.cuda_graphs={graphs}", f"output.dir={tmp_path / run}",
-         *overrides],
+        [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "train.micro_batch_size=2",
+         "train.log_every=1", "train.save_every=null", "train.gradient_checkpointing=true",
+         f"output.dir={tmp_path / run}", *overrides],
     )  # fmt: skip
     datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
     trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
     module = LoraModule(tiny_peft_model(dropout=0.1), config.train)
     result = trainer.fit(module, datasets.train, [])
-    graphs = lg.layer_graphs(module.unwrapped_model)
-    assert result.cuda_graphs == (None if graphs is None else {**graphs.stats, "padded_to": trainer._pad_to})
     losses = [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m]
-    return losses, trainer, graphs, max(len(s) for s in datasets.train), result
+    return losses, trainer, module, datasets.train, result
 
 
 @pytest.mark.parametrize("accumulation", [1, 2])
@@ -458,20 +467,13 @@ def test_the_trainer_hands_varlen_attention_the_segments_of_the_host_batch(tmp_p
         monkeypatch.setattr(va, "compute_segments", lambda *a, **k: calls.append("device" in k) or compute(*a, **k))
         if not preset:
             monkeypatch.setattr(va, "preset_segments", lambda position_ids, segments: None)
-        data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
-        config = load_config(
-            None,
-            [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "data.packing=true",
-             "train.max_steps=3", "train.micro_batch_size=2", "train.gradient_accumulation_steps=2",
-             "train.log_every=1", "train.save_every=null", "train.gradient_checkpointing=true",
-             "train.speed.packed_attention=varlen", f"output.dir={tmp_path / run}"],
+        losses, trainer, *_ = _checkpointed_fit(
+            tmp_path, run, "data.packing=true", "train.max_steps=3", "train.gradient_accumulation_steps=2",
+            "train.speed.packed_attention=varlen",
         )  # fmt: skip
-        datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
-        trainer = Trainer(config.train, tmp_path / run, device="cpu", tensorboard=False, progress_bar=False)
-        trainer.fit(LoraModule(tiny_peft_model(dropout=0.1), config.train), datasets.train, [])
         monkeypatch.undo()
         assert trainer._varlen
-        return [m["train/loss"] for m in read_metrics(tmp_path / run / "metrics.jsonl") if "train/loss" in m], calls
+        return losses, calls
 
     losses, calls = fit("preset", preset=True)
     reference, reference_calls = fit("plain", preset=False)
