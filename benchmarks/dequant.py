@@ -259,6 +259,12 @@ def sweep(group_size: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
     """Steady-state time (us) of every tile shape / load mode on every shape."""
     configs = [LaunchConfig(bn, bk, w) for bn, bk, w in SWEEP_BLOCKS]
     configs += [LaunchConfig(bn, bk, w, word_loads=False) for bn, bk, w in SWEEP_BLOCKS[:3]]
+    # The library's two tiles with each store hint (the kernel writes 4x the bytes it reads).
+    configs += [
+        LaunchConfig(bn, bk, w, store_hint=hint)
+        for bn, bk, w in ((16, 1024, 8), (4, 2048, 8))
+        for hint in (".cs", ".cg", ".wt", "evict_first")
+    ]
     results: dict[str, dict[str, float]] = {}
     for name, (out_features, in_features) in LLAMA3_8B_SHAPES.items():
         first = random_weight(out_features, in_features, group_size)
@@ -279,16 +285,18 @@ def sweep(group_size: int, dtype: torch.dtype) -> dict[str, dict[str, float]]:
 
 
 def parse_config(text: str) -> LaunchConfig:
-    """``"8x512x4"`` (block_n x block_k x num_warps) -> LaunchConfig."""
-    block_n, block_k, num_warps = (int(part) for part in text.split("x"))
-    return LaunchConfig(block_n, block_k, num_warps)
+    """``"8x512x4"`` (block_n x block_k x num_warps), optionally ``/<store hint>`` (``4x2048x8/.cs``) -> LaunchConfig."""
+    tile, _, hint = text.partition("/")
+    block_n, block_k, num_warps = (int(part) for part in tile.split("x"))
+    return LaunchConfig(block_n, block_k, num_warps, store_hint=hint)
 
 
 def config_name(config: LaunchConfig | None) -> str:
     """``16x1024/w8/words``; ``auto`` for the library's own choice (:func:`config_for`)."""
     if config is None:
         return "auto"
-    return f"{config.block_n}x{config.block_k}/w{config.num_warps}/{'words' if config.word_loads else 'bytes'}"
+    name = f"{config.block_n}x{config.block_k}/w{config.num_warps}/{'words' if config.word_loads else 'bytes'}"
+    return name + (f"/{config.store_hint}" if config.store_hint else "")
 
 
 def measure_shape(

@@ -33,15 +33,18 @@ What it does:
    ratios against bf16 and nf4. ``--set KEY=VALUE`` passes config overrides to the int4 run's ``train`` command
    (e.g. the memory features for the 70B shape or long rows; the baselines keep the config as users run it).
    ``--profile`` adds, for the int4 run, a torch profiler table of three steady-state
-   steps (``<work>/profile-<base>.txt``) whose rows include the trainer's ``int4lora/*`` phases.
+   steps (``<work>/profile-<base>.txt``) whose rows include the trainer's ``int4lora/*`` phases, and their timeline
+   (``<work>/trace-<base>.json.gz``, Chrome trace format: ``benchmarks/trace_gaps.py`` lists where the GPU waits).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -212,11 +215,22 @@ def child(args) -> None:
         averages = profiler.key_averages()
         tables = [averages.table(sort_by="self_cpu_time_total", row_limit=30)]
         if device.type == "cuda":  # where the GPU's time goes, then (above) where the host's goes
-            kernels = [event for event in averages if event.device_type == torch.autograd.DeviceType.CUDA]
+            # kernels (and copies) only: the trainer's int4lora/* ranges and ProfilerStep also have device rows
+            kernels = [
+                event
+                for event in averages
+                if event.device_type == torch.autograd.DeviceType.CUDA
+                and not event.key.startswith(("int4lora/", "ProfilerStep"))
+            ]
             busy_ms = sum(event.self_device_time_total for event in kernels) / 1e3 / 3
             tables.insert(0, averages.table(sort_by="self_cuda_time_total", row_limit=40))
             tables.insert(0, f"GPU busy (sum of self device time) per profiled step: {busy_ms:.1f} ms\n")
         (work / f"profile-{args.child}.txt").write_text("\n".join(tables))
+        trace = work / f"trace-{args.child}.json"
+        profiler.export_chrome_trace(str(trace))  # the timeline: where the GPU waits for the host
+        with trace.open("rb") as src, gzip.open(f"{trace}.gz", "wb") as dst:
+            shutil.copyfileobj(src, dst)
+        trace.unlink()
     run_dir = Path(yaml.safe_load(config_path.read_text())["output"]["dir"])
     metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     steps = [m for m in metrics if "train/tokens_per_s" in m]

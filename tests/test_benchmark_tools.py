@@ -1,9 +1,11 @@
-"""What the benchmark scripts compute without a GPU: the search of the ones that decide what to run, and op_count's
-counts of a tiny trainer step."""
+"""What the benchmark scripts compute without a GPU: the search of the ones that decide what to run, op_count's
+counts of a tiny trainer step, and trace_gaps' reading of a profiler timeline."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +16,7 @@ def _load(name: str):
         name, Path(__file__).resolve().parents[1] / "benchmarks" / f"{name}.py"
     )
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
     spec.loader.exec_module(module)
     return module
 
@@ -68,3 +71,29 @@ def test_op_count_attributes_a_trainer_step_and_sees_the_reused_adapter_casts(tm
         assert all(layer[phase] > 0 for phase in op_count.PHASES)
         assert layer["forward"] == ref["forward"]
         assert ref["recompute"] - layer["recompute"] == 23 and ref["backward"] - layer["backward"] == 4
+
+
+def test_trace_gaps_finds_the_idle_stretches_and_who_ended_them(tmp_path):
+    trace_gaps = _load("trace_gaps")
+
+    def x(cat, name, ts, dur, **args):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur, "args": args}
+
+    events = [
+        x("user_annotation", "int4lora/loss-sync", 0, 100),
+        x("cuda_runtime", "cudaStreamSynchronize", 10, 80),
+        x("user_annotation", "int4lora/forward", 150, 300),
+        x("cpu_op", "aten::mm", 160, 20),
+        x("cuda_runtime", "cudaLaunchKernel", 165, 5, correlation=7),
+        x("kernel", "gemm", 0, 50, correlation=1),
+        x("kernel", "gemm", 40, 30, correlation=2),  # overlaps the first: one busy stretch until 70
+        x("kernel", "gemm", 200, 10, correlation=7),  # 130 us idle before it
+        x("gpu_memset", "memset", 215, 1, correlation=8),  # 5 us: below --min-us
+    ]
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps({"traceEvents": events}))
+    gaps, span = trace_gaps.attribute(trace_gaps.load_events(path), min_us=20)
+    assert span == 216
+    assert [(g.start, g.end, g.phase, g.host) for g in gaps] == [(70, 200, "int4lora/forward", "cudaStreamSynchronize")]
+    text = trace_gaps.report(gaps, span, steps=1, top=5)
+    assert "0.1 ms per step" in text and "int4lora/forward" in text

@@ -44,6 +44,9 @@ class LaunchConfig:
     block_k: int
     num_warps: int
     word_loads: bool = True  # read int32 words where the rows allow it (else bytes)
+    # PTX hint on the output's stores: "" (none), a cache modifier (".cs" streaming, ".cg", ".wt") or an eviction
+    # policy ("evict_first", "evict_last"); benchmarks/dequant.py --sweep times them.
+    store_hint: str = ""
 
 
 # Two tile sizes, from the sweep in benchmarks/dequant.py on an H100 (BENCHMARKS.md): a weight whose 16K-output
@@ -67,6 +70,8 @@ def config_for(weight: Int4Weight) -> LaunchConfig:
     block_k = min(max_block_k, max(8, triton.next_power_of_2(in_features)))
     return LaunchConfig(block_n=max(1, tile_outputs // block_k), block_k=block_k, num_warps=_NUM_WARPS)
 
+
+_STORE_HINTS = ("", ".cs", ".cg", ".wt", "evict_first", "evict_last")
 
 _NIBBLE_OFFSET = tl.constexpr(NIBBLE_OFFSET)
 # How a tile's columns map to groups (chosen on the host, see _group_layout).
@@ -249,6 +254,8 @@ def _dequant_kernel(
     BLOCK_K: tl.constexpr,
     WORD_LOADS: tl.constexpr,  # read the packed row as int32 words (needs 4-byte aligned, word-padded rows)
     INTEGER_ROUNDING: tl.constexpr,  # round to bf16 in integers (Triton's CPU interpreter truncates casts)
+    STORE_CACHE: tl.constexpr = "",  # LaunchConfig.store_hint, split into tl.store's two arguments
+    STORE_EVICTION: tl.constexpr = "",
 ):
     pid_k = tl.program_id(1)
     # Row offsets in int64 once per program (the output may exceed 2**31 elements); tile offsets stay int32.
@@ -274,7 +281,13 @@ def _dequant_kernel(
         GROUP_SIZE, GROUP_LAYOUT, HAS_ZERO_POINTS, BLOCK_N, BLOCK_K, INTEGER_ROUNDING,
     )  # fmt: skip
 
-    tl.store(out_ptr + rows[:, None] * out_row_stride + cols[None, :], values, mask=row_ok[:, None] & col_ok[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * out_row_stride + cols[None, :],
+        values,
+        mask=row_ok[:, None] & col_ok[None, :],
+        cache_modifier=STORE_CACHE,
+        eviction_policy=STORE_EVICTION,
+    )
 
 
 INTERPRETED = built_for_interpreter(_dequant_kernel)
@@ -317,6 +330,8 @@ def plan_dequant_launch(
         raise UnsupportedFormatError(
             f"launch config {config}: block_k must be a power of two >= 8 and block_n a power of two"
         )
+    if config.store_hint not in _STORE_HINTS:
+        raise UnsupportedFormatError(f"launch config {config}: store_hint must be one of {_STORE_HINTS}")
     packed, scales, zero_points, g_idx = _checked_tensors(weight)
     out_features, in_features = weight.shape
     if out_features == 0:
@@ -355,6 +370,8 @@ def plan_dequant_launch(
         INTEGER_ROUNDING=INTERPRETED,
         num_warps=config.num_warps,
     )
+    if config.store_hint:
+        kwargs["STORE_EVICTION" if config.store_hint.startswith("evict") else "STORE_CACHE"] = config.store_hint
     return KernelLaunch(_dequant_kernel, grid, args, kwargs, out_index=4)
 
 

@@ -247,7 +247,9 @@ def _quarter_project(acc, x, keep, a_ptr, m_ptr, rows, cols, col_ok, tile_ok, n_
     tl.store(m_ptr + rows[:, None] * n_cols + cols[None, :], keep.to(tl.uint8), mask=tile_ok)
     k = tl.arange(0, RP)
     a_t = tl.load(a_ptr + k[None, :] * n_cols + cols[:, None], mask=(k[None, :] < R) & col_ok[:, None], other=0.0)
-    xd = tl.where(keep, x, 0.0).to(x.dtype)
+    # a product, not tl.where(keep, x, 0): Triton 3.6 fails to lower a boolean select into tl.dot's operand layout
+    # on sm_90 (an assertion in ConvertTritonGPUToLLVM); for finite x the two are the same values
+    xd = x * keep.to(x.dtype)
     if IEEE:
         return acc + tl.dot(xd.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
     return acc + tl.dot(xd, a_t)

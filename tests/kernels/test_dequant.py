@@ -125,6 +125,19 @@ def test_every_tile_shape_and_group_path(dequant, block: tuple[int, int, int], w
         assert_bit_exact(dequant, weight, config)
 
 
+@pytest.mark.parametrize("store_hint", [".cs", ".wt", "evict_first"])
+def test_store_hints_keep_the_result(dequant, store_hint: str) -> None:
+    # The benchmark sweep's store hints change only how the GPU caches the output, never a value.
+    weight = random_weight(9, 333, 64, torch.bfloat16, symmetric=False, seed=5, word_padded=True)
+    assert_bit_exact(dequant, weight, dequant.LaunchConfig(4, 64, 2, store_hint=store_hint))
+
+
+def test_unknown_store_hint_is_refused(dequant) -> None:
+    weight = random_weight(4, 64, 32, torch.bfloat16, symmetric=True, seed=5)
+    with pytest.raises(UnsupportedFormatError, match="store_hint must be one of"):
+        dequant.launch_dequant(weight, config=dequant.LaunchConfig(4, 64, 2, store_hint=".bogus"))
+
+
 @pytest.mark.parametrize("shape", [(1, 1), (1, 9), (2, 3), (13, 8)], ids=lambda s: f"{s[0]}x{s[1]}")
 def test_tiny_and_narrow_layers(dequant, shape: tuple[int, int]) -> None:
     # The default tile shape adapts to narrow rows (block_k down to 8 columns); single rows and columns still work.

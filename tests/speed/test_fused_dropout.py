@@ -125,7 +125,11 @@ def test_without_triton_the_switches_change_nothing(triton_kernels, monkeypatch,
     ref_loss, ref_grads = _step(autocast=True)
     loss, grads = _step(autocast=True, **{option.removeprefix("fused_dropout_"): True})
     assert torch.equal(loss, ref_loss)
-    assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    if DEVICE == "cpu":
+        assert all(torch.equal(grads[n], ref_grads[n]) for n in grads)
+    else:  # CUDA's flash-attention backward sums dq with atomics: run-to-run last-bit noise, switches or not
+        for name, grad in grads.items():
+            torch.testing.assert_close(grad, ref_grads[name], rtol=1e-3, atol=1e-6, msg=name)
 
 
 def test_the_backward_kernels_are_chosen_only_when_on_and_triton_runs(monkeypatch):
@@ -156,11 +160,11 @@ def test_speed_config_defaults_and_checked_values(option, default):
 
 def test_without_dropout_the_switches_are_not_passed_on(kernel_calls):
     """p = 0: no masks, nothing for the kernels (the call says so too)."""
-    model = tiny_int4_lora_model("llama", lora_dropout=0.0)
+    model = tiny_int4_lora_model("llama", lora_dropout=0.0).to(DEVICE)
     speed.apply(model, fused_dropout_backward=True, fused_dropout_forward=True)
     prepare_for_training(model, gradient_checkpointing=True, use_reentrant=False)
     model.train()
-    tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2))
+    tokens = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(2)).to(DEVICE)
     model(input_ids=tokens, labels=tokens).loss.backward()
     assert kernel_calls == {"grad_x": [], "grad_a": [], "forward": []}
 
