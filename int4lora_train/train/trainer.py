@@ -98,6 +98,25 @@ class TrainState:
     best_step: int | None = None
 
 
+@dataclass(frozen=True)
+class _StepData:
+    """One step's micro-batches on the device and what the step needs from their host copies."""
+
+    step: int
+    batches: list[dict[str, torch.Tensor]]
+    segments: list[varlen_attention.Segments | None]  # per micro-batch, when the attention is varlen
+    normalizer: torch.Tensor  # the loss divisor: global targets / processes
+    global_tokens: int
+
+
+def _read_scalars(*values: torch.Tensor | float) -> list[float]:
+    """The values (0-d tensors, a DTensor's full value, or numbers) as floats, in one device-to-host copy."""
+    tensors = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
+    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
+    stacked = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(()) for t in tensors])
+    return stacked.tolist()
+
+
 @dataclass
 class _Throughput:
     """Tokens and seconds of training steps (evaluation and checkpoints excluded)."""
@@ -152,6 +171,7 @@ class Trainer:
         self._reuse_adapters = False  # set by prepare_model
         self._pad_to: int | None = None  # set by prepare_model: every training batch padded to this many tokens
         self._varlen = False  # set by prepare_model: the model's attention is varlen_attention's
+        self._prefetched: _StepData | None = None  # the next step's batches, made while the GPU runs the backward
         self.metrics_tracker = JsonlTracker(self.run_dir / METRICS_FILE)
         report_to = config.report_to
         if report_to is None:  # the default: TensorBoard where it is installed
@@ -267,8 +287,9 @@ class Trainer:
                     step_rng = ckpt.capture_rng_state()
                 started = time.perf_counter()
                 loss, grad_norm, lr, tokens = self._train_step(
-                    module, optimizer, scheduler, plan, train_data, state.step, last_checkpoint
-                )
+                    module, optimizer, scheduler, plan, train_data, state.step, last_checkpoint,
+                    prefetch=state.step + 1 < max_steps,
+                )  # fmt: skip
                 elapsed = time.perf_counter() - started
                 session.add(tokens, elapsed)
                 window.add(tokens, elapsed)
@@ -403,8 +424,61 @@ class Trainer:
             logged["train/tokens_per_s"],
         )
 
-    def _train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint):
-        """One optimizer step; returns ``(loss, grad_norm, lr, tokens)`` agreed by all processes."""
+    def _train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint, *, prefetch=False):
+        """One optimizer step; returns ``(loss, grad_norm, lr, tokens)`` agreed by all processes.
+
+        The host reads the device once per step (the loss and the gradient norm together); before that, with
+        ``prefetch``, it makes the next step's batches (:meth:`_step_data`), so that after the read only the
+        optimizer's launch stands between the GPU and the next forward.
+        """
+        acc = self.accelerator
+        data = self._prefetched if self._prefetched is not None and self._prefetched.step == step else None
+        self._prefetched = None
+        if data is None:
+            data = self._step_data(plan, train_data, step)
+        if not module.model.training:  # mode changes go through the whole model (evaluate, generate restore it); a
+            module.model.train()  # walk of every module each step costs ~4 ms of host time at 32 layers
+        step_loss = torch.zeros((), device=acc.device)
+        # The adapters do not change until the optimizer step: cast them once for all passes (prepare_model decides).
+        with reuse_adapter_weights() if self._reuse_adapters else contextlib.nullcontext():
+            for k, (batch, segments) in enumerate(zip(data.batches, data.segments)):
+                batch[LOSS_NORMALIZER] = data.normalizer
+                if segments is not None:  # the segments from the host copy: the forward need not read them back
+                    varlen_attention.preset_segments(batch["position_ids"], segments)
+                sync = k == len(data.batches) - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(module.model):
+                    with record_function("int4lora/forward"):
+                        loss = module.training_step(batch)
+                    with record_function("int4lora/backward"):
+                        acc.backward(loss)
+                step_loss += loss.detach().float()
+        if prefetch:  # while the GPU still runs the backward
+            self._prefetched = self._step_data(plan, train_data, step + 1)
+        max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, scale by exactly 1.0
+        with record_function("int4lora/clip"):
+            params = self._clip_parameters or [p for _, p in module.trainable_parameters()]
+            grad_norm = acc.clip_grad_norm_(params, max_norm)
+        with record_function("int4lora/loss-sync"):
+            loss_value, grad_norm = _read_scalars(acc.reduce(step_loss, reduction="sum") / plan.world_size, grad_norm)
+        lr = scheduler.get_last_lr()[0]
+        if not math.isfinite(loss_value):
+            optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the training loss is {loss_value}", last_checkpoint)
+        if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
+            optimizer.zero_grad(set_to_none=True)
+            raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
+        self._updating = True  # until fit counts the step: no checkpoint can be written from here (Ctrl-C)
+        with record_function("int4lora/optimizer"):
+            optimizer.step()
+            if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        return loss_value, grad_norm, lr, data.global_tokens
+
+    def _step_data(self, plan, train_data, step: int) -> _StepData:
+        """Step ``step``'s micro-batches of this process, moved to the device, with what the step needs from the host
+        copies: the global target and token counts (for the loss normaliser and the throughput) and the varlen
+        segments."""
         acc = self.accelerator
         with record_function("int4lora/data"):
             # Counted on the host before the batches move: one process needs no device round trip for them.
@@ -415,45 +489,13 @@ class Trainer:
                 counts = acc.reduce(torch.tensor(counts, device=acc.device), reduction="sum").tolist()
             global_targets, global_tokens = counts
             batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
+            segments = [
+                varlen_attention.compute_segments(b["position_ids"], device=self.device) if self._varlen else None
+                for b in cpu_batches
+            ]
             # DDP averages gradients over processes, so each process divides by (global targets / processes).
             normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
-        if not module.model.training:  # mode changes go through the whole model (evaluate, generate restore it); a
-            module.model.train()  # walk of every module each step costs ~4 ms of host time at 32 layers
-        step_loss = torch.zeros((), device=acc.device)
-        # The adapters do not change until the optimizer step: cast them once for all passes (prepare_model decides).
-        with reuse_adapter_weights() if self._reuse_adapters else contextlib.nullcontext():
-            for k, (batch, cpu_batch) in enumerate(zip(batches, cpu_batches)):
-                batch[LOSS_NORMALIZER] = normalizer
-                if self._varlen:  # the segments from the host copy: the forward need not wait to read them back
-                    segments = varlen_attention.compute_segments(cpu_batch["position_ids"], device=self.device)
-                    varlen_attention.preset_segments(batch["position_ids"], segments)
-                sync = k == len(batches) - 1
-                with contextlib.nullcontext() if sync else acc.no_sync(module.model):
-                    with record_function("int4lora/forward"):
-                        loss = module.training_step(batch)
-                    with record_function("int4lora/backward"):
-                        acc.backward(loss)
-                step_loss += loss.detach().float()
-        with record_function("int4lora/loss-sync"):
-            loss_value = float(acc.reduce(step_loss, reduction="sum")) / plan.world_size
-        lr = scheduler.get_last_lr()[0]
-        if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, f"the training loss is {loss_value}", last_checkpoint)
-        max_norm = self.config.max_grad_norm or math.inf  # inf: measure the norm, scale by exactly 1.0
-        with record_function("int4lora/clip"):
-            params = self._clip_parameters or [p for _, p in module.trainable_parameters()]
-            grad_norm = float(acc.clip_grad_norm_(params, max_norm))
-        if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
-            optimizer.zero_grad(set_to_none=True)
-            raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
-        self._updating = True  # until fit counts the step: no checkpoint can be written from here (Ctrl-C)
-        with record_function("int4lora/optimizer"):
-            optimizer.step()
-            if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
-                scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, lr, int(global_tokens)
+        return _StepData(step, batches, segments, normalizer, int(global_tokens))
 
     def _batch(self, rows: Sequence[Sample]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(rows, self.pad_token_id).items()}

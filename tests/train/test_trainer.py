@@ -479,4 +479,36 @@ def test_the_trainer_hands_varlen_attention_the_segments_of_the_host_batch(tmp_p
     reference, reference_calls = fit("plain", preset=False)
     assert losses == reference and len(losses) == 3
     assert calls == [True] * 6  # 3 steps x 2 micro-batches, all by the trainer from the host batch
-    assert reference_calls == [True, False] * 6  # the preset dropped: each forward computes them again
+    # the preset dropped: each forward computes them again (after the trainer made both micro-batches' in one go)
+    assert reference_calls == [True, True, False, False] * 3
+
+
+def test_each_step_reads_the_device_once_and_finds_its_batches_made(tmp_path, monkeypatch):
+    """The loss and the gradient norm come back in one device-to-host copy per step, and every step after the first
+    finds its batches made during the previous step (while the GPU would still run that step's backward); the
+    losses are those of a run that makes each step's batches when it starts."""
+    from int4lora_train.train import trainer as trainer_module
+
+    def fit(run: str, prefetch: bool):
+        made, reads = [], []
+        step_data, read = Trainer._step_data, trainer_module._read_scalars
+        monkeypatch.setattr(Trainer, "_step_data", lambda self, *a: made.append(a[-1]) or step_data(self, *a))
+        monkeypatch.setattr(trainer_module, "_read_scalars", lambda *v: reads.append(len(v)) or read(*v))
+        if not prefetch:
+            train_step = Trainer._train_step
+            monkeypatch.setattr(Trainer, "_train_step", lambda self, *a, prefetch: train_step(self, *a))
+        losses, *_ = _checkpointed_fit(tmp_path, run, "train.max_steps=4", "train.gradient_accumulation_steps=2")
+        monkeypatch.undo()
+        return losses, made, reads
+
+    losses, made, reads = fit("prefetch", prefetch=True)
+    assert made == [0, 1, 2, 3] and reads == [2] * 4  # step 0 at its start, each later one a step ahead
+    reference, reference_made, _ = fit("plain", prefetch=False)
+    assert reference_made == [0, 1, 2, 3] and losses == reference and len(losses) == 4
+
+
+def test_read_scalars_takes_tensors_and_numbers_in_one_copy():
+    from int4lora_train.train.trainer import _read_scalars
+
+    assert _read_scalars(torch.tensor(1.5), torch.tensor([2.0]), 3) == [1.5, 2.0, 3.0]
+    assert _read_scalars(torch.tensor(float("nan")))[0] != _read_scalars(torch.tensor(float("nan")))[0]
