@@ -5,6 +5,7 @@
 
     PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py                 # the table (bf16, r 16)
     PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py --sweep         # + block shapes / programs per launch
+    PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py --sweep forward --tokens 8192   # one kernel's sweep
     PYTHONPATH=. python3 benchmarks/lora_dropout_kernels.py --json out.json
 
 Per shape (tokens T, input width ``in``, members n of rank r; one bool keep mask per member, p = 0.05):
@@ -125,25 +126,38 @@ def print_rows(rows: list[dict]) -> None:
         )
 
 
-def sweep(tokens: int, width: int, members: int, rank: int, dtype: torch.dtype) -> list[dict]:
-    """Fused times over block shapes and programs per launch (module constants, set and restored)."""
+SWEPT = ("forward", "grad_x", "grad_a")
+
+
+def sweep(tokens: int, width: int, members: int, rank: int, dtype: torch.dtype, kernels: list[str]) -> list[dict]:
+    """Fused times of ``kernels`` (forward, grad_x, grad_a) over block shapes, warps, pipelining stages and programs
+    per launch (module constants, set and restored)."""
     grad_x, gs, a_cat, x2, masks, ranks = make_case(tokens, width, members, rank, dtype)
     scale = 1.0 / (1.0 - P)
     saved = (lora_dropout.GRAD_X_BLOCK, lora_dropout.GRAD_A_BLOCK, lora_dropout.TARGET_PROGRAMS)
+    saved_project = (lora_dropout.PROJECT_BLOCK, lora_dropout.PROJECT_WARPS, lora_dropout.PROJECT_STAGES)
+    forward = itertools.product([(16, 64), (16, 128), (32, 64), (32, 128)], [4, 8], [1, 2])
+    grad_x_blocks = [(32, 128), (64, 64), (64, 128), (128, 64), (64, 256), (128, 128)]
+    grad_a = itertools.product([(32, 64), (64, 64), (64, 128), (128, 64)], [132, 264, 528, 1056])
     results = []
     try:
-        for block in [(32, 128), (64, 64), (64, 128), (128, 64), (64, 256), (128, 128)]:
+        for block, warps, stages in forward if "forward" in kernels else []:
+            lora_dropout.PROJECT_BLOCK, lora_dropout.PROJECT_WARPS, lora_dropout.PROJECT_STAGES = block, warps, stages
+            ms = median_ms(lambda: lora_dropout.dropped_lora_projection(x2, a_cat, ranks, P))
+            results.append({"kernel": "forward", "block": block, "warps": warps, "stages": stages, "ms": ms})
+        for block in grad_x_blocks if "grad_x" in kernels else []:
             lora_dropout.GRAD_X_BLOCK = block
             ms = median_ms(lambda: lora_dropout.add_dropped_lora_grad_x(grad_x, gs, a_cat, masks, ranks, scale))
             results.append({"kernel": "grad_x", "block": block, "ms": ms})
         lora_dropout.GRAD_X_BLOCK = saved[0]
-        for block, target in itertools.product([(32, 64), (64, 64), (64, 128), (128, 64)], [132, 264, 528, 1056]):
+        for block, target in grad_a if "grad_a" in kernels else []:
             lora_dropout.GRAD_A_BLOCK, lora_dropout.TARGET_PROGRAMS = block, target
             ms = median_ms(lambda: lora_dropout.dropped_lora_grad_a(x2, gs, masks, ranks, scale))
             results.append({"kernel": "grad_a", "block": block, "target_programs": target, "ms": ms})
     finally:
         lora_dropout.GRAD_X_BLOCK, lora_dropout.GRAD_A_BLOCK, lora_dropout.TARGET_PROGRAMS = saved
-    for kernel in ("grad_x", "grad_a"):
+        lora_dropout.PROJECT_BLOCK, lora_dropout.PROJECT_WARPS, lora_dropout.PROJECT_STAGES = saved_project
+    for kernel in kernels:
         mine = [r for r in results if r["kernel"] == kernel]
         best = min(mine, key=lambda r: r["ms"])
         middle = statistics.median(r["ms"] for r in mine)
@@ -161,7 +175,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     parser.add_argument("--no-check", action="store_true", help="skip the float64 error columns")
-    parser.add_argument("--sweep", action="store_true", help="also sweep block shapes at each shape")
+    parser.add_argument(
+        "--sweep",
+        nargs="*",
+        choices=SWEPT,
+        help="also sweep these kernels' launch constants at each shape (all three when none is named)",
+    )
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
@@ -173,9 +192,9 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(measure(tokens, width, members, args.rank, dtype, check=not args.no_check))
         torch.cuda.empty_cache()
     print_rows(rows)
-    if args.sweep:
+    if args.sweep is not None:
         for tokens, width, members in itertools.product(args.tokens, args.widths, args.members):
-            sweeps.extend(sweep(tokens, width, members, args.rank, dtype))
+            sweeps.extend(sweep(tokens, width, members, args.rank, dtype, args.sweep or list(SWEPT)))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "sweep": sweeps}, f, indent=1, default=str)

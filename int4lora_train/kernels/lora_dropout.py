@@ -77,6 +77,13 @@ PROJECT_BLOCK = (16, 64)
 """``(BT, BQ)``: rows of one program of :func:`dropped_lora_projection`, and the columns of each quarter of ``in``
 it takes per step (four tiles of ``BT x BQ``, one per quarter, share one Philox call per element)."""
 
+PROJECT_WARPS = 4
+"""Warps of one program of :func:`dropped_lora_projection`."""
+
+PROJECT_STAGES = 3
+"""Software-pipelining stages of :func:`dropped_lora_projection`'s loop (Triton's default; each stage holds the
+step's x tiles and the members' A tiles in shared memory)."""
+
 _NUM_WARPS = 4
 
 
@@ -564,6 +571,7 @@ def dropped_lora_projection(
             BT=bt,
             BQ=bq,
             IEEE=_ieee(x2.dtype),
-            num_warps=_NUM_WARPS,
+            num_warps=PROJECT_WARPS,
+            num_stages=PROJECT_STAGES,
         )
     return xa, masks
