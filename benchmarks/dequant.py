@@ -216,6 +216,7 @@ def check_bit_exact(random_cases: int, seed: int = 0) -> list[str]:
     rng = random.Random(seed)
     floats = [torch.float16, torch.bfloat16, torch.float32]
     configs = [None, LaunchConfig(8, 128, 4, word_loads=False), LaunchConfig(4, 2048, 8), LaunchConfig(16, 1024, 8)]
+    configs += [LaunchConfig(16, 1024, 8, store_hint=".cs"), LaunchConfig(4, 2048, 8, store_hint="evict_first")]
     cases = []
     for (out_features, in_features), symmetric in itertools.product(LLAMA3_8B_SHAPES.values(), (True, False)):
         cases.append(dict(out_features=out_features, in_features=in_features, group_size=128, symmetric=symmetric))
