@@ -86,7 +86,7 @@ class SpeedConfig:
     lean_recompute: bool = True
     group_projections: bool = True
     fused_dropout_backward: bool = True
-    fused_dropout_forward: bool = False  # not yet measured on a GPU
+    fused_dropout_forward: bool = False  # measured slower than torch's dropout on an H200 (BENCHMARKS.md)
     chunked_loss: bool = True
     loss_chunk_size: int | None = None  # tokens per loss chunk; None: chosen from the vocabulary size
     fused_kernels: bool | str = "auto"  # "auto", "on" / True, "off" / False

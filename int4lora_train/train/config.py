@@ -209,7 +209,8 @@ class SpeedConfig:
         False,
         "With `lora.dropout` > 0, the LoRA dropout masks and A projections in one Triton pass that reads the input "
         "once, without a dropped copy per projection (CUDA, in_features divisible by 4; the masks come from the "
-        "kernel's own Philox stream, not torch's). Off until measured on a GPU.",
+        "kernel's own Philox stream, not torch's). Measured slower than torch's dropout on an H200 (8B step 0.656 "
+        "against 0.641 s at 4 x 2048 tokens, 0.240 against 0.232 s at 1 x 2048), so off.",
     )
     chunked_loss: bool = _opt(True, "Cross-entropy in chunks of tokens: the full fp32 logits are never held.")
     loss_chunk_size: int | None = _opt(None, "Tokens per loss chunk; null = chosen from the vocabulary size.", min=1)
