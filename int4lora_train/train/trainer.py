@@ -340,6 +340,7 @@ class Trainer:
             raise TrainingInterrupted(state.step, max_steps, last_checkpoint) from None
         finally:
             self._updating = False
+            self._prefetched = None  # batches of this fit's plan: never handed to another fit
             bar.close()
             for tracker in acc.trackers:
                 tracker.finish()

@@ -512,3 +512,26 @@ def test_read_scalars_takes_tensors_and_numbers_in_one_copy():
 
     assert _read_scalars(torch.tensor(1.5), torch.tensor([2.0]), 3) == [1.5, 2.0, 3.0]
     assert _read_scalars(torch.tensor(float("nan")))[0] != _read_scalars(torch.tensor(float("nan")))[0]
+
+
+def test_a_stopped_fit_leaves_no_batches_for_the_next(tmp_path, monkeypatch):
+    """A fit that stops between steps (here: Ctrl-C in the end-of-step hook) has made the next step's batches; they
+    belong to its plan and are dropped, never found by a later fit on the same trainer at that step."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(40))
+    config = load_config(
+        None,
+        [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32", "train.micro_batch_size=2",
+         "train.save_every=null", "train.max_steps=4", f"output.dir={tmp_path / 'run'}"],
+    )  # fmt: skip
+    datasets = load_datasets(config.data, build_tokenizer(), config.train.seed)
+    trainer = Trainer(config.train, tmp_path / "run", device="cpu", tensorboard=False, progress_bar=False)
+    seen = []
+
+    def stop(self, step, metrics):
+        seen.append(trainer._prefetched.step)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LoraModule, "on_train_step_end", stop)
+    with pytest.raises(TrainingInterrupted):
+        trainer.fit(LoraModule(tiny_peft_model(), config.train), datasets.train, [])
+    assert seen == [1] and trainer._prefetched is None
