@@ -105,7 +105,7 @@ class LoraModule:
             [g for g in groups if g["params"]],
             lr=self.config.lr,
             betas=tuple(self.config.adam_betas),
-            **fused_adamw_options(optimizer_class, [p for _, p in params]),
+            **fused_adamw_options(optimizer_class, [p for _, p in params], self.config.mixed_precision),
         )
         warmup = self.config.warmup_steps or round(self.config.warmup_ratio * num_training_steps)
         scheduler = get_scheduler(
@@ -147,15 +147,19 @@ class LoraModule:
         return extract_model_from_parallel(self.model)
 
 
-def fused_adamw_options(optimizer_class: type[torch.optim.Optimizer], params: list[torch.Tensor]) -> dict[str, bool]:
+def fused_adamw_options(
+    optimizer_class: type[torch.optim.Optimizer], params: list[torch.Tensor], mixed_precision: str = "bf16"
+) -> dict[str, bool]:
     """``{"fused": True}`` where torch's fused AdamW applies: plain :class:`torch.optim.AdamW` (not a subclass with
-    its own update, such as ``HostAdamW``) over plain CUDA floating-point tensors (not FSDP's DTensors). One kernel
+    its own update, such as ``HostAdamW``) over plain CUDA floating-point tensors (not FSDP's DTensors), and not under
+    fp16's loss scaling (the scaler always calls a fused step, which skips an overflowed update on the device, so
+    accelerate would count the step as taken and advance the learning-rate schedule). One kernel
     updates every adapter tensor and the step counters stay on the device: the default ``foreach`` update reads each
     tensor's step count on the host and launches several kernels per group of tensors, a few ms of host time per
     step at 448 adapter tensors (8B, r 16 on seven projections) during which the GPU, drained by the step's loss and
     gradient-norm read, waits."""
     plain = [type(p) in (torch.Tensor, nn.Parameter) for p in params]
-    if optimizer_class is torch.optim.AdamW and params and all(plain):
+    if optimizer_class is torch.optim.AdamW and mixed_precision != "fp16" and params and all(plain):
         if all(p.is_cuda and p.is_floating_point() for p in params):
             return {"fused": True}
     return {}

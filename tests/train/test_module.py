@@ -20,6 +20,7 @@ def test_fused_adamw_only_for_plain_adamw_over_plain_cuda_tensors(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
     assert fused_adamw_options(torch.optim.AdamW, cpu) == {"fused": True}
     assert fused_adamw_options(HostAdamW, cpu) == {}  # its own update, on the host
+    assert fused_adamw_options(torch.optim.AdamW, cpu, "fp16") == {}  # the loss scaler counts skipped steps
     assert fused_adamw_options(torch.optim.AdamW, [nn.Parameter(torch.zeros(2), requires_grad=False).int()]) == {}
 
     class Sharded(torch.Tensor):  # a tensor subclass such as FSDP's DTensor
