@@ -106,15 +106,19 @@ class _StepData:
     batches: list[dict[str, torch.Tensor]]
     segments: list[varlen_attention.Segments | None]  # per micro-batch, when the attention is varlen
     normalizer: torch.Tensor  # the loss divisor: global targets / processes
-    global_tokens: int
+    global_tokens: torch.Tensor | int  # several processes: their all-reduced sum, read with the step's loss
 
 
 def _read_scalars(*values: torch.Tensor | float) -> list[float]:
-    """The values (0-d tensors, a DTensor's full value, or numbers) as floats, in one device-to-host copy."""
-    tensors = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
-    device = next((t.device for t in tensors if isinstance(t, torch.Tensor)), torch.device("cpu"))
-    stacked = torch.stack([torch.as_tensor(t, dtype=torch.float32, device=device).reshape(()) for t in tensors])
-    return stacked.tolist()
+    """The values (one-element tensors, a DTensor's full value, or numbers) as floats; the tensors in one
+    device-to-host copy (float64, so token counts stay exact; float32 on MPS, which has no float64)."""
+    values = [v.full_tensor() if hasattr(v, "full_tensor") else v for v in values]
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors:
+        device = tensors[0].device
+        dtype = torch.float32 if device.type == "mps" else torch.float64
+        read = iter(torch.stack([t.to(device, dtype).reshape(()) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 @dataclass
@@ -428,9 +432,10 @@ class Trainer:
     def _train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint, *, prefetch=False):
         """One optimizer step; returns ``(loss, grad_norm, lr, tokens)`` agreed by all processes.
 
-        The host reads the device once per step (the loss and the gradient norm together); before that, with
-        ``prefetch``, it makes the next step's batches (:meth:`_step_data`), so that after the read only the
-        optimizer's launch stands between the GPU and the next forward.
+        The host reads the device once per step (the loss, the gradient norm and, with several processes, the token
+        count together); before that, with ``prefetch``, it makes the next step's batches (:meth:`_step_data`, which
+        waits for nothing on the device), so that after the read only the optimizer's launch stands between the GPU
+        and the next forward.
         """
         acc = self.accelerator
         data = self._prefetched if self._prefetched is not None and self._prefetched.step == step else None
@@ -460,13 +465,14 @@ class Trainer:
             params = self._clip_parameters or [p for _, p in module.trainable_parameters()]
             grad_norm = acc.clip_grad_norm_(params, max_norm)
         with record_function("int4lora/loss-sync"):
-            loss_value, grad_norm = _read_scalars(acc.reduce(step_loss, reduction="sum") / plan.world_size, grad_norm)
+            mean_loss = acc.reduce(step_loss, reduction="sum") / plan.world_size
+            loss_value, grad_norm, tokens = _read_scalars(mean_loss, grad_norm, data.global_tokens)
         lr = scheduler.get_last_lr()[0]
         if not math.isfinite(loss_value):
-            optimizer.zero_grad(set_to_none=True)
+            self._abandon_step(optimizer)
             raise self._diverged(step + 1, f"the training loss is {loss_value}", last_checkpoint)
         if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
-            optimizer.zero_grad(set_to_none=True)
+            self._abandon_step(optimizer)
             raise self._diverged(step + 1, f"the gradient norm is {grad_norm}", last_checkpoint)
         self._updating = True  # until fit counts the step: no checkpoint can be written from here (Ctrl-C)
         with record_function("int4lora/optimizer"):
@@ -474,7 +480,14 @@ class Trainer:
             if not acc.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
                 scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        return loss_value, grad_norm, lr, data.global_tokens
+        return loss_value, grad_norm, lr, int(tokens)
+
+    def _abandon_step(self, optimizer) -> None:
+        """Drop the step's gradients before a divergence stop; under fp16 also close the loss scaler's step (the clip
+        unscaled the gradients), so that a later fit on this trainer can unscale again."""
+        optimizer.zero_grad(set_to_none=True)
+        if self.accelerator.scaler is not None:
+            self.accelerator.scaler.update()
 
     def _step_data(self, plan, train_data, step: int) -> _StepData:
         """Step ``step``'s micro-batches of this process, moved to the device, with what the step needs from the host
@@ -486,17 +499,22 @@ class Trainer:
             rows = [[train_data[i] for i in r] for r in plan.micro_batches(step, acc.process_index)]
             cpu_batches = [collate(r, self.pad_token_id, self._pad_to) for r in rows]
             counts = [sum(num_targets(b) for b in cpu_batches), sum(len(s) for r in rows for s in r)]
+            # Nothing here waits for the device (it runs while the GPU works through the backward): host-to-device
+            # copies are asynchronous, and a tensor made from a host number would be a copy that waits.
+            # DDP averages gradients over processes, so each process divides by (global targets / processes).
             if plan.world_size > 1:
-                counts = acc.reduce(torch.tensor(counts, device=acc.device), reduction="sum").tolist()
-            global_targets, global_tokens = counts
+                local = torch.tensor(counts, dtype=torch.float64).to(acc.device, non_blocking=True)
+                total = acc.reduce(local, reduction="sum")
+                normalizer, global_tokens = (total[0] / plan.world_size).float(), total[1]
+            else:
+                normalizer = torch.full((), float(counts[0]), dtype=torch.float32, device=acc.device)
+                global_tokens = counts[1]
             batches = [{k: v.to(self.device, non_blocking=True) for k, v in b.items()} for b in cpu_batches]
             segments = [
                 varlen_attention.compute_segments(b["position_ids"], device=self.device) if self._varlen else None
                 for b in cpu_batches
             ]
-            # DDP averages gradients over processes, so each process divides by (global targets / processes).
-            normalizer = torch.tensor(global_targets / plan.world_size, device=acc.device)
-        return _StepData(step, batches, segments, normalizer, int(global_tokens))
+        return _StepData(step, batches, segments, normalizer, global_tokens)
 
     def _batch(self, rows: Sequence[Sample]) -> dict[str, torch.Tensor]:
         return {k: v.to(self.device) for k, v in collate(rows, self.pad_token_id).items()}

@@ -77,7 +77,7 @@ def _run() -> int:
         _compare(fsdp_params)  # before the job ends the process group
         return result
 
-    def train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint):
+    def train_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint, **options):
         where["step"], where["micro"] = step + 1, 0
         shards[step + 1] = [p.sharded_param.to_local().detach().clone() for p in fsdp_params]
         micro = iter(range(1, 1000))
@@ -89,7 +89,7 @@ def _run() -> int:
 
         self.accelerator.backward = backward
         try:
-            return original_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint)
+            return original_step(self, module, optimizer, scheduler, plan, train_data, step, last_checkpoint, **options)
         finally:
             self.accelerator.backward = original_backward
 

@@ -40,3 +40,12 @@ def test_the_module_builds_the_default_adamw_on_the_cpu():
     module = LoraModule(tiny_peft_model(), TrainConfig())
     optimizer, _ = module.configure_optimizers(10)
     assert type(optimizer) is torch.optim.AdamW and not optimizer.defaults["fused"]
+
+
+@pytest.mark.parametrize(("precision", "fused"), [("bf16", True), ("no", True), ("fp16", False)])
+def test_the_module_passes_its_precision_to_the_choice(monkeypatch, precision, fused):
+    # CUDA tensors as far as the choice can tell; torch's fused AdamW also runs on the CPU, so it builds here
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))
+    module = LoraModule(tiny_peft_model(), TrainConfig(mixed_precision=precision))
+    optimizer, _ = module.configure_optimizers(10)
+    assert bool(optimizer.defaults["fused"]) is fused

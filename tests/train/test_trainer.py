@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import sys
 from dataclasses import asdict
 
@@ -14,7 +15,7 @@ from train_helpers import arithmetic_records, tiny_peft_model, write_jsonl
 from int4lora_train.errors import CheckpointError, TrainingError, TrainingInterrupted
 from int4lora_train.modeling.tiny_models import build_tokenizer
 from int4lora_train.train.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
-from int4lora_train.train.config import load_config
+from int4lora_train.train.config import TrainConfig, load_config
 from int4lora_train.train.data import load_datasets
 from int4lora_train.train.metrics import RunSummary, read_metrics
 from int4lora_train.train.module import LoraModule
@@ -484,34 +485,60 @@ def test_the_trainer_hands_varlen_attention_the_segments_of_the_host_batch(tmp_p
 
 
 def test_each_step_reads_the_device_once_and_finds_its_batches_made(tmp_path, monkeypatch):
-    """The loss and the gradient norm come back in one device-to-host copy per step, and every step after the first
-    finds its batches made during the previous step (while the GPU would still run that step's backward); the
+    """The loss, the gradient norm and the token count come back in one read per step, and every step after the
+    first finds its batches made during the previous step (while the GPU would still run that step's backward); the
     losses are those of a run that makes each step's batches when it starts."""
     from int4lora_train.train import trainer as trainer_module
 
     def fit(run: str, prefetch: bool):
-        made, reads = [], []
-        step_data, read = Trainer._step_data, trainer_module._read_scalars
-        monkeypatch.setattr(Trainer, "_step_data", lambda self, *a: made.append(a[-1]) or step_data(self, *a))
+        made, reads, running = [], [], [None]
+        step_data, read, train_step = Trainer._step_data, trainer_module._read_scalars, Trainer._train_step
+
+        def recorded_train_step(self, *args, prefetch):
+            running[0] = args[5]  # the step
+            return train_step(self, *args, prefetch=prefetch and prefetch_on)
+
+        prefetch_on = prefetch
+        monkeypatch.setattr(Trainer, "_train_step", recorded_train_step)
+        monkeypatch.setattr(
+            Trainer, "_step_data", lambda self, *a: made.append((running[0], a[-1])) or step_data(self, *a)
+        )
         monkeypatch.setattr(trainer_module, "_read_scalars", lambda *v: reads.append(len(v)) or read(*v))
-        if not prefetch:
-            train_step = Trainer._train_step
-            monkeypatch.setattr(Trainer, "_train_step", lambda self, *a, prefetch: train_step(self, *a))
         losses, *_ = _checkpointed_fit(tmp_path, run, "train.max_steps=4", "train.gradient_accumulation_steps=2")
         monkeypatch.undo()
         return losses, made, reads
 
     losses, made, reads = fit("prefetch", prefetch=True)
-    assert made == [0, 1, 2, 3] and reads == [2] * 4  # step 0 at its start, each later one a step ahead
+    assert made == [(0, 0), (0, 1), (1, 2), (2, 3)]  # (step running, step whose batches are made)
+    assert reads == [3] * 4
     reference, reference_made, _ = fit("plain", prefetch=False)
-    assert reference_made == [0, 1, 2, 3] and losses == reference and len(losses) == 4
+    assert reference_made == [(0, 0), (1, 1), (2, 2), (3, 3)]
+    assert losses == reference and len(losses) == 4
 
 
 def test_read_scalars_takes_tensors_and_numbers_in_one_copy():
     from int4lora_train.train.trainer import _read_scalars
 
     assert _read_scalars(torch.tensor(1.5), torch.tensor([2.0]), 3) == [1.5, 2.0, 3.0]
-    assert _read_scalars(torch.tensor(float("nan")))[0] != _read_scalars(torch.tensor(float("nan")))[0]
+    assert _read_scalars(torch.tensor(2**40 + 1), 7) == [2**40 + 1, 7.0]  # token counts stay exact
+    assert math.isnan(_read_scalars(torch.tensor(float("nan")))[0])
+
+
+def test_a_divergence_stop_closes_the_loss_scalers_step():
+    """Under fp16 the clip unscales the gradients before the loss is read; a stop on a bad loss must close the
+    scaler's step, or a later fit on the same trainer could not unscale again."""
+    trainer = Trainer(TrainConfig(), "unused", device="cpu", tensorboard=False, progress_bar=False)
+    param = torch.nn.Parameter(torch.ones(2))
+    param.grad = torch.full((2,), float("inf"))
+    optimizer = torch.optim.SGD([param], lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    trainer.accelerator.scaler = scaler
+    scaler.scale(torch.ones(()))  # a step's scaled loss: the scaler starts its scale
+    scaler.unscale_(optimizer)
+    trainer._abandon_step(optimizer)
+    assert param.grad is None
+    param.grad = torch.ones(2)
+    scaler.unscale_(optimizer)  # raises "unscale_() has already been called" without the closing update
 
 
 def test_a_stopped_fit_leaves_no_batches_for_the_next(tmp_path, monkeypatch):
@@ -535,3 +562,20 @@ def test_a_stopped_fit_leaves_no_batches_for_the_next(tmp_path, monkeypatch):
     with pytest.raises(TrainingInterrupted):
         trainer.fit(LoraModule(tiny_peft_model(), config.train), datasets.train, [])
     assert seen == [1] and trainer._prefetched is None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="a wait for the device exists only on CUDA")
+def test_making_a_steps_batches_waits_for_nothing_on_the_gpu(tmp_path):
+    """The next step's batches are made while the GPU runs the backward: no copy in there may wait for it."""
+    data = write_jsonl(tmp_path / "train.jsonl", arithmetic_records(8))
+    config = load_config(None, [f"data.train_files={data}", "data.validation_split=0", "data.max_length=32"])
+    rows = load_datasets(config.data, build_tokenizer(), config.train.seed).train
+    trainer = Trainer(config.train, tmp_path / "run", device="cuda", tensorboard=False, progress_bar=False)
+    trainer._varlen = True  # the segments too
+    plan = BatchPlan(num_rows=len(rows), micro_batch_size=2, accumulation_steps=2, world_size=1, seed=0)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        made = trainer._step_data(plan, rows, 0)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert len(made.batches) == 2 and made.batches[0]["input_ids"].is_cuda and made.normalizer.is_cuda
