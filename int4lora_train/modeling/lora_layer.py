@@ -299,6 +299,41 @@ def dropout_backward_kernels(fused: bool, device: torch.device) -> tuple[Callabl
     return add_dropped_lora_grad_x_torch, dropped_lora_grad_a_torch
 
 
+def add_projection_grad_x(
+    grad_x: torch.Tensor,
+    gs: torch.Tensor,
+    a_cat: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    p: float,
+    fused: bool = False,
+) -> torch.Tensor:
+    """:func:`dropped_projection`'s input gradient added into ``grad_x`` ``[T, in]`` in place (and returned), from
+    ``gs`` ``[T, R]``, the gradient of its ``xa``: ``gs @ a_cat`` without dropout (no masks), else each member's
+    ``gs_i @ A_i`` through its mask, times ``1 / (1 - p)``, by the pair :func:`dropout_backward_kernels` picks
+    (``fused``: ``fused_dropout_backward``)."""
+    if not masks:
+        return grad_x.addmm_(gs, a_cat)
+    add_grad_x, _ = dropout_backward_kernels(fused, grad_x.device)
+    return add_grad_x(grad_x, gs, a_cat, masks, ranks, 1.0 / (1.0 - p))
+
+
+def projection_grad_a(
+    x2: torch.Tensor,
+    gs: torch.Tensor,
+    masks: Sequence[torch.Tensor],
+    ranks: Sequence[int],
+    p: float,
+    fused: bool = False,
+) -> Sequence[torch.Tensor]:
+    """:func:`dropped_projection`'s gradient of each member's ``A``, ``[r_i, in]`` each (not yet in the adapter's
+    dtype): ``gs_i.T @ x2``, through the member's mask and times ``1 / (1 - p)`` with dropout (masks given)."""
+    if not masks:
+        return (gs.t() @ x2).split(list(ranks))
+    _, grad_a_of = dropout_backward_kernels(fused, x2.device)
+    return grad_a_of(x2, gs, masks, ranks, 1.0 / (1.0 - p))
+
+
 _reused: dict | None = None
 """While :func:`reuse_adapter_weights` runs: ``key -> (the sources' storages, their _version, derived value)``."""
 
@@ -432,21 +467,13 @@ class Int4LoraFunction(torch.autograd.Function):
         if need_x or need_a:
             a_c, b_c = adapter_in(lora_a, dtype), adapter_in(lora_b, dtype)
             gs = (g @ b_c).mul_(s)  # [T, r]
-            if mask is not None:
-                add_grad_x, grad_a_of = dropout_backward_kernels(ctx.fused_dropout_backward, x2.device)
-                ranks, scale = [a_c.shape[0]], 1.0 / (1.0 - p)
+            masks, ranks, fused = ([] if mask is None else [mask]), (a_c.shape[0],), ctx.fused_dropout_backward
             if need_x:
                 grad_x = g @ saved_dense_weight(ctx, saved)  # [T, in]
-                if mask is None:
-                    grad_x.addmm_(gs, a_c)
-                else:
-                    add_grad_x(grad_x, gs, a_c, [mask], ranks, scale)
+                add_projection_grad_x(grad_x, gs, a_c, masks, ranks, p, fused)
                 grad_x = grad_x.reshape(ctx.x_shape)
             if need_a:
-                if mask is None:
-                    grad_a = (gs.t() @ x2).to(lora_a.dtype)  # [r, in]
-                else:
-                    grad_a = grad_a_of(x2, gs, [mask], ranks, scale)[0].to(lora_a.dtype)
+                grad_a = projection_grad_a(x2, gs, masks, ranks, p, fused)[0].to(lora_a.dtype)  # [r, in]
         if need_b:
             grad_b = (g.t() @ xa).to(lora_b.dtype).mul_(s)  # [out, r]
         if need_bias:

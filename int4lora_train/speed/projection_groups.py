@@ -22,10 +22,11 @@ from int4lora_train.modeling.int4_linear import _WeightSpec, in_dtype, save_weig
 from int4lora_train.modeling.lora_layer import (
     FusedCall,
     Int4LoraLinear,
+    add_projection_grad_x,
     derived_adapter_weight,
-    dropout_backward_kernels,
     dropped_projection,
     fused_lora_applies,
+    projection_grad_a,
 )
 
 GROUPS = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
@@ -132,23 +133,16 @@ class Int4LoraGroupFunction(torch.autograd.Function):
         gs = torch.cat([g_i @ bs[rows, cols] for g_i, (rows, cols) in zip(g, members)], dim=1)  # [T, R], scaled
         tensors = saved[ctx.num_extra :]
         grad_x = None
-        if masks:  # per member: the Triton kernels (fused_dropout_backward, CUDA) or the torch ops
-            add_grad_x, grad_a_of = dropout_backward_kernels(group.fused_dropout_backward, x2.device)
-            scale = 1.0 / (1.0 - group.p)
+        # the dropout's part per member: the Triton kernels (fused_dropout_backward, CUDA) or the torch ops
+        ranks, p, fused = group.ranks, group.p, group.fused_dropout_backward
         if ctx.needs_input_grad[0]:
             weight = tensors[0] if ctx.dense_saved else group.dense(tensors, x2.device)
             grad_x = g[0] @ weight[members[0][0]]  # [T, in]
             for g_i, (rows, _) in zip(g[1:], members[1:]):
                 grad_x.addmm_(g_i, weight[rows])
-            if masks:
-                add_grad_x(grad_x, gs, a_cat, masks, group.ranks, scale)
-            else:
-                grad_x.addmm_(gs, a_cat)
+            add_projection_grad_x(grad_x, gs, a_cat, masks, ranks, p, fused)
             grad_x = grad_x.reshape(ctx.x_shape)
-        if masks:
-            grad_a = grad_a_of(x2, gs, masks, group.ranks, scale)
-        else:
-            grad_a = (gs.t() @ x2).split(list(group.ranks))  # [r_i, in] each
+        grad_a = projection_grad_a(x2, gs, masks, ranks, p, fused)  # [r_i, in] each
         grads_a, grads_b = [], []
         for i, (g_i, (_, cols), s) in enumerate(zip(g, members, group.scalings)):
             grads_a.append(grad_a[i].to(ctx.param_dtypes[i]))
