@@ -91,6 +91,15 @@ _NUM_WARPS = 4
 
 
 @triton.jit
+def _dot(a, b, IEEE: tl.constexpr):
+    """``a @ b`` in fp32: in IEEE fp32 for fp32 inputs and in the interpreter (``IEEE``, see :func:`_ieee`), else on
+    the tensor cores in the inputs' dtype."""
+    if IEEE:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    return tl.dot(a, b)
+
+
+@triton.jit
 def _member_grad_x(
     gs_ptr, a_ptr, m_ptr, rows, cols, tile_ok, gs_stride, n_cols, R: tl.constexpr, RP: tl.constexpr, IEEE: tl.constexpr
 ):
@@ -99,10 +108,7 @@ def _member_grad_x(
     k_ok = k < R
     gs = tl.load(gs_ptr + rows[:, None] * gs_stride + k[None, :], mask=(rows[:, None] >= 0) & k_ok[None, :], other=0.0)
     a = tl.load(a_ptr + k[:, None] * n_cols + cols[None, :], mask=k_ok[:, None] & (cols[None, :] < n_cols), other=0.0)
-    if IEEE:
-        prod = tl.dot(gs.to(tl.float32), a.to(tl.float32), input_precision="ieee")
-    else:
-        prod = tl.dot(gs, a)
+    prod = _dot(gs, a, IEEE)
     keep = tl.load(m_ptr + rows[:, None] * n_cols + cols[None, :], mask=tile_ok, other=0)
     return tl.where(keep != 0, prod, 0.0)
 
@@ -158,9 +164,7 @@ def _member_grad_a(
     )
     keep = tl.load(m_ptr + rows[:, None] * n_cols + cols[None, :], mask=tile_ok, other=0)
     xd = tl.where(keep != 0, x, 0.0).to(x.dtype)
-    if IEEE:
-        return acc + tl.dot(gs_t.to(tl.float32), xd.to(tl.float32), input_precision="ieee")
-    return acc + tl.dot(gs_t, xd)
+    return acc + _dot(gs_t, xd, IEEE)
 
 
 @triton.jit
@@ -257,9 +261,7 @@ def _quarter_project(acc, x, keep, a_ptr, m_ptr, rows, cols, col_ok, tile_ok, n_
     # a product, not tl.where(keep, x, 0): Triton 3.6 fails to lower a boolean select into tl.dot's operand layout
     # on sm_90 (an assertion in ConvertTritonGPUToLLVM); for finite x the two are the same values
     xd = x * keep.to(x.dtype)
-    if IEEE:
-        return acc + tl.dot(xd.to(tl.float32), a_t.to(tl.float32), input_precision="ieee")
-    return acc + tl.dot(xd, a_t)
+    return acc + _dot(xd, a_t, IEEE)
 
 
 @triton.jit
