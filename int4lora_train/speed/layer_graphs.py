@@ -219,7 +219,6 @@ class LayerGraphs:
         self.last_output: torch.Tensor | None = None
         self.stats = {"captures": 0, "graphed_calls": 0, "eager_calls": 0}
         self._reasons: set[str] = set()
-        self._lengths_for: tuple = (None, [])
 
     # -- the checkpoint function -------------------------------------------------------------------------------
 
@@ -324,11 +323,9 @@ class LayerGraphs:
         return capacity
 
     def _lengths(self, position_ids: torch.Tensor, batch: int) -> list[int]:
-        """The segment lengths of this forward's rows (once per ``position_ids`` tensor: those the trainer preset from
-        the batch's host copy, else a device-to-host copy)."""
-        if self._lengths_for[0] is not position_ids:
-            self._lengths_for = (position_ids, list(varlen_attention.segments_for(position_ids, batch).lengths))
-        return self._lengths_for[1]
+        """The segment lengths of this forward's rows (:func:`~.varlen_attention.segments_for` keeps them per
+        ``position_ids`` tensor: those the trainer preset from the batch's host copy, else a device-to-host copy)."""
+        return list(varlen_attention.segments_for(position_ids, batch).lengths)
 
     def _new_capture(self, signature: tuple, hidden: torch.Tensor, kwargs: dict) -> None:
         """Forget every graph; new argument buffers for ``signature`` (graphs are captured as the layers run)."""
