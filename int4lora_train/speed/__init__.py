@@ -30,7 +30,7 @@ What each feature does and what it was measured to give (Llama-3.1-8B shape, seq
   projections in one Triton pass that reads the input once (:func:`~int4lora_train.modeling.lora_layer.dropped_projection`;
   CUDA, ``in_features`` a multiple of 4), instead of one ``native_dropout`` copy per member and a matmul over it.
   The masks come from the kernel's own Philox stream (a checkpoint's recompute redraws them alike), so a run draws
-  other masks than with it off. Off by default: not yet measured on a GPU.
+  other masks than with it off. Off by default: measured slower than torch's dropout on an H200 (BENCHMARKS.md).
 - ``chunked_loss`` / ``loss_chunk_size``: the loss without full fp32 logits (:mod:`.chunked_loss`); models it does
   not support keep their own loss (logged).
 - ``fused_kernels``: Triton RMSNorm and SwiGLU (:mod:`.fused_ops`); ``"auto"`` uses them for inputs of at least
@@ -96,6 +96,10 @@ class SpeedConfig:
 
 
 FEATURES = tuple(f.name for f in dataclasses.fields(SpeedConfig))
+SWITCHES = tuple(f.name for f in dataclasses.fields(SpeedConfig) if f.type == "bool")
+"""The features that are plain on/off switches (true or false)."""
+LORA_LAYER_SWITCHES = ("fused_lora", "fused_dropout_backward", "fused_dropout_forward")
+"""The switches that are attributes of each ``Int4LoraLinear`` of the same name."""
 
 
 def apply(
@@ -130,12 +134,9 @@ def apply(
         report["groups"] = _set_projection_groups(model, features["group_projections"])
     for module in model.modules():
         if isinstance(module, Int4LoraLinear):
-            if "fused_lora" in features:
-                module.fused_lora = features["fused_lora"]
-            if "fused_dropout_backward" in features:
-                module.fused_dropout_backward = features["fused_dropout_backward"]
-            if "fused_dropout_forward" in features:
-                module.fused_dropout_forward = features["fused_dropout_forward"]
+            for name in LORA_LAYER_SWITCHES:
+                if name in features:
+                    setattr(module, name, features[name])
             report["lora_layers"] += 1
         elif isinstance(module, Int4Linear):
             if "keep_dense_for_backward" in features:
@@ -166,16 +167,7 @@ def apply(
 
 def _check(features: dict[str, Any]) -> None:
     """ConfigError for a value a feature cannot take (the message names the feature and what it accepts)."""
-    for name in (
-        "fused_lora",
-        "keep_dense_for_backward",
-        "lean_recompute",
-        "group_projections",
-        "fused_dropout_backward",
-        "fused_dropout_forward",
-        "chunked_loss",
-        "fused_rope",
-    ):
+    for name in SWITCHES:
         if name in features and not isinstance(features[name], bool):
             raise ConfigError(f"{name} must be true or false, got {features[name]!r}")
     chunk = features.get("loss_chunk_size")
